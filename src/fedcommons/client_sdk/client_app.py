@@ -1,0 +1,95 @@
+"""The Flower ``ClientApp`` every institution runs (``fedcommons.client_sdk.client_app:app``).
+
+Which task (and with which options) comes from three layers, later ones winning: the
+coordinator's round config (``task``, ``task.<option>``), the run config, and the site's
+own node config (``flower-supernode --node-config 'task="my_pkg:MyTask" data-dir=...'``)
+— so an institution always decides where its private data comes from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedcommons.client_sdk.training import train_local
+from fedcommons.logs import get_logger
+from fedcommons.tasks import Task, load_task
+from fedcommons.wire import keys
+
+app = ClientApp()
+log = get_logger("fedcommons.client")
+
+_TASK_CACHE: dict[tuple[str, tuple[tuple[str, Any], ...]], Task] = {}
+
+
+def _configure_threads() -> None:
+    threads = int(os.environ.get("FEDCOMMONS_CLIENT_THREADS", "0") or 0)
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def resolve_task(round_config: Mapping[str, Any], context: Context) -> Task:
+    """Build (or reuse) the task from round config < run config < node config."""
+    merged: dict[str, Any] = {}
+    for layer in (round_config, context.run_config, context.node_config):
+        for key, value in layer.items():
+            if key == keys.TASK:
+                merged[keys.TASK] = value
+            elif key.startswith(keys.TASK_OPTION_PREFIX):
+                merged[key.removeprefix(keys.TASK_OPTION_PREFIX)] = value
+            elif layer is context.node_config:
+                merged[key] = value  # node config options need no prefix
+    ref = str(merged.pop(keys.TASK, "digits"))
+    cache_key = (ref, tuple(sorted((k, repr(v)) for k, v in merged.items())))
+    if cache_key not in _TASK_CACHE:
+        _TASK_CACHE[cache_key] = load_task(ref, merged)
+    return _TASK_CACHE[cache_key]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train from the received base weights; reply with delta, example count, metrics."""
+    _configure_threads()
+    cfg = msg.content[keys.TRAIN_CONFIG]
+    round_no = int(cfg[keys.ROUND])
+    task = resolve_task(cfg, context)
+    base = msg.content[keys.BASE_ARRAYS].to_torch_state_dict()
+    seed = (
+        int(cfg.get(keys.SEED, 0)) * 1_000_003
+        + round_no * 7919
+        + int(task.options.get("partition-id", context.node_id) or 0)
+    )
+    result = train_local(
+        task,
+        base,
+        epochs=int(cfg[keys.LOCAL_EPOCHS]),
+        lr=float(cfg[keys.LEARNING_RATE]),
+        batch_size=int(cfg[keys.BATCH_SIZE]),
+        seed=seed,
+    )
+    log.debug(
+        "client.trained",
+        round=round_no,
+        examples=result.num_examples,
+        loss=round(result.loss, 4),
+        seconds=round(result.seconds, 3),
+    )
+    content = RecordDict(
+        {
+            keys.DELTA_ARRAYS: ArrayRecord(result.delta),
+            keys.REPLY_METRICS: MetricRecord(
+                {
+                    keys.NUM_EXAMPLES: result.num_examples,
+                    keys.TRAIN_LOSS: result.loss,
+                    keys.TRAIN_ACCURACY: result.accuracy,
+                    keys.TRAIN_SECONDS: result.seconds,
+                }
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)

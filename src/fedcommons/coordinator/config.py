@@ -1,0 +1,127 @@
+"""The run configuration of a federation, validated before any round starts.
+
+It travels as Flower's flat run config (``flwr run --run-config 'rounds=5 task.alpha=0.1'``
+or ``[tool.flwr.app.config]``); :meth:`RunConfig.from_flat` parses and checks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedcommons.errors import ConfigError
+from fedcommons.wire import keys
+
+STRATEGY_PARAM_PREFIX = "strategy."
+
+
+@dataclass
+class RunConfig:
+    """What the operator schedules: task, strategy, rounds, sampling, registry."""
+
+    task: str = "digits"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    strategy: str = "fedavg"
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 10
+    clients_per_round: int = 0  # 0: every available node
+    min_clients: int = 1
+    local_epochs: int = 5
+    lr: float = 0.05
+    batch_size: int = 16
+    seed: int = 0
+    registry: str = "fedcommons-registry"
+    release_name: str = ""  # default: "<task>"
+    base_release: str = ""  # version to start from; empty: fresh model
+    round_timeout: float = 600.0  # seconds to wait for replies in one round
+    node_wait_timeout: float = 120.0  # seconds to wait for min_clients nodes to connect
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if self.clients_per_round < 0:
+            raise ConfigError(f"clients-per-round must be >= 0, got {self.clients_per_round}")
+        if self.min_clients < 1:
+            raise ConfigError(f"min-clients must be >= 1, got {self.min_clients}")
+        if self.clients_per_round and self.min_clients > self.clients_per_round:
+            raise ConfigError(
+                f"min-clients ({self.min_clients}) exceeds clients-per-round "
+                f"({self.clients_per_round})"
+            )
+        if self.local_epochs < 1:
+            raise ConfigError(f"local-epochs must be >= 1, got {self.local_epochs}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch-size must be >= 1, got {self.batch_size}")
+        if not self.round_timeout > 0 or not self.node_wait_timeout > 0:
+            raise ConfigError("round-timeout and node-wait-timeout must be > 0")
+        if not self.registry:
+            raise ConfigError("registry path is empty")
+
+    @property
+    def line(self) -> str:
+        """Release line (name) this run publishes into."""
+        return self.release_name or self.task
+
+    @property
+    def registry_path(self) -> Path:
+        """Registry directory, with ``~`` expanded."""
+        return Path(self.registry).expanduser()
+
+    # -- Flower's flat run config ---------------------------------------------------
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Parse ``{"rounds": 5, "task.alpha": 0.1, "strategy.server_lr": 1.0, ...}``."""
+        names = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {"task_options": {}, "strategy_params": {}}
+        for key, value in flat.items():
+            if key.startswith(keys.TASK_OPTION_PREFIX):
+                kwargs["task_options"][key.removeprefix(keys.TASK_OPTION_PREFIX)] = value
+            elif key.startswith(STRATEGY_PARAM_PREFIX):
+                kwargs["strategy_params"][key.removeprefix(STRATEGY_PARAM_PREFIX)] = value
+            else:
+                attr = key.replace("-", "_")
+                if attr not in names or attr in {"task_options", "strategy_params"}:
+                    valid = sorted(
+                        n.replace("_", "-")
+                        for n in names
+                        if n not in {"task_options", "strategy_params"}
+                    )
+                    raise ConfigError(
+                        f"unknown run-config key {key!r}; valid keys: {', '.join(valid)}, "
+                        "task.<option>, strategy.<param>"
+                    )
+                kwargs[attr] = _coerce(key, value, type(getattr(cls(), attr)))
+        return cls(**kwargs)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Inverse of :meth:`from_flat` (what the manifest records as the run config)."""
+        flat: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if key == "task_options":
+                flat.update({f"{keys.TASK_OPTION_PREFIX}{k}": v for k, v in value.items()})
+            elif key == "strategy_params":
+                flat.update({f"{STRATEGY_PARAM_PREFIX}{k}": v for k, v in value.items()})
+            else:
+                flat[key.replace("_", "-")] = value
+        return flat
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not an integer")
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"run-config {key!r}: {value!r} is not a valid {kind.__name__}") from exc

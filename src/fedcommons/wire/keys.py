@@ -1,0 +1,24 @@
+"""Names of the records and keys inside Flower messages (one place, both sides)."""
+
+# Coordinator -> client (train message)
+BASE_ARRAYS = "arrays"  # ArrayRecord: the base weights θ0 of the round
+TRAIN_CONFIG = "config"  # ConfigRecord: the round's instructions (keys below)
+
+ROUND = "round"
+RUN_TAG = "run-tag"
+TASK = "task"
+TASK_OPTION_PREFIX = "task."  # task options travel as "task.<option>"
+LOCAL_EPOCHS = "local-epochs"
+LEARNING_RATE = "lr"
+BATCH_SIZE = "batch-size"
+SEED = "seed"
+
+# Client -> coordinator (reply)
+DELTA_ARRAYS = "delta"  # ArrayRecord: θ_local − θ0 (fedcommons clients)
+FULL_ARRAYS = "arrays"  # ArrayRecord: θ_local (plain Flower clients, treated as dense)
+REPLY_METRICS = "metrics"  # MetricRecord
+
+NUM_EXAMPLES = "num-examples"  # Flower's conventional weighting key
+TRAIN_LOSS = "train-loss"
+TRAIN_ACCURACY = "train-accuracy"
+TRAIN_SECONDS = "train-seconds"

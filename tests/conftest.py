@@ -1,0 +1,27 @@
+"""Shared fixtures: an isolated Flower/Ray environment and small helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def flower_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment for Flower processes: no telemetry, private FLWR_HOME and RAY_TMPDIR."""
+    values = {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_HOME": str(tmp_path / "flwr_home"),
+        "RAY_TMPDIR": str(tmp_path / "ray"),
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return dict(os.environ)
