@@ -39,8 +39,13 @@ class InProcessGrid(Grid):
         for pid, client in enumerate(client_apps):
             node_id = 1000 + pid
             node_config = {"partition-id": pid, "num-partitions": len(client_apps)}
-            ctx = Context(run_id=run_id, node_id=node_id, node_config=node_config,
-                          state=RecordDict(), run_config={})
+            ctx = Context(
+                run_id=run_id,
+                node_id=node_id,
+                node_config=node_config,
+                state=RecordDict(),
+                run_config={},
+            )
             self._nodes[node_id] = (client, ctx)
         self._inbox: dict[str, Message] = {}
 
@@ -50,12 +55,16 @@ class InProcessGrid(Grid):
         self.run_id = run_id
 
     @property
-    def run(self):  # type: ignore[override]  # noqa: ANN201 - Flower's Run type is internal
+    def run(self):  # type: ignore[override]
         """Not tracked in process."""
         return None
 
     def create_message(  # type: ignore[override]
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
         ttl: float | None = None,
     ) -> Message:
         """Build a message like Flower's grids do."""
@@ -91,8 +100,9 @@ class InProcessGrid(Grid):
             except Exception as exc:  # a crashing ClientApp becomes an error reply
                 from flwr.app import Error
 
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"),
-                                reply_to=delivered)
+                reply = Message(
+                    Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=delivered
+                )
             replies.append(copy.deepcopy(reply))
         return replies
 
@@ -115,8 +125,9 @@ def run_in_process(
     results: list[FederationResult] = []
     server_app = make_server_app(config, observer=observer, prepared=prepared, results=results)
     grid = InProcessGrid(client_apps)
-    context = Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config={})
+    context = Context(
+        run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
+    )
     server_app(grid, context)
     if not results:
         raise FedcommonsError("the in-process run ended without a result")

@@ -1,0 +1,5 @@
+"""``python -m fedcommons`` runs the CLI."""
+
+from fedcommons.cli import main
+
+main()

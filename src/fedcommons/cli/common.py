@@ -1,0 +1,47 @@
+"""Options, consoles and parsers shared by the ``fedcommons`` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_REGISTRY = os.environ.get("FEDCOMMONS_REGISTRY", "fedcommons-registry")
+RegistryOpt = Annotated[
+    Path, typer.Option("--registry", "-r", help="Registry directory (env FEDCOMMONS_REGISTRY).")
+]
+LogLevelOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+
+
+class OutputFormat(StrEnum):
+    """Output formats of the read commands."""
+
+    table = "table"
+    json = "json"
+
+
+def parse_settings(items: list[str] | None) -> dict[str, object]:
+    """Parse ``key=value`` items; values are JSON scalars when they parse, else strings."""
+    from fedcommons.errors import ConfigError
+
+    settings: dict[str, object] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"setting {item!r} is not key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, list | dict) or value is None:
+            value = raw
+        settings[key.strip()] = value
+    return settings
