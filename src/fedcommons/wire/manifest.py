@@ -36,6 +36,15 @@ class ReleaseManifest:
     config: dict[str, Any]
     code_version: str
     flower_run_id: int | None = None
+    #: Compression spec of the run's updates and the bytes clients uploaded (#3).
+    compression: str = "dense"
+    upload_bytes: int = 0
+    #: Privacy guarantee of the release and its ledger summary (#6).
+    privacy: dict[str, Any] = field(default_factory=dict)
+    #: Validation-gate results per task, with device and duration (#5).
+    validation: dict[str, Any] = field(default_factory=dict)
+    #: SHA-256 fingerprints of every validation/test set used (#5).
+    data_fingerprints: dict[str, str] = field(default_factory=dict)
     schema_version: int = MANIFEST_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
