@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,16 +15,22 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
-def flower_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Environment for Flower processes: no telemetry, private FLWR_HOME and RAY_TMPDIR."""
+def flower_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Environment for Flower processes: no telemetry, private FLWR_HOME and RAY_TMPDIR.
+
+    RAY_TMPDIR is a short directory of its own: Ray puts Unix sockets below it, and
+    socket paths longer than 107 bytes fail.
+    """
+    ray_tmp = tempfile.mkdtemp(prefix="fc-ray-")
     values = {
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_HOME": str(tmp_path / "flwr_home"),
-        "RAY_TMPDIR": str(tmp_path / "ray"),
+        "RAY_TMPDIR": ray_tmp,
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
-    return dict(os.environ)
+    yield dict(os.environ)
+    shutil.rmtree(ray_tmp, ignore_errors=True)

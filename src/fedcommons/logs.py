@@ -66,7 +66,11 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    """Return a logger for ``name``, configuring defaults on first use."""
+    """Return a logger for ``name``, configuring defaults on first use.
+
+    The logger is a lazy proxy: it follows later :func:`configure_logging` calls, so
+    module-level loggers created at import time honour the level set by the CLI.
+    """
     if not _configured:
         configure_logging()
-    return structlog.get_logger(name).bind(logger=name)
+    return structlog.get_logger(component=name)

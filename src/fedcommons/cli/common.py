@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_REGISTRY = os.environ.get("FEDCOMMONS_REGISTRY", "fedcommons-registry")
 RegistryOpt = Annotated[

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from fedcommons.errors import RoundFailedError, UnknownStrategyError
+from fedcommons.strategies import FedAvg, create_strategy
+from fedcommons.wire import ClientUpdate
+
+BASE = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+
+
+def _update(value: float, n: int) -> ClientUpdate:
+    return ClientUpdate({k: torch.full_like(v, value) for k, v in BASE.items()}, n)
+
+
+def test_fedavg_is_the_example_weighted_mean_of_deltas() -> None:
+    agg = FedAvg()
+    agg.begin(BASE)
+    agg.fold(_update(1.0, 10))
+    agg.fold(_update(4.0, 30))
+    step = agg.finalize()
+    assert torch.allclose(step["w"], torch.full((3, 2), (10 * 1 + 30 * 4) / 40))
+    assert step["b"].dtype == torch.float32
+
+
+def test_server_learning_rate_scales_the_step() -> None:
+    agg = FedAvg(server_lr=0.5)
+    agg.begin(BASE)
+    agg.fold(_update(2.0, 1))
+    assert torch.allclose(agg.finalize()["b"], torch.full((2,), 1.0))
+
+
+def test_fedavg_result_does_not_depend_on_arrival_order() -> None:
+    gen = torch.Generator().manual_seed(0)
+    updates = [
+        ClientUpdate({k: torch.randn(v.shape, generator=gen) for k, v in BASE.items()}, n)
+        for n in (3, 17, 101, 5)
+    ]
+    results = []
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        agg = FedAvg()
+        agg.begin(BASE)
+        for i in order:
+            agg.fold(updates[i])
+        results.append(agg.finalize())
+    for other in results[1:]:
+        assert all(torch.equal(results[0][k], other[k]) for k in BASE)
+
+
+def test_fedavg_state_stays_one_copy_of_the_model() -> None:
+    agg = FedAvg()
+    agg.begin(BASE)
+    for i in range(200):
+        agg.fold(_update(float(i), 1))
+    state_numel = sum(t.numel() for t in agg._sum.values())
+    assert state_numel == sum(t.numel() for t in BASE.values())
+
+
+def test_finalize_without_updates_fails_the_round() -> None:
+    agg = FedAvg()
+    agg.begin(BASE)
+    with pytest.raises(RoundFailedError):
+        agg.finalize()
+
+
+def test_unknown_strategy_lists_the_available_ones() -> None:
+    """Input tried: strategy 'fedsgd'."""
+    with pytest.raises(UnknownStrategyError, match="available: fedavg"):
+        create_strategy("fedsgd")
