@@ -23,6 +23,7 @@ def quiet_flower_env() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), "fedcommons-ray"))
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def run_simulation(
@@ -54,7 +55,9 @@ def run_simulation(
     from fedcommons.client_sdk.client_app import app as client_app
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Flower 1.41 marks its Python simulation API deprecated in favour of `flwr run`;
+        # it is the one in-process entry that lets the CLI observe rounds, so keep it quiet.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     gpus = 0.0
     if torch.cuda.is_available():
         gpus = min(1.0, max(0.1, torch.cuda.device_count() / max(num_institutions, 1)))
