@@ -3,8 +3,10 @@
 A patch turns release A's weights file into release B's, bit for bit. It is itself a
 safetensors file (readable with any safetensors tool):
 
-- ``__metadata__``: ``format`` (``fedcommons-patch/1``), ``base`` and ``target`` (SHA-256
-  of A's and B's weights files), ``removed`` and ``full`` (JSON lists of tensor names);
+- ``__metadata__``: ``format`` (``fedcommons-patch/1``) and, when not empty, ``removed``
+  and ``full`` (JSON lists of tensor names);
+- ``sha256``: 64 bytes, the SHA-256 of A's weights file then that of B's (raw bytes
+  rather than hex metadata: for a small model the header is a visible part of the patch);
 - ``full/<name>``: tensors stored whole (new in B, reshaped, re-typed, or so densely
   changed that whole is smaller);
 - ``<dtype>.gaps`` / ``<dtype>.values``: every other tensor that changed, grouped by
@@ -286,13 +288,13 @@ def make_patch(base_bytes: bytes, target_bytes: bytes) -> PatchInfo:
         tensors[f"{dtype}.gaps"] = torch.from_numpy(encode_varints(gaps))
         tensors[f"{dtype}.values"] = values
     base_sha, target_sha = sha256_hex(base_bytes), sha256_hex(target_bytes)
-    meta = {
-        "format": PATCH_FORMAT,
-        "base": base_sha,
-        "target": target_sha,
-        "removed": json.dumps(removed),
-        "full": json.dumps(sorted(full)),
-    }
+    hashes = bytes.fromhex(base_sha) + bytes.fromhex(target_sha)
+    tensors["sha256"] = torch.frombuffer(bytearray(hashes), dtype=torch.uint8)
+    meta = {"format": PATCH_FORMAT}
+    if removed:
+        meta["removed"] = json.dumps(removed)
+    if full:
+        meta["full"] = json.dumps(sorted(full))
     data = st_save(tensors, metadata=meta)
     return PatchInfo(data, base_sha, target_sha, changed, sorted(full), removed)
 
@@ -316,10 +318,20 @@ def read_patch_header(patch_bytes: bytes) -> dict[str, str]:
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != PATCH_FORMAT:
         raise PatchError(f"not a {PATCH_FORMAT} file (no matching format in its metadata)")
-    for key in ("base", "target", "removed", "full"):
-        if key not in meta:
-            raise PatchError(f"patch metadata lacks {key!r}")
-    return meta
+    sha = header.get("sha256")
+    if not isinstance(sha, dict) or sha.get("dtype") != "U8" or sha.get("shape") != [64]:
+        raise PatchError("patch lacks its 64-byte 'sha256' tensor (base and target hashes)")
+    start, end = sha["data_offsets"]
+    raw = patch_bytes[8 + n + start : 8 + n + end]
+    if len(raw) != 64:
+        raise PatchError("patch is truncated (hashes cut off)")
+    return {
+        "format": meta["format"],
+        "base": raw[:32].hex(),
+        "target": raw[32:].hex(),
+        "removed": meta.get("removed", "[]"),
+        "full": meta.get("full", "[]"),
+    }
 
 
 def apply_patch(base_bytes: bytes, patch_bytes: bytes) -> bytes:

@@ -437,6 +437,7 @@ def _fsync_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o644)  # registry files are public; mkstemp would make them 0600
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
