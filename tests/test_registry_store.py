@@ -212,7 +212,9 @@ def test_unknown_version_or_alias_lists_what_exists(tmp_path: Path, signer: Sign
     reg = Registry(tmp_path / "reg")
     publish(reg, signer, weights(0))
     reg.promote("1.0.0", "stable")
-    with pytest.raises(ReleaseNotFoundError, match=r"releases: line 1\.0\.0; aliases: @stable"):
+    with pytest.raises(
+        ReleaseNotFoundError, match=r"existing: line 'line': 1\.0\.0 \(aliases @stable=1\.0\.0\)"
+    ):
         reg.get("9.9.9")
     with pytest.raises(ReleaseNotFoundError, match=r"no release or alias '@nope'.*1\.0\.0"):
         reg.get("@nope")

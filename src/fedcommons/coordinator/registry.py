@@ -695,11 +695,19 @@ class Registry:
         rows = self.store.releases(name)
         if not rows:
             return "the registry holds no releases" + (f" in line {name!r}" if name else "")
-        versions = ", ".join(f"{r.name} {r.version}" if not name else r.version for r in rows)
-        aliases = ", ".join(
-            f"@{a}" + ("" if name else f" ({n})") for n, a, _, _ in self.store.aliases(name)
-        )
-        return f"releases: {versions}" + (f"; aliases: {aliases}" if aliases else "")
+        lines: dict[str, list[str]] = {}
+        for r in rows:
+            lines.setdefault(r.name, []).append(r.version)
+        aliases: dict[str, list[str]] = {}
+        for line, alias, version, _ in self.store.aliases(name):
+            aliases.setdefault(line, []).append(f"@{alias}={version}")
+        parts = []
+        for line, versions in lines.items():
+            text = f"line {line!r}: {', '.join(versions)}"
+            if aliases.get(line):
+                text += f" (aliases {', '.join(aliases[line])})"
+            parts.append(text)
+        return "existing: " + "; ".join(parts)
 
     def get(self, ref: str, *, name: str | None = None) -> Release:
         """The release ``ref`` names: a version, ``latest``, or an alias (``@stable``)."""
