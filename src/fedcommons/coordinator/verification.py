@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedcommons.coordinator.registry import Registry, Release
 from fedcommons.coordinator.signing import load_public_key, verify_signature
 from fedcommons.errors import (
-    ReleaseNotFoundError,
     SignatureError,
     SigningKeyError,
     VerificationError,
@@ -80,6 +79,7 @@ class Verifier:
                 ) from exc
         self.public_key = public_key
         self._verified: dict[tuple[str, str], str] = {}  # -> manifest sha256
+        self._lines: dict[str, dict[str, Release]] = {}
 
     def check_one(self, release: Release) -> ReleaseManifest:
         """Steps 1–4 for ``release`` alone; return its parsed manifest."""
@@ -151,14 +151,13 @@ class Verifier:
                 self._verified[key] = sha
                 if not manifest.parent_version:
                     break
-                try:
-                    parent = self.registry.get(manifest.parent_version, name=current.name)
-                except ReleaseNotFoundError as exc:
+                parent = self._lookup(current.name, manifest.parent_version)
+                if parent is None:
                     raise VerificationError(
                         f"{current.name} {current.version}: parent {manifest.parent_version} "
                         "is missing from the registry (deleted?)",
                         str(current.manifest_path),
-                    ) from exc
+                    )
                 child = (current, manifest)
                 current = parent
         except VerificationError as exc:
@@ -166,6 +165,12 @@ class Verifier:
             result.error = str(exc)
             result.path = exc.path
         return result
+
+    def _lookup(self, name: str, version: str) -> Release | None:
+        """The index's release ``version`` of line ``name`` (one index read per line)."""
+        if name not in self._lines:
+            self._lines[name] = {r.version: r for r in self.registry.releases(name)}
+        return self._lines[name].get(version)
 
     @staticmethod
     def _check_link(
