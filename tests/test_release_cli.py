@@ -49,9 +49,11 @@ def test_list_shows_versions_bumps_and_aliases(reg_path: Path) -> None:
         ("1.0.1", "patch"),
         ("1.1.0", "minor"),
     ]
-    assert rows[1]["aliases"] == ["stable"]
+    assert rows[1]["aliases"] == ["stable"] and rows[2]["aliases"] == ["candidate"]
+    assert _run("release", "tag", "1.0.1", "audited=yes", "-r", str(reg_path)).exit_code == 0
     shown = _run("release", "show", "@stable", "-r", str(reg_path), "--format", "json")
     assert json.loads(shown.stdout)["version"] == "1.0.1"
+    assert json.loads(shown.stdout)["tags"] == {"audited": "yes"}
 
 
 def test_verify_all_passes_then_fails_naming_the_file(reg_path: Path) -> None:

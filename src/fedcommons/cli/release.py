@@ -107,7 +107,8 @@ def release_show(
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     """Show one release's manifest: provenance, version bump, validation, hashes."""
-    rel = _open_registry(registry).get(version, name=name)
+    reg = _open_registry(registry)
+    rel = reg.get(version, name=name)
     manifest = rel.manifest()
     if fmt is OutputFormat.json:
         doc = asdict(manifest)
@@ -119,6 +120,7 @@ def release_show(
         }
         doc["manifest_sha256"] = rel.manifest_sha256
         doc["aliases"] = list(rel.aliases)
+        doc["tags"] = reg.tags(rel)
         print(json.dumps(doc, indent=2))
         return
     table = Table(show_header=False)
@@ -142,6 +144,8 @@ def release_show(
     ):
         table.add_row(key, str(getattr(manifest, key)))
     table.add_row("aliases", " ".join(f"@{a}" for a in rel.aliases) or "-")
+    tags = reg.tags(rel)
+    table.add_row("tags", " ".join(f"{k}={v}" for k, v in tags.items()) or "-")
     bump = manifest.version_bump
     if bump:
         text = f"{bump.get('bump')} (computed {bump.get('computed')}): " + "; ".join(
@@ -207,6 +211,32 @@ def release_promote(
     """Point an alias (@stable, @candidate, ...) of the release's line at VERSION."""
     rel = _open_registry(registry).promote(version, alias, name=name)
     console.print(f"{rel.name} @{alias.removeprefix('@')} -> {rel.version}")
+
+
+@release_app.command("tag")
+def release_tag(
+    version: Annotated[str, typer.Argument(help="Version or alias.")],
+    tags: Annotated[list[str] | None, typer.Argument(help="key=value pairs to set.")] = None,
+    delete: Annotated[
+        list[str] | None, typer.Option("--delete", help="Tag key to remove (repeatable).")
+    ] = None,
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+    name: NameOpt = None,
+) -> None:
+    """Set or remove key=value tags on a release (MLflow-style metadata) and print them."""
+    from fedcommons.errors import ConfigError
+
+    reg = _open_registry(registry)
+    for item in tags or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"tag {item!r} is not key=value")
+        reg.set_tag(version, key.strip(), value, name=name)
+    for key in delete or []:
+        reg.set_tag(version, key, None, name=name)
+    rel = reg.get(version, name=name)
+    for key, value in reg.tags(rel).items():
+        console.print(f"{key}={value}")
 
 
 @release_app.command("rejected")

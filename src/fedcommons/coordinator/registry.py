@@ -88,6 +88,13 @@ CREATE TABLE aliases (
     PRIMARY KEY (name, alias),
     FOREIGN KEY (name, version) REFERENCES releases (name, version)
 );
+CREATE TABLE release_tags (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (name, version, key)
+);
 CREATE TABLE rejected (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
@@ -202,6 +209,9 @@ class IndexWriter(Protocol):
     def delete_alias(self, name: str, alias: str) -> bool:
         """Remove an alias; return whether it existed."""
 
+    def set_tag(self, name: str, version: str, key: str, value: str | None) -> None:
+        """Set (or with ``None`` delete) a key/value tag of a release."""
+
     def insert_rejection(
         self,
         name: str,
@@ -235,6 +245,9 @@ class IndexStore(Protocol):
 
     def rejections(self, name: str | None = None) -> list[Rejection]:
         """Rejected candidates, oldest first."""
+
+    def tags(self, name: str, version: str) -> dict[str, str]:
+        """Key/value tags of one release."""
 
 
 _RELEASE_COLUMNS = (
@@ -295,6 +308,19 @@ class _SqliteWriter:
     def delete_alias(self, name: str, alias: str) -> bool:
         cur = self.db.execute("DELETE FROM aliases WHERE name=? AND alias=?", (name, alias))
         return cur.rowcount > 0
+
+    def set_tag(self, name: str, version: str, key: str, value: str | None) -> None:
+        if value is None:
+            self.db.execute(
+                "DELETE FROM release_tags WHERE name=? AND version=? AND key=?",
+                (name, version, key),
+            )
+            return
+        self.db.execute(
+            "INSERT INTO release_tags VALUES (?,?,?,?) ON CONFLICT (name, version, key) "
+            "DO UPDATE SET value=excluded.value",
+            (name, version, key, value),
+        )
 
     def insert_rejection(
         self,
@@ -406,6 +432,15 @@ class SqliteIndexStore:
             args = (name,)
         with self._connect() as db:
             return [tuple(r) for r in db.execute(query + " ORDER BY name, alias", args)]  # type: ignore[misc]
+
+    def tags(self, name: str, version: str) -> dict[str, str]:
+        """Key/value tags of one release."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT key, value FROM release_tags WHERE name=? AND version=? ORDER BY key",
+                (name, version),
+            ).fetchall()
+        return dict(rows)
 
     def rejections(self, name: str | None = None) -> list[Rejection]:
         """Rejected candidates, oldest first."""
@@ -543,6 +578,7 @@ class Registry:
         parent: Release | None = None,
         bump: str = "",
         render_card: Callable[[ReleaseManifest], str] | None = None,
+        candidate_alias: str | None = "candidate",
         _before_commit: Callable[[], None] | None = None,
     ) -> Release:
         """Publish ``weights`` as the next ``bump`` version of line ``name``.
@@ -550,7 +586,9 @@ class Registry:
         ``build_manifest(version, weights_sha256, weights_bytes)`` returns the manifest;
         it is called inside the transaction that reserves the version. The registry adds
         the card's hash and the key id, signs the manifest and commits. ``bump`` is
-        ``major``/``minor``/``patch`` ("" : patch with a parent, else major).
+        ``major``/``minor``/``patch`` ("" : patch with a parent, else major). The line's
+        ``candidate_alias`` (``@candidate``; ``None``: none) moves to the new release in the
+        same transaction; ``@stable`` moves only by :meth:`promote`.
         """
         if parent is not None and parent.name != name:
             raise RegistryError(f"parent {parent.name} {parent.version} is not in line {name!r}")
@@ -605,6 +643,8 @@ class Registry:
                         signing_key_id=signer.key_id,
                     )
                 )
+                if candidate_alias:
+                    writer.set_alias(name, candidate_alias, version, manifest.created)
                 if _before_commit is not None:
                     _before_commit()
             except BaseException:
@@ -649,6 +689,19 @@ class Registry:
         with self.store.write() as writer:
             writer.set_alias(release.name, alias, release.version, _now())
         return self.get(release.version, name=release.name)
+
+    def set_tag(self, ref: str, key: str, value: str | None, *, name: str | None = None) -> Release:
+        """Set tag ``key=value`` on a release (MLflow-style metadata); ``None`` deletes it."""
+        if not key or len(key) > 250 or not key.isprintable():
+            raise RegistryError(f"tag key {key!r} must be 1-250 printable characters")
+        release = self.get(ref, name=name)
+        with self.store.write() as writer:
+            writer.set_tag(release.name, release.version, key, value)
+        return release
+
+    def tags(self, release: Release) -> dict[str, str]:
+        """Key/value tags of ``release``."""
+        return self.store.tags(release.name, release.version)
 
     def remove_alias(self, alias: str, *, name: str) -> None:
         """Delete ``@alias`` of line ``name``."""
