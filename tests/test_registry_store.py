@@ -94,9 +94,15 @@ from pathlib import Path
 from fedcommons.coordinator.registry import Registry
 from fedcommons.coordinator.signing import Signer
 from tests.release_helpers import publish, weights
+import fedcommons.coordinator.registry as registry
+real = registry._SqliteWriter.insert_release
+def insert_then_die(self, row):
+    real(self, row)  # the row is written inside the open transaction...
+    os._exit(17)     # ...and the process dies before COMMIT
+registry._SqliteWriter.insert_release = insert_then_die
 reg = Registry({str(root)!r})
 signer = Signer.load({str(signer.path)!r})
-publish(reg, signer, weights(1), parent=reg.get("1.0.0"), _before_commit=lambda: os._exit(17))
+publish(reg, signer, weights(1), parent=reg.get("1.0.0"))
 """
     proc = run_python(code)
     assert proc.returncode == 17, proc.stderr
@@ -136,16 +142,21 @@ publish(reg, Signer.load({str(signer.path)!r}), weights(1), parent=reg.get("1.0.
     assert publish(reg, signer, weights(2), parent=reg.get("1.0.0")).version == "1.0.1"
 
 
-def test_failed_publish_in_process_rolls_back(tmp_path: Path, signer: Signer) -> None:
-    """Input: a manifest builder that raises half-way through the publish."""
+def test_failed_publish_in_process_rolls_back(
+    tmp_path: Path, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Input: an index insert that fails after the release files were written."""
+    import fedcommons.coordinator.registry as registry
+
     reg = Registry(tmp_path / "reg")
     publish(reg, signer, weights(0))
 
-    def boom() -> None:
+    def boom(self, row) -> None:
         raise RuntimeError("disk gone")
 
+    monkeypatch.setattr(registry._SqliteWriter, "insert_release", boom)
     with pytest.raises(RuntimeError):
-        publish(reg, signer, weights(1), parent=reg.get("1.0.0"), _before_commit=boom)
+        publish(reg, signer, weights(1), parent=reg.get("1.0.0"))
     assert [r.version for r in reg.releases()] == ["1.0.0"]
     assert not (tmp_path / "reg" / "releases" / "line" / "1.0.1").exists()
 

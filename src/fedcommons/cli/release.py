@@ -387,8 +387,11 @@ def release_patch(
     console.print(
         f"patch {label_a} -> {label_b}: {patch.size} bytes = "
         f"{patch.size / len(data_b):.2%} of the full release ({len(data_b)} bytes); "
-        f"{patch.changed_entries} entries, {len(patch.full_tensors)} tensor(s) whole -> {output}"
+        f"{patch.changed_entries} entries stored, {len(patch.full_tensors)} tensor(s) whole "
+        f"-> {output}"
     )
+    if patch.size >= len(data_b):
+        console.print("the change is dense: downloading B itself is as cheap as this patch")
 
 
 @release_app.command("apply")

@@ -579,7 +579,6 @@ class Registry:
         bump: str = "",
         render_card: Callable[[ReleaseManifest], str] | None = None,
         candidate_alias: str | None = "candidate",
-        _before_commit: Callable[[], None] | None = None,
     ) -> Release:
         """Publish ``weights`` as the next ``bump`` version of line ``name``.
 
@@ -645,8 +644,6 @@ class Registry:
                 )
                 if candidate_alias:
                     writer.set_alias(name, candidate_alias, version, manifest.created)
-                if _before_commit is not None:
-                    _before_commit()
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)
                 raise
