@@ -58,12 +58,13 @@ def test_list_shows_versions_bumps_and_aliases(reg_path: Path) -> None:
 
 def test_verify_all_passes_then_fails_naming_the_file(reg_path: Path) -> None:
     ok = _run("release", "verify", "--all", "-r", str(reg_path))
-    assert ok.exit_code == 0 and ok.stdout.count("OK") == 3
+    assert ok.exit_code == 0 and ok.stdout.count("OK") == 4
+    assert "HEAD.json attests 3 release(s)" in ok.stdout
     card = reg_path / "releases" / "line" / "1.0.1" / "README.md"
     card.write_text(card.read_text() + "tampered\n")
     bad = _run("release", "verify", "1.1.0", "-r", str(reg_path), "--format", "json")
     assert bad.exit_code == 1
-    (result,) = json.loads(bad.stdout)
+    (result,) = json.loads(bad.stdout)["releases"]
     assert result["path"] == str(card) and not result["ok"]
 
 

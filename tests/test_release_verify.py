@@ -165,3 +165,55 @@ def test_missing_public_key_is_a_clear_error(chain: tuple[Registry, list[Release
     reg.public_key_path.unlink()
     with pytest.raises(SigningKeyError, match="publishes no public key"):
         Verifier(reg)
+
+
+def test_head_attests_every_release(chain: tuple[Registry, list[Release]]) -> None:
+    reg, _ = chain
+    head = Verifier(reg).verify_head()
+    assert head.ok and head.attested == 4 and head.unattested == []
+
+
+def test_deleting_the_newest_release_of_a_line_is_detected_by_the_head(
+    chain: tuple[Registry, list[Release]],
+) -> None:
+    """Input: the newest release 1.0.3 removed from index and disk (no child names it)."""
+    reg, releases = chain
+    db = sqlite3.connect(reg.index_path)
+    db.execute("DELETE FROM releases WHERE version='1.0.3'")
+    db.commit()
+    db.close()
+    shutil.rmtree(releases[-1].release_dir)
+    assert Verifier(reg).verify(reg.get("1.0.2")).ok  # the remaining chain is intact
+    head = Verifier(reg).verify_head()
+    assert not head.ok and "line 1.0.3 is attested" in head.error
+    assert head.path == str(reg.head_path)
+
+
+def test_tampered_head_fails_on_its_signature(chain: tuple[Registry, list[Release]]) -> None:
+    """Input: HEAD.json with one attested release dropped from its list."""
+    reg, _ = chain
+    doc = json.loads(reg.head_path.read_bytes())
+    doc["attestation"]["releases"].pop()
+    reg.head_path.write_text(json.dumps(doc))
+    head = Verifier(reg).verify_head()
+    assert not head.ok and "signature does not match" in head.error
+
+
+def test_publish_interrupted_before_the_head_rewrite_is_reported_not_failed(
+    chain: tuple[Registry, list[Release]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Input: a publish whose head rewrite fails after the index commit."""
+    reg, releases = chain
+    signer = Signer.load(tmp_path / "key.pem")
+
+    def fail(self, signer) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Registry, "write_head", fail)
+    with pytest.raises(OSError):
+        publish(reg, signer, weights(9), parent=releases[-1])
+    head = Verifier(reg).verify_head()
+    assert head.ok and head.unattested == ["line 1.0.4"]
+    monkeypatch.undo()
+    publish(reg, signer, weights(10), parent=reg.get("1.0.4"))
+    assert Verifier(reg).verify_head().unattested == []

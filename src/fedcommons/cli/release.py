@@ -297,8 +297,11 @@ def release_verify(
     verifier = Verifier(reg, key)
     targets = reg.releases(name) if all_ else [reg.get(version or "", name=name)]
     results = [verifier.verify(r) for r in targets]
+    head = verifier.verify_head(None if all_ else targets[0].name)
     if fmt is OutputFormat.json:
-        print(json.dumps([asdict(r) for r in results], indent=2))
+        print(
+            json.dumps({"releases": [asdict(r) for r in results], "head": asdict(head)}, indent=2)
+        )
     else:
         for r in results:
             chain = " -> ".join(r.chain)
@@ -308,7 +311,15 @@ def release_verify(
                 console.print(f"[red]FAIL[/] {r.name} {r.version}: {r.error}")
                 if r.path:
                     console.print(f"     wrong file: {r.path}")
-    if not all(r.ok for r in results):
+        if head.ok:
+            console.print(f"[green]OK[/]   HEAD.json attests {head.attested} release(s)")
+            for item in head.unattested:
+                console.print(f"     note: {item} is not attested yet (publish interrupted?)")
+        else:
+            console.print(f"[red]FAIL[/] {head.error}")
+            if head.path:
+                console.print(f"     wrong file: {head.path}")
+    if not all(r.ok for r in results) or not head.ok:
         raise typer.Exit(1)
 
 

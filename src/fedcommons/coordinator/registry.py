@@ -4,6 +4,7 @@ Layout under the registry root::
 
     index.sqlite                                  # the index: the commit point
     keys/ed25519.pub                              # public half of the signing key
+    HEAD.json                                     # signed list of every release (see below)
     blobs/sha256/<hh>/<sha256>.safetensors        # weights, content-addressed
     releases/<name>/<version>/manifest.json       # the manifest (canonical JSON)
     releases/<name>/<version>/manifest.sig        # Ed25519 signature of manifest.json
@@ -19,11 +20,18 @@ signature and card into a hidden staging directory (each file fsynced), renames 
 directory to ``releases/<name>/<version>`` and inserts the index row; the commit is the
 commit point. A crash before it leaves the previous state: an orphan blob or directory
 that no index row names, which the next publish of that version replaces.
+
+After the commit, still holding the registry's publish lock (``.publish.lock``), the
+publisher rewrites ``HEAD.json``: the signed list of every release with its manifest hash.
+Verification checks it, so deleting or replacing any attested release (also the newest of
+a line, which no child's chain names) is detected. A crash between the commit and the
+rewrite leaves the new release unattested until the next publish rewrites the head.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -57,6 +65,8 @@ MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 CARD_FILE = "README.md"
 PUBLIC_KEY_FILE = Path("keys") / "ed25519.pub"
+HEAD_FILE = "HEAD.json"
+HEAD_FORMAT = "fedcommons-head/1"
 _ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 # Schema 1 is the foundation's; each migration moves the index one version forward.
@@ -509,6 +519,11 @@ def check_writable(root: Path) -> None:
         ) from exc
 
 
+def head_body(attestation: Mapping[str, Any]) -> bytes:
+    """The exact bytes ``HEAD.json``'s signature covers (compact canonical JSON)."""
+    return json.dumps(attestation, sort_keys=True, separators=(",", ":")).encode()
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -555,6 +570,36 @@ class Registry:
             _fsync_write(path, data)
         return digest, len(data)
 
+    @contextlib.contextmanager
+    def _publish_lock(self) -> Iterator[None]:
+        """Exclusive lock across processes for publish + head rewrite (POSIX flock)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".publish.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @property
+    def head_path(self) -> Path:
+        """The signed list of every release."""
+        return self.root / HEAD_FILE
+
+    def write_head(self, signer: Signer) -> None:
+        """Sign and write ``HEAD.json``: every release with its manifest SHA-256."""
+        attestation = {
+            "format": HEAD_FORMAT,
+            "created": _now(),
+            "releases": [
+                {"name": r.name, "version": r.version, "manifest_sha256": r.manifest_sha256}
+                for r in self.store.releases()
+            ],
+        }
+        doc = {"attestation": attestation, "signature": signer.sign(head_body(attestation))}
+        _fsync_write(self.head_path, (json.dumps(doc, indent=1) + "\n").encode())
+
     def publish_key(self, signer: Signer) -> None:
         """Publish ``signer``'s public half, or check it matches the one published."""
         pem = public_pem(signer.public_key)
@@ -592,6 +637,24 @@ class Registry:
         if parent is not None and parent.name != name:
             raise RegistryError(f"parent {parent.name} {parent.version} is not in line {name!r}")
         self.publish_key(signer)
+        with self._publish_lock():
+            release = self._publish_locked(
+                name, weights, build_manifest, signer, parent, bump, render_card, candidate_alias
+            )
+            self.write_head(signer)
+        return release
+
+    def _publish_locked(
+        self,
+        name: str,
+        weights: Mapping[str, torch.Tensor],
+        build_manifest: Callable[[str, str, int], ReleaseManifest],
+        signer: Signer,
+        parent: Release | None,
+        bump: str,
+        render_card: Callable[[ReleaseManifest], str] | None,
+        candidate_alias: str | None,
+    ) -> Release:
         digest, size = self.store_weights(weights)
         bump = bump or ("patch" if parent else "major")
         release_root = self.root / "releases" / name

@@ -15,18 +15,24 @@ For a release, in order (the first failure names the file that is wrong):
 A deleted release breaks its children's chain; a reordered or replaced one breaks the
 hashes; an edited manifest breaks its hash and its signature. Each release in a chain is
 verified once per call.
+
+:meth:`Verifier.verify_head` checks ``HEAD.json``, the signed list of every release the
+registry published: an attested release missing from the index (deleted, also the newest
+of a line) or with another manifest hash (replaced) fails; a release the head does not
+list yet (a publish that crashed between commit and head rewrite) is reported, not failed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedcommons.coordinator.registry import Registry, Release
+from fedcommons.coordinator.registry import HEAD_FORMAT, Registry, Release, head_body
 from fedcommons.coordinator.signing import load_public_key, verify_signature
 from fedcommons.errors import (
     SignatureError,
@@ -47,6 +53,17 @@ class VerifyResult:
     error: str = ""
     path: str | None = None  # the file that is wrong
     key_id: str = ""
+
+
+@dataclass
+class HeadResult:
+    """Outcome of checking ``HEAD.json`` against the index."""
+
+    ok: bool
+    attested: int = 0
+    unattested: list[str] = field(default_factory=list)  # "name version" not in the head
+    error: str = ""
+    path: str | None = None
 
 
 def _when(stamp: str) -> datetime:
@@ -165,6 +182,58 @@ class Verifier:
             result.error = str(exc)
             result.path = exc.path
         return result
+
+    def verify_head(self, name: str | None = None) -> HeadResult:
+        """Check ``HEAD.json`` (for line ``name``, or every line); never raises."""
+        path = self.registry.head_path
+        rows = {(r.name, r.version): r for r in self.registry.releases(name)}
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            if not rows:
+                return HeadResult(ok=True)
+            return HeadResult(False, error=f"{path} is missing", path=str(path))
+        try:
+            doc = json.loads(raw)
+            attestation, signature = doc["attestation"], doc["signature"]
+            entries = attestation["releases"]
+            if attestation.get("format") != HEAD_FORMAT:
+                raise ValueError(f"format {attestation.get('format')!r}")
+            verify_signature(
+                self.public_key,
+                head_body(attestation),
+                json.dumps(signature).encode(),
+                where=str(path),
+            )
+        except SignatureError as exc:
+            return HeadResult(False, error=str(exc), path=str(path))
+        except (ValueError, KeyError, TypeError) as exc:
+            return HeadResult(False, error=f"{path} is malformed ({exc})", path=str(path))
+        attested = set()
+        for entry in entries:
+            key = (entry.get("name"), entry.get("version"))
+            if name is not None and key[0] != name:
+                continue
+            attested.add(key)
+            row = rows.get(key)  # type: ignore[arg-type]
+            if row is None:
+                return HeadResult(
+                    False,
+                    len(attested),
+                    error=f"{key[0]} {key[1]} is attested by {path} but missing from the "
+                    "index (deleted?)",
+                    path=str(path),
+                )
+            if row.manifest_sha256 != entry.get("manifest_sha256"):
+                return HeadResult(
+                    False,
+                    len(attested),
+                    error=f"{key[0]} {key[1]}: the index's manifest sha256 "
+                    f"{row.manifest_sha256} is not the one {path} attests (replaced?)",
+                    path=str(row.manifest_path),
+                )
+        unattested = [f"{n} {v}" for (n, v) in rows if (n, v) not in attested]
+        return HeadResult(True, len(attested), unattested)
 
     def _lookup(self, name: str, version: str) -> Release | None:
         """The index's release ``version`` of line ``name`` (one index read per line)."""
