@@ -8,7 +8,8 @@ comes with the baseline it is divided by, measured in the same run:
   top-k entries, and larger MLPs with random 1 % / 0.1 % / 5 % changes);
 - validation-gate time / one plain evaluation pass over the same split (the gate scores
   candidate and parent and fingerprints the data), on CPU and on CUDA when present;
-- verification time of a 20-release chain / SHA-256 of the same files alone.
+- verification time of a 20-release chain (and the signed HEAD.json) / SHA-256 of the
+  same files alone.
 """
 
 from __future__ import annotations
@@ -236,8 +237,10 @@ def bench_chain(quick: bool) -> Table:
                     hashlib.sha256(p.read_bytes()).hexdigest()
 
             def verify(reg: Registry = reg, head: Release = head) -> None:
-                result = Verifier(reg).verify(reg.get(head.version, name="bench"))
+                verifier = Verifier(reg)
+                result = verifier.verify(reg.get(head.version, name="bench"))
                 assert result.ok and len(result.chain) == 20, result.error
+                assert verifier.verify_head("bench").attested == 20
 
             t_hash, t_verify = _time(hash_only, 5), _time(verify, 5)
             size = releases[0].weights_path.stat().st_size

@@ -202,6 +202,8 @@ for i in range(6):
     assert len({r.weights_sha256 for r in releases}) == 13
     verifier = Verifier(reg)
     assert all(verifier.verify(r).ok for r in releases)
+    head = verifier.verify_head()
+    assert head.ok and head.attested == 13 and head.unattested == []
     assert not list((root / "releases" / "line").glob(".staging-*"))
 
 
