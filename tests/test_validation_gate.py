@@ -123,6 +123,8 @@ def test_fingerprints_name_the_exact_data() -> None:
     assert val != fingerprint_loader(task.test_loader())
     report = run_gate(task, default_suite(task), task.build_model().state_dict())
     assert report.fingerprints == {"digits/validation": val}
+    rebatched = torch.utils.data.DataLoader(task.validation_loader().dataset, batch_size=7)
+    assert fingerprint_loader(rebatched) == val
 
 
 def test_bad_suite_definitions_are_config_errors() -> None:

@@ -245,10 +245,34 @@ class DatasetScore:
     seconds: float
 
 
-def _update_fingerprint(h: Any, tensor: torch.Tensor) -> None:
-    t = tensor.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{list(t.shape[1:])}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+class _Fingerprint:
+    """SHA-256 of a stream of batches, independent of how the loader batches the data.
+
+    The dtype and per-example shape are hashed once (again only if they change), then
+    the raw bytes.
+    """
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+        self.layout: str | None = None
+
+    def update(self, tensor: torch.Tensor) -> None:
+        t = tensor.detach().cpu().contiguous()
+        layout = f"{t.dtype}{list(t.shape[1:])}"
+        if self.layout is None:
+            self.layout = layout
+            self.h.update(layout.encode())
+        elif layout != self.layout:
+            self.h.update(layout.encode())  # a ragged data set: record each change
+            self.layout = layout
+        self.h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def _combine(inputs: _Fingerprint, targets: _Fingerprint) -> str:
+    return hashlib.sha256((inputs.hexdigest() + targets.hexdigest()).encode()).hexdigest()
 
 
 @torch.no_grad()
@@ -269,11 +293,11 @@ def score(
     for dataset, tasks in by_dataset.items():
         started = time.perf_counter()
         metrics = {t.name: t.metric_class()(task) for t in tasks}
-        h_inputs, h_targets = hashlib.sha256(), hashlib.sha256()
+        h_inputs, h_targets = _Fingerprint(), _Fingerprint()
         examples = 0
         for inputs, targets in tasks[0].loader():
-            _update_fingerprint(h_inputs, inputs)
-            _update_fingerprint(h_targets, targets)
+            h_inputs.update(inputs)
+            h_targets.update(targets)
             outputs = model(inputs.to(device))
             targets = targets.to(device)
             for m in metrics.values():
@@ -281,9 +305,7 @@ def score(
             examples += len(targets)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        fingerprint = hashlib.sha256(
-            (h_inputs.hexdigest() + h_targets.hexdigest()).encode()
-        ).hexdigest()
+        fingerprint = _combine(h_inputs, h_targets)
         scores[dataset] = DatasetScore(
             {name: m.compute() for name, m in metrics.items()},
             fingerprint,
@@ -463,8 +485,8 @@ def run_gate(
 
 def fingerprint_loader(loader: DataLoader) -> str:
     """SHA-256 fingerprint of a loader's inputs and targets (as the gate computes it)."""
-    h_inputs, h_targets = hashlib.sha256(), hashlib.sha256()
+    h_inputs, h_targets = _Fingerprint(), _Fingerprint()
     for inputs, targets in loader:
-        _update_fingerprint(h_inputs, inputs)
-        _update_fingerprint(h_targets, targets)
-    return hashlib.sha256((h_inputs.hexdigest() + h_targets.hexdigest()).encode()).hexdigest()
+        h_inputs.update(inputs)
+        h_targets.update(targets)
+    return _combine(h_inputs, h_targets)
