@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -68,6 +69,72 @@ def test_migrated_registry_accepts_new_publishes(tmp_path: Path, signer: Signer)
     rel = publish(reg, signer, weights(1), name="digits")
     assert rel.version == "2.0.0"
     assert [r.version for r in reg.releases("digits")] == ["1.0.0", "2.0.0"]
+
+
+def test_schema_1_releases_can_be_signed_after_migration(tmp_path: Path, signer: Signer) -> None:
+    """A release written the foundation's way (no signature, no card) verifies once adopted."""
+    from safetensors.torch import save as st_save
+
+    from fedcommons.coordinator.verification import Verifier
+    from fedcommons.wire.manifest import ReleaseManifest
+
+    root = tmp_path / "reg"
+    root.mkdir()
+    data = st_save(weights(0))
+    digest = hashlib.sha256(data).hexdigest()
+    blob = root / "blobs" / "sha256" / digest[:2] / f"{digest}.safetensors"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    manifest = ReleaseManifest(
+        "digits",
+        "1.0.0",
+        None,
+        None,
+        "2026-01-01T00:00:00+00:00",
+        "digits",
+        "fedavg",
+        {},
+        1,
+        0,
+        1,
+        digest,
+        len(data),
+        4810,
+        {},
+        [],
+        {},
+        "0.1.0",
+    ).to_json()
+    path = root / "releases" / "digits" / "1.0.0" / "manifest.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(manifest)
+    db = sqlite3.connect(root / "index.sqlite")
+    db.executescript(_SCHEMA_V1)
+    db.execute(
+        "INSERT INTO releases VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            "digits",
+            "1.0.0",
+            1,
+            0,
+            0,
+            None,
+            "2026-01-01T00:00:00+00:00",
+            digest,
+            hashlib.sha256(manifest).hexdigest(),
+            "releases/digits/1.0.0/manifest.json",
+            "{}",
+        ),
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    reg = Registry(root)
+    reg.publish_key(signer)
+    assert "missing" in Verifier(reg).verify(reg.get("1.0.0")).error
+    assert [r.version for r in reg.sign_legacy(signer)] == ["1.0.0"]
+    assert Verifier(reg).verify(reg.get("1.0.0")).ok
+    assert Verifier(reg).verify_head().attested == 1
 
 
 def test_index_newer_than_the_code_is_refused(tmp_path: Path) -> None:

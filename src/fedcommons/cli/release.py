@@ -239,6 +239,28 @@ def release_tag(
         console.print(f"{key}={value}")
 
 
+@release_app.command("sign-legacy")
+def release_sign_legacy(
+    signing_key: Annotated[
+        Path | None,
+        typer.Option(help="Ed25519 PEM (default: $FEDCOMMONS_SIGNING_KEY or <registry>/private)."),
+    ] = None,
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+) -> None:
+    """Sign releases published before signing existed (after checking their hashes)."""
+    import os
+
+    from fedcommons.coordinator.signing import Signer
+
+    reg = _open_registry(registry)
+    env = os.environ.get("FEDCOMMONS_SIGNING_KEY", "")
+    path = signing_key or (Path(env) if env else reg.root / "private" / "ed25519.pem")
+    signed = reg.sign_legacy(Signer.load_or_create(path))
+    for rel in signed:
+        console.print(f"signed {rel.name} {rel.version}")
+    console.print(f"{len(signed)} release(s) signed; HEAD.json rewritten")
+
+
 @release_app.command("rejected")
 def release_rejected(
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),

@@ -712,6 +712,42 @@ class Registry:
                 raise
         return self.get(version, name=name)
 
+    def sign_legacy(self, signer: Signer) -> list[Release]:
+        """Sign the releases published before signing existed (schema-1 registries).
+
+        Each unsigned release is checked first (manifest hash against the index, weights
+        hash against the manifest); a corrupt one raises and nothing more is signed.
+        Returns the releases signed; rewrites ``HEAD.json``.
+        """
+        from fedcommons.errors import VerificationError
+
+        self.publish_key(signer)
+        signed: list[Release] = []
+        with self._publish_lock():
+            for rel in self.releases():
+                if rel.signature_path.exists():
+                    continue
+                data = rel.manifest_path.read_bytes()
+                if hashlib.sha256(data).hexdigest() != rel.manifest_sha256:
+                    raise VerificationError(
+                        f"manifest {rel.manifest_path} does not match the index: not signing it",
+                        str(rel.manifest_path),
+                    )
+                manifest = ReleaseManifest.from_json(data)
+                weights = rel.weights_path.read_bytes() if rel.weights_path.exists() else b""
+                if hashlib.sha256(weights).hexdigest() != manifest.weights_sha256:
+                    raise VerificationError(
+                        f"weights file {rel.weights_path} is missing or does not match its "
+                        "manifest: not signing it",
+                        str(rel.weights_path),
+                    )
+                _fsync_write(
+                    rel.signature_path, (json.dumps(signer.sign(data), indent=2) + "\n").encode()
+                )
+                signed.append(rel)
+            self.write_head(signer)
+        return signed
+
     def record_rejection(
         self,
         name: str,
