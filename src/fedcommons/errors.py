@@ -45,3 +45,40 @@ class UpdateRejectedError(FedcommonsError):
 
 class RoundFailedError(FedcommonsError):
     """A round ended without enough valid replies to produce an aggregate."""
+
+
+class SigningKeyError(RegistryError):
+    """A signing or public key cannot be read, is not Ed25519, or does not match."""
+
+
+class VerificationError(RegistryError):
+    """A release failed verification; ``path`` names the file that is wrong."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class SignatureError(VerificationError):
+    """A manifest signature is missing, malformed, by another key, or does not match."""
+
+
+class PatchError(RegistryError):
+    """A release patch is malformed or cannot be applied."""
+
+
+class PatchBaseMismatchError(PatchError):
+    """A patch was applied to weights other than the base it was made from."""
+
+
+class VersionOverrideError(ConfigError):
+    """An operator's version override is invalid (unknown bump, no reason, or too low)."""
+
+
+class CandidateRejectedError(FedcommonsError):
+    """The validation gate rejected the candidate; it was recorded, nothing was published."""
+
+    def __init__(self, message: str, rejection_id: int, reasons: list[str]) -> None:
+        super().__init__(message)
+        self.rejection_id = rejection_id
+        self.reasons = reasons

@@ -37,6 +37,13 @@ class RunConfig:
     base_release: str = ""  # version to start from; empty: fresh model
     round_timeout: float = 600.0  # seconds to wait for replies in one round
     node_wait_timeout: float = 120.0  # seconds to wait for min_clients nodes to connect
+    # -- releases (#5) --
+    validation_suite: str = ""  # "package.module:function"; empty: the task's suite
+    gate_target: str = ""  # "no-worse" | "tolerance"; empty: the suite's policy
+    patch_max_changed: float = 0.1  # max fraction of entries a PATCH release may change
+    version_bump: str = ""  # operator override: "patch" | "minor" | "major"
+    version_bump_reason: str = ""  # required with version-bump; recorded in the manifest
+    signing_key: str = ""  # Ed25519 PEM; empty: $FEDCOMMONS_SIGNING_KEY or <registry>/private/
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,6 +71,22 @@ class RunConfig:
             raise ConfigError("round-timeout and node-wait-timeout must be > 0")
         if not self.registry:
             raise ConfigError("registry path is empty")
+        self._validate_release_options()
+
+    def _validate_release_options(self) -> None:
+        """Release keys (#5): gate policy, patch fraction, version override."""
+        if self.gate_target not in {"", "no-worse", "tolerance"}:
+            raise ConfigError(
+                f"gate-target must be no-worse or tolerance, got {self.gate_target!r}"
+            )
+        if not 0.0 <= self.patch_max_changed <= 1.0:
+            raise ConfigError(f"patch-max-changed must lie in [0, 1], got {self.patch_max_changed}")
+        if self.version_bump not in {"", "patch", "minor", "major"}:
+            raise ConfigError(
+                f"version-bump must be patch, minor or major, got {self.version_bump!r}"
+            )
+        if self.version_bump and not self.version_bump_reason.strip():
+            raise ConfigError("version-bump needs version-bump-reason (recorded in the manifest)")
 
     @property
     def line(self) -> str:

@@ -11,11 +11,13 @@ split. After the last round the candidate is scored on the test split and publis
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,9 +27,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcommons import __version__
+from fedcommons.coordinator.card import render_card
 from fedcommons.coordinator.config import RunConfig
+from fedcommons.coordinator.patches import diff_weights
 from fedcommons.coordinator.registry import Registry, Release, check_writable
-from fedcommons.errors import ConfigError, RoundFailedError, UpdateRejectedError
+from fedcommons.coordinator.signing import Signer
+from fedcommons.coordinator.validation import (
+    ValidationSuite,
+    fingerprint_loader,
+    load_suite,
+    run_gate,
+)
+from fedcommons.coordinator.versioning import decide_bump
+from fedcommons.errors import (
+    CandidateRejectedError,
+    ConfigError,
+    RoundFailedError,
+    SigningKeyError,
+    UpdateRejectedError,
+)
 from fedcommons.logs import get_logger
 from fedcommons.strategies import Aggregator, create_strategy
 from fedcommons.tasks import Task, load_task
@@ -85,6 +103,8 @@ class PreparedRun:
     weights: dict[str, torch.Tensor]
     parent: Release | None = None
     registry: Registry | None = field(default=None, repr=False)
+    suite: ValidationSuite | None = None
+    signer: Signer | None = field(default=None, repr=False)
 
 
 def prepare_run(config: RunConfig) -> PreparedRun:
@@ -112,7 +132,31 @@ def prepare_run(config: RunConfig) -> PreparedRun:
             )
     else:
         weights = model_state
-    return PreparedRun(config, task, strategy, weights, parent, registry)
+    suite = load_suite(task, config.validation_suite, config.gate_target)
+    # The key is created at publish time (nothing is written before the rounds); an
+    # existing key must be the one the registry already publishes.
+    key_path = signing_key_path(config)
+    signer = Signer.load(key_path) if key_path.exists() else None
+    if registry is None and (config.registry_path / "index.sqlite").exists():
+        registry = Registry(config.registry_path, create=False)
+    if registry is not None and registry.public_key_path.exists():
+        if signer is None:
+            raise SigningKeyError(
+                f"registry {str(config.registry_path)!r} is signed by an existing key, but "
+                f"the signing key {str(key_path)!r} does not exist (set signing-key)"
+            )
+        registry.publish_key(signer)  # raises unless the key is the registry's
+    return PreparedRun(config, task, strategy, weights, parent, registry, suite, signer)
+
+
+def signing_key_path(config: RunConfig) -> Path:
+    """Path of the coordinator's Ed25519 signing key.
+
+    ``signing-key``, else ``$FEDCOMMONS_SIGNING_KEY``, else ``<registry>/private/ed25519.pem``
+    (created on first use, mode 0600; keep ``private/`` out of what you publish).
+    """
+    path = config.signing_key or os.environ.get("FEDCOMMONS_SIGNING_KEY", "")
+    return Path(path).expanduser() if path else config.registry_path / "private" / "ed25519.pem"
 
 
 def round_content(
@@ -338,13 +382,63 @@ def publish(
     contributors: int,
     run_id: int,
 ) -> Release:
-    """Write the candidate into the registry with its manifest."""
+    """Gate the candidate, then publish it signed, versioned and with its model card.
+
+    The line's validation suite scores the candidate against its parent; a candidate that
+    fails is recorded (``fedcommons release rejected``) and
+    :class:`~fedcommons.errors.CandidateRejectedError` is raised: nothing is published.
+    """
     config = prepared.config
     registry = prepared.registry or Registry(config.registry_path)
+    suite = prepared.suite or load_suite(prepared.task, config.validation_suite, config.gate_target)
+    signer = prepared.signer or Signer.load_or_create(signing_key_path(config))
+    parent = prepared.parent
+    parent_weights = registry.load_weights(parent) if parent else None
+    parent_manifest = parent.manifest() if parent else None
+    gate = run_gate(
+        prepared.task,
+        suite,
+        weights,
+        parent=parent_weights,
+        parent_version=parent.version if parent else None,
+        parent_validation=parent_manifest.validation if parent_manifest else None,
+    )
     last = reports[-1]
     metrics = {"val_accuracy": last.val_accuracy, "val_loss": last.val_loss}
     metrics.update({f"test_{k}": v for k, v in test.items() if k != "examples"})
-    parent = prepared.parent
+    if not gate.passed:
+        rejection = registry.record_rejection(
+            config.line,
+            weights,
+            parent=parent,
+            reasons=gate.reasons,
+            report={
+                "validation": gate.to_dict(),
+                "metrics": metrics,
+                "config": config.to_flat(),
+                "flower_run_id": run_id,
+                "contributors": contributors,
+            },
+        )
+        log.warning("release.rejected", id=rejection.id, reasons=gate.reasons)
+        raise CandidateRejectedError(
+            f"candidate for {config.line} rejected by the validation gate (rejection "
+            f"#{rejection.id}; see `fedcommons release rejected`): " + "; ".join(gate.reasons),
+            rejection.id,
+            gate.reasons,
+        )
+    change = diff_weights(parent_weights, weights) if parent_weights is not None else None
+    decision = decide_bump(
+        change,
+        gate.degraded_tasks,
+        max_changed_fraction=config.patch_max_changed,
+        override=config.version_bump,
+        override_reason=config.version_bump_reason,
+    )
+    fingerprints = dict(gate.fingerprints)
+    test_loader = prepared.task.test_loader()
+    if test_loader is not None:
+        fingerprints[f"{prepared.task.name}/test"] = fingerprint_loader(test_loader)
 
     def build(version: str, digest: str, size: int) -> ReleaseManifest:
         return ReleaseManifest(
@@ -367,6 +461,17 @@ def publish(
             config=config.to_flat(),
             code_version=__version__,
             flower_run_id=run_id,
+            validation=gate.to_dict(),
+            data_fingerprints=fingerprints,
+            version_bump=decision.to_dict(),
         )
 
-    return registry.publish(config.line, weights, build, parent=parent)
+    return registry.publish(
+        config.line,
+        weights,
+        build,
+        signer=signer,
+        parent=parent,
+        bump=decision.bump,
+        render_card=render_card,
+    )

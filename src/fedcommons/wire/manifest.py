@@ -45,6 +45,12 @@ class ReleaseManifest:
     validation: dict[str, Any] = field(default_factory=dict)
     #: SHA-256 fingerprints of every validation/test set used (#5).
     data_fingerprints: dict[str, str] = field(default_factory=dict)
+    #: The computed semantic-version bump, its reasons and any operator override (#5).
+    version_bump: dict[str, Any] = field(default_factory=dict)
+    #: SHA-256 of the release's model card (README.md) (#5).
+    card_sha256: str = ""
+    #: Key id (SHA-256 of the raw Ed25519 public key) that signs this manifest (#5).
+    signing_key_id: str = ""
     schema_version: int = MANIFEST_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

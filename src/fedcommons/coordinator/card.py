@@ -1,0 +1,193 @@
+"""A model card per release, built with ``huggingface_hub``'s ``ModelCard``.
+
+YAML metadata (license, library, tags, base model, ``model-index`` results) and the
+sections of Mitchell et al. (2019), "Model Cards for Model Reporting": model details,
+intended use, factors, metrics, evaluation data, training data (a summary only: nothing
+about any institution's data leaves it), privacy guarantee, caveats. The card is
+rendered locally from a template string: nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from fedcommons.wire.manifest import ReleaseManifest
+
+CARD_FILE = "README.md"
+
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ name }} {{ version }}
+
+A community release of the **{{ name }}** line, trained with federated learning by
+fedcommons: {{ contributors }} contributing institution(s) trained on data that never left
+them; the coordinator merged their updates with `{{ strategy }}` over {{ rounds }} round(s).
+
+## Model details
+
+| | |
+| --- | --- |
+| version | {{ version }} ({{ bump }}) |
+| parent | {{ parent }} |
+| created | {{ created }} |
+| task | `{{ task }}` |
+| parameters | {{ num_parameters }} |
+| weights | `{{ weights_sha256 }}` (safetensors, {{ weights_bytes }} bytes) |
+| strategy | `{{ strategy }}` {{ strategy_params }} |
+| code version | fedcommons {{ code_version }} |
+| signed by | Ed25519 key `{{ key_id }}` |
+
+Version bump: {{ bump_reasons }}
+
+## Intended use
+
+{{ intended_use }}
+
+## Factors
+
+Evaluated per class as well as overall: the suite's worst-class metric bounds how much any
+single group (class) may degrade between releases. Institutions differ in their label
+mix (non-IID data); the release is only as representative as its contributors.
+
+## Metrics
+
+Validation suite `{{ suite }}` (target policy `{{ target_policy }}`), on {{ device }},
+against the parent {{ parent_source }}:
+
+| task | metric | direction | tolerance | value | parent | verdict |
+| --- | --- | --- | --- | --- | --- | --- |
+{{ metric_rows }}
+
+Test split: {{ test_metrics }}
+
+## Evaluation data
+
+{{ evaluation_data }}
+
+## Training data
+
+Private data held by {{ contributors }} institution(s); it never left them and is not
+described here beyond: total examples seen per round {{ examples }}, compression of the
+uploaded updates `{{ compression }}`, total upload {{ upload_bytes }} bytes.
+
+## Privacy guarantee
+
+{{ privacy }}
+
+## Caveats and recommendations
+
+- Scores are on the validation suite above only; check the model on your own data.
+- A federated model reflects the institutions that contributed; groups they lack are
+  under-represented.
+- Verify the release before use: `fedcommons release verify {{ version }}`.
+"""
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> str:
+    """The card's text (Markdown with YAML front matter) for ``manifest``."""
+    validation = manifest.validation or {}
+    tasks = validation.get("tasks", [])
+    eval_results = [
+        EvalResult(
+            task_type="classification",
+            dataset_type=t["dataset"],
+            dataset_name=t["dataset"],
+            dataset_split="validation",
+            metric_type=t["metric"],
+            metric_name=t["name"],
+            metric_value=float(t["candidate"]),
+        )
+        for t in tasks
+        if t.get("candidate") is not None and t["candidate"] == t["candidate"]
+    ]
+    base_model = f"{manifest.name}@{manifest.parent_version}" if manifest.parent_version else None
+    data = ModelCardData(
+        license=license,
+        library_name="pytorch",
+        tags=["fedcommons", "federated-learning", manifest.task, f"strategy-{manifest.strategy}"],
+        base_model=base_model,
+        model_name=f"{manifest.name}-{manifest.version}",
+        eval_results=eval_results or None,
+        fedcommons={
+            "name": manifest.name,
+            "version": manifest.version,
+            "weights_sha256": manifest.weights_sha256,
+            "parent_manifest_sha256": manifest.parent_manifest_sha256,
+        },
+    )
+    rows = (
+        "\n".join(
+            f"| {t['name']} | {t['metric']} | {t['direction']} | {t['tolerance']} | "
+            f"{_fmt(t['candidate'])} | {_fmt(t['parent'])} | "
+            f"{'pass' if t['passed'] else 'FAIL'}: {t['reason']} |"
+            for t in tasks
+        )
+        or "| (no validation tasks) | | | | | | |"
+    )
+    fingerprints = manifest.data_fingerprints or {}
+    evaluation_data = (
+        "\n".join(f"- `{name}`: SHA-256 `{sha}`" for name, sha in sorted(fingerprints.items()))
+        or "No validation data."
+    )
+    bump = manifest.version_bump or {}
+    reasons = "; ".join(bump.get("reasons", [])) or "-"
+    if bump.get("override_reason"):
+        reasons += f" — operator override to {bump.get('bump')}: {bump['override_reason']}"
+    privacy = manifest.privacy or {}
+    privacy_text = (
+        "```json\n" + json.dumps(privacy, indent=2, sort_keys=True) + "\n```"
+        if privacy
+        else "No formal differential-privacy guarantee is claimed for this release: "
+        "institutions' updates were not noised by a DP mechanism recorded in the manifest."
+    )
+    examples = sorted({int(r.get("examples", 0)) for r in manifest.round_metrics}) or ["-"]
+    test = {k: round(v, 4) for k, v in manifest.metrics.items() if k.startswith("test_")}
+    card = ModelCard.from_template(
+        data,
+        template_str=_TEMPLATE,
+        name=manifest.name,
+        version=manifest.version,
+        bump=bump.get("bump", "-"),
+        bump_reasons=reasons,
+        parent=manifest.parent_version or "none (first release of a major line)",
+        created=manifest.created,
+        task=manifest.task,
+        num_parameters=manifest.num_parameters,
+        weights_sha256=manifest.weights_sha256,
+        weights_bytes=manifest.weights_bytes,
+        strategy=manifest.strategy,
+        strategy_params=json.dumps(manifest.strategy_params, sort_keys=True),
+        code_version=manifest.code_version,
+        key_id=(manifest.signing_key_id or "-")[:16],
+        contributors=manifest.contributors,
+        rounds=manifest.rounds,
+        intended_use=(
+            f"Research and downstream fine-tuning on the `{manifest.task}` task. Not validated "
+            "for decisions about individuals; not for uses outside the task's domain."
+        ),
+        suite=validation.get("suite", "-"),
+        target_policy=validation.get("target_policy", "-"),
+        device=validation.get("device", "-"),
+        parent_source=f"({validation.get('parent_source', 'none')})",
+        metric_rows=rows,
+        test_metrics=json.dumps(test, sort_keys=True) if test else "-",
+        evaluation_data=evaluation_data,
+        examples=", ".join(str(e) for e in examples),
+        compression=manifest.compression,
+        upload_bytes=manifest.upload_bytes,
+        privacy=privacy_text,
+    )
+    return str(card)
