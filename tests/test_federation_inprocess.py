@@ -133,13 +133,14 @@ def test_round_without_enough_valid_updates_publishes_nothing(tmp_path: Path) ->
     assert not (tmp_path / "reg").exists()
 
 
-def test_run_from_a_base_release_publishes_the_next_patch(tmp_path: Path) -> None:
+def test_run_from_a_base_release_is_chained_to_its_parent(tmp_path: Path) -> None:
+    """A dense round changes far more than a patch's share of entries: next MINOR."""
     first = run_in_process(_config(tmp_path, rounds=1), [fedcommons_client] * 2)
     second = run_in_process(
         _config(tmp_path, rounds=1, base_release=first.release.version), [fedcommons_client] * 2
     )
     manifest = second.release.manifest()
-    assert manifest.version == "1.0.1"
+    assert manifest.version == "1.1.0"
     assert manifest.parent_version == "1.0.0"
     assert manifest.parent_manifest_sha256 == first.release.manifest_sha256
 
