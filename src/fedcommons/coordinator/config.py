@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from fedcommons.errors import ConfigError
+from fedcommons.privacy.config import CentralDPConfig
 from fedcommons.wire import keys
 
 STRATEGY_PARAM_PREFIX = "strategy."
+DP_PARAM_PREFIX = "dp."
+_DICT_FIELDS = {"task_options", "strategy_params", "dp_params"}
 
 
 @dataclass
@@ -37,6 +40,20 @@ class RunConfig:
     base_release: str = ""  # version to start from; empty: fresh model
     round_timeout: float = 600.0  # seconds to wait for replies in one round
     node_wait_timeout: float = 120.0  # seconds to wait for min_clients nodes to connect
+    dp: str = ""  # central DP mechanism for the line: "" (none) or "dp-fedavg" (#6)
+    dp_params: dict[str, Any] = field(default_factory=dict)  # "dp.<key>" options
+
+    @property
+    def central_dp(self) -> CentralDPConfig | None:
+        """The validated central-DP config (``None`` when ``dp`` is empty)."""
+        if not self.dp:
+            if self.dp_params:
+                raise ConfigError(
+                    f"dp.* options {sorted(self.dp_params)} given but dp is empty; "
+                    'set dp = "dp-fedavg"'
+                )
+            return None
+        return CentralDPConfig.from_options(self.dp, self.dp_params)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,6 +81,7 @@ class RunConfig:
             raise ConfigError("round-timeout and node-wait-timeout must be > 0")
         if not self.registry:
             raise ConfigError("registry path is empty")
+        _ = self.central_dp  # DP budget and mechanism errors surface at configuration time
 
     @property
     def line(self) -> str:
@@ -86,17 +104,15 @@ class RunConfig:
                 kwargs["task_options"][key.removeprefix(keys.TASK_OPTION_PREFIX)] = value
             elif key.startswith(STRATEGY_PARAM_PREFIX):
                 kwargs["strategy_params"][key.removeprefix(STRATEGY_PARAM_PREFIX)] = value
+            elif key.startswith(DP_PARAM_PREFIX):
+                kwargs.setdefault("dp_params", {})[key.removeprefix(DP_PARAM_PREFIX)] = value
             else:
                 attr = key.replace("-", "_")
-                if attr not in names or attr in {"task_options", "strategy_params"}:
-                    valid = sorted(
-                        n.replace("_", "-")
-                        for n in names
-                        if n not in {"task_options", "strategy_params"}
-                    )
+                if attr not in names or attr in _DICT_FIELDS:
+                    valid = sorted(n.replace("_", "-") for n in names if n not in _DICT_FIELDS)
                     raise ConfigError(
                         f"unknown run-config key {key!r}; valid keys: {', '.join(valid)}, "
-                        "task.<option>, strategy.<param>"
+                        "task.<option>, strategy.<param>, dp.<param>"
                     )
                 kwargs[attr] = _coerce(key, value, type(getattr(cls(), attr)))
         return cls(**kwargs)
@@ -109,6 +125,8 @@ class RunConfig:
                 flat.update({f"{keys.TASK_OPTION_PREFIX}{k}": v for k, v in value.items()})
             elif key == "strategy_params":
                 flat.update({f"{STRATEGY_PARAM_PREFIX}{k}": v for k, v in value.items()})
+            elif key == "dp_params":
+                flat.update({f"{DP_PARAM_PREFIX}{k}": v for k, v in value.items()})
             else:
                 flat[key.replace("_", "-")] = value
         return flat

@@ -29,6 +29,8 @@ from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.registry import Registry, Release, check_writable
 from fedcommons.errors import ConfigError, RoundFailedError, UpdateRejectedError
 from fedcommons.logs import get_logger
+from fedcommons.privacy.client_spend import parse_spend
+from fedcommons.privacy.line import LinePrivacy
 from fedcommons.strategies import Aggregator, create_strategy
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import ClientUpdate, ReleaseManifest, decode_dense_delta, keys
@@ -85,6 +87,8 @@ class PreparedRun:
     weights: dict[str, torch.Tensor]
     parent: Release | None = None
     registry: Registry | None = field(default=None, repr=False)
+    #: The line's privacy bookkeeping: central DP-FedAvg, budget checks, ledger (#6).
+    privacy: LinePrivacy | None = field(default=None, repr=False)
 
 
 def prepare_run(config: RunConfig) -> PreparedRun:
@@ -112,7 +116,9 @@ def prepare_run(config: RunConfig) -> PreparedRun:
             )
     else:
         weights = model_state
-    return PreparedRun(config, task, strategy, weights, parent, registry)
+    privacy = LinePrivacy(config.registry_path, config.line, config.central_dp)
+    privacy.check_plan(config.rounds)
+    return PreparedRun(config, task, strategy, weights, parent, registry, privacy)
 
 
 def round_content(
@@ -144,6 +150,8 @@ def decode_reply(reply: Message, base: Mapping[str, torch.Tensor], round_no: int
     weights under ``arrays`` is accepted as a dense update (delta = weights − base).
     """
     if reply.has_error():
+        if reply.error.code == keys.DP_BUDGET_EXHAUSTED_CODE:
+            raise UpdateRejectedError("dp-budget-exhausted", str(reply.error.reason))
         raise UpdateRejectedError("client-error", f"{reply.error.code}: {reply.error.reason}")
     group = reply.metadata.group_id
     if group and group != str(round_no):
@@ -170,7 +178,10 @@ def decode_reply(reply: Message, base: Mapping[str, torch.Tensor], round_no: int
         delta = {k: full[k] - base[k] for k in base}
     else:
         raise UpdateRejectedError("no-update", f"reply has no {keys.DELTA_ARRAYS!r} record")
-    return ClientUpdate(delta, num_examples, reply.metadata.src_node_id, metrics)
+    spend = None
+    if metrics.get(keys.DP_CLAIM) or keys.DP_SPEND in content.config_records:
+        spend = parse_spend(content.config_records.get(keys.DP_SPEND))
+    return ClientUpdate(delta, num_examples, reply.metadata.src_node_id, metrics, spend)
 
 
 def _as_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -206,7 +217,20 @@ def run_round(
     config, strategy = prepared.config, prepared.strategy
     started = time.monotonic()
     nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout)
-    sampled = sample_nodes(nodes, config.clients_per_round, config.seed, round_no)
+    privacy = prepared.privacy or LinePrivacy(config.registry_path, config.line, None)
+    if privacy.central is not None:  # DP-FedAvg: secret Poisson or fixed-size sampling
+        sampled, rate, expected = privacy.sample(nodes, config.clients_per_round)
+    else:
+        sampled = sample_nodes(nodes, config.clients_per_round, config.seed, round_no)
+        rate, expected = 1.0, float(len(sampled))
+    strategy = privacy.start_round(  # refuses a round past the line's budget
+        round_no,
+        strategy,
+        population=len(nodes),
+        sampled=len(sampled),
+        sample_rate=rate,
+        expected=expected,
+    )
     content = round_content(config, weights, round_no)
     messages = [
         Message(
@@ -249,6 +273,8 @@ def run_round(
                 )
                 continue
             strategy.fold(update)
+            if update.dp_spend is not None:
+                privacy.add_client_spend(update.node_id, update.dp_spend)
             contributors.add(update.node_id)
             examples += update.num_examples
             loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
@@ -260,6 +286,11 @@ def run_round(
             f"(rejected: {dict(rejected) or 0}, no reply: {timed_out})"
         )
     step = strategy.finalize()
+    privacy.commit_round(
+        accepted=len(contributors),
+        rejected=sum(rejected.values()),
+        timed_out=timed_out,
+    )
     new_weights = {k: weights[k] + step[k] for k in weights}
     val = evaluate(prepared.task, new_weights, prepared.task.validation_loader())
     report = RoundReport(
@@ -299,6 +330,8 @@ def run_federation(
     """Run every round of ``config`` on ``grid`` and publish the release."""
     with structlog.contextvars.bound_contextvars(run_id=run_id):
         prepared = prepared or prepare_run(config)
+        if prepared.privacy is not None:
+            prepared.privacy.run_id = run_id
         if observer:
             observer.on_start(config, run_id)
         log.info(
@@ -367,6 +400,7 @@ def publish(
             config=config.to_flat(),
             code_version=__version__,
             flower_run_id=run_id,
+            privacy=prepared.privacy.manifest_privacy() if prepared.privacy else {},
         )
 
     return registry.publish(config.line, weights, build, parent=parent)
