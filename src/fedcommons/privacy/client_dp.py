@@ -278,7 +278,9 @@ def train_local_dp(
         device = task.device()
         model = _prepare_model(task, base).to(device).train()
         optimizer = task.optimizer(model.parameters(), lr)
-        engine = PrivacyEngine(accountant=dp.accountant)
+        with warnings.catch_warnings():  # "secure RNG turned off": see the module docstring
+            warnings.simplefilter("ignore", UserWarning)
+            engine = PrivacyEngine(accountant=dp.accountant)
         # Poisson batch sampling from a secret seed (Opacus uses this generator for its
         # DPDataLoader; without it, the loader's publicly seeded generator would be used).
         engine.secure_rng = torch.Generator().manual_seed(secrets.randbits(63))
@@ -297,7 +299,8 @@ def train_local_dp(
                 noise_generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)),
             )
         loss_sum, correct, seen = 0.0, 0, 0
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             torch.manual_seed(seed)
             for _ in range(epochs):
                 for inputs, targets in dp_loader:
