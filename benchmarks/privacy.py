@@ -162,9 +162,8 @@ def accounting_table(root: Path) -> None:
     for runtime, method in (("rdp", "rdp"), ("prv", "pld")):
         a = runtime_epsilon(history, 1e-5, runtime)
         b = audit_epsilon(history, 1e-5, method)
-        table.add_row(
-            f"{runtime.upper()} vs {method.upper()}", f"{a:.6f}", f"{b:.6f}", f"{abs(a - b) / a:.2e}"
-        )
+        label = f"{runtime.upper()} vs {method.upper()}"
+        table.add_row(label, f"{a:.6f}", f"{b:.6f}", f"{abs(a - b) / a:.2e}")
     console.print(table)
     console.print(
         f"audit ledger: {audit.entries} entries verified and recomputed in {audit_s:.2f} s"

@@ -105,3 +105,16 @@ def test_a_run_that_cannot_fit_the_budget_is_refused_at_configuration(tmp_path: 
     )
     with pytest.raises(PrivacyBudgetExceededError, match=r"round\(s\) fit"):
         LinePrivacy(tmp_path, "digits", cfg).check_plan(50)
+
+
+def test_model_card_section_states_the_guarantee(tmp_path: Path) -> None:
+    from fedcommons.privacy.line import model_card_section
+
+    cfg = CentralDPConfig(noise_multiplier=1.0, clip_norm=1.0, epsilon=50.0, delta=1e-5)
+    line = LinePrivacy(tmp_path, "digits", cfg, rng=np.random.default_rng(0))
+    _run(line, 2, dropout=0.0)
+    privacy = line.manifest_privacy()
+    card = model_card_section(privacy)
+    assert privacy["guarantee"] in card
+    assert f"{privacy['central']['epsilon']:.6g} at 1e-05" in card
+    assert "No differential privacy" in model_card_section({})

@@ -312,3 +312,44 @@ class LinePrivacy:
                 "latest": spends,
             }
         return out
+
+
+def model_card_section(privacy: dict[str, Any]) -> str:
+    """The model card's "Privacy" section (Markdown) for a manifest's ``privacy`` field.
+
+    The release registry's model-card writer (#5) includes this text verbatim.
+    """
+    if not privacy:
+        return "## Privacy\n\nNo differential privacy was used to train this release.\n"
+    lines = ["## Privacy", "", privacy.get("guarantee", ""), ""]
+    central = privacy.get("central")
+    if central:
+        lines += [
+            "| | |",
+            "| --- | --- |",
+            f"| mechanism | DP-FedAvg (McMahan et al. 2018), {central['level']}-level |",
+            f"| ε at δ | {central['epsilon']:.6g} at {central['delta']:g} |",
+            f"| budget | ε={central['budget']['epsilon']:g}, δ={central['budget']['delta']:g} |",
+            f"| noise multiplier z, clip norm C | {central['noise_multiplier']:g}, "
+            f"{central['clip_norm']:g} |",
+            f"| sampling | {central['sampling']}"
+            + (" (amplification accounted)" if central["amplification_by_sampling"] else "")
+            + " |",
+            f"| rounds accounted | {central['rounds_accounted']} |",
+            f"| accountant | {central['accountant']} (orders {central['rdp_orders']}) |",
+            "",
+        ]
+    client = privacy.get("client_dp")
+    if client:
+        lines += [
+            f"{client['institutions']} institution(s) trained with record-level DP-SGD "
+            f"(largest reported ε: {client['max_epsilon']:.4g}).",
+            "",
+        ]
+    lines += [
+        f"Ledger: `{privacy['ledger']}` ({privacy['ledger_entries']} entries, head "
+        f"`{privacy['ledger_head_sha256'][:16]}…`). Recompute with "
+        "`fedcommons audit ledger <version>`.",
+        "",
+    ]
+    return "\n".join(lines)
