@@ -118,3 +118,13 @@ def test_model_card_section_states_the_guarantee(tmp_path: Path) -> None:
     assert privacy["guarantee"] in card
     assert f"{privacy['central']['epsilon']:.6g} at 1e-05" in card
     assert "No differential privacy" in model_card_section({})
+
+
+def test_poisson_run_that_cannot_fit_is_refused_at_its_first_round(tmp_path: Path) -> None:
+    """Tried: 30 Poisson rounds (q = 0.5, z = 1) planned against ε = 8: refused at round 1."""
+    cfg = CentralDPConfig(noise_multiplier=1.0, clip_norm=1.0, epsilon=8.0, delta=1e-5)
+    line = LinePrivacy(tmp_path, "digits", cfg)
+    line.check_plan(30)  # q is not known yet
+    with pytest.raises(PrivacyBudgetExceededError, match=r"run refused before round 1.*fit"):
+        line.start_round(1, FedAvg(), population=20, sampled=10, sample_rate=0.5, expected=10)
+    assert not line.ledger.exists()

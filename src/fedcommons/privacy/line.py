@@ -71,6 +71,8 @@ class LinePrivacy:
         self._rng = rng
         self._noise_seed = noise_seed
         self._round: _Round | None = None
+        self._planned_rounds = 0
+        self._rounds_started = 0
         self.run_entries = 0
         #: Flower run id recorded in ledger entries (set by the coordinator).
         self.run_id = 0
@@ -92,9 +94,11 @@ class LinePrivacy:
         Refuses when the line is already exhausted or z = 0 (ε = ∞). With fixed-size
         sampling (q = 1) the spend of every planned round is known now, so a run whose
         ``rounds`` do not all fit is refused with the number that would. With Poisson
-        sampling q depends on the nodes that connect: :meth:`start_round` checks each
-        round exactly before it starts.
+        sampling q depends on the nodes that connect: the first :meth:`start_round` checks
+        the whole run at that round's q, and every round is checked exactly before it
+        starts.
         """
+        self._planned_rounds = rounds
         if self.central is None:
             return
         cfg = self.central
@@ -179,6 +183,18 @@ class LinePrivacy:
                 f"ε={cfg.epsilon:g} at δ={cfg.delta:g} (z={cfg.noise_multiplier:g}, "
                 f"q={sample_rate:.4g})"
             )
+        if self._rounds_started == 0 and self._planned_rounds > 1:
+            planned = [*history, (cfg.noise_multiplier, sample_rate, self._planned_rounds)]
+            eps_run = runtime_epsilon(planned, cfg.delta, cfg.accountant)
+            if eps_run > cfg.epsilon:
+                fit = self._rounds_that_fit(history, sample_rate, self._planned_rounds)
+                raise PrivacyBudgetExceededError(
+                    f"run refused before round {round_no}: its {self._planned_rounds} rounds "
+                    f"at q={sample_rate:.4g} (z={cfg.noise_multiplier:g}) would take line "
+                    f"{self.line!r} to ε={eps_run:.4g} > budget ε={cfg.epsilon:g} at "
+                    f"δ={cfg.delta:g}; {fit} round(s) fit"
+                )
+        self._rounds_started += 1
         if expected <= 0:
             expected = 1.0  # nobody sampled: the round releases noise scaled for one user
         aggregator = DPFedAvg(
