@@ -128,3 +128,37 @@ def test_poisson_run_that_cannot_fit_is_refused_at_its_first_round(tmp_path: Pat
     with pytest.raises(PrivacyBudgetExceededError, match=r"run refused before round 1.*fit"):
         line.start_round(1, FedAvg(), population=20, sampled=10, sample_rate=0.5, expected=10)
     assert not line.ledger.exists()
+
+
+def _one_round(line: LinePrivacy, round_no: int) -> None:
+    agg = line.start_round(
+        round_no, FedAvg(), population=20, sampled=10, sample_rate=0.5, expected=10
+    )
+    agg.begin(BASE)
+    agg.fold(ClientUpdate({k: torch.ones(v.shape) for k, v in BASE.items()}, 1, 1))
+    agg.finalize()
+
+
+def test_concurrent_coordinators_on_one_line_compose_in_ledger_order(tmp_path: Path) -> None:
+    """Tried: two runs start a round on the same line before either commits."""
+    cfg = CentralDPConfig(noise_multiplier=1.0, clip_norm=1.0, epsilon=50.0, delta=1e-5)
+    a, b = LinePrivacy(tmp_path, "digits", cfg), LinePrivacy(tmp_path, "digits", cfg)
+    _one_round(a, 1)
+    _one_round(b, 1)
+    first = a.commit_round(accepted=1, rejected=0, timed_out=9)
+    second = b.commit_round(accepted=1, rejected=0, timed_out=9)
+    assert first is not None and second is not None
+    assert second["epsilon"] > first["epsilon"]  # b's entry counts a's round
+    assert len(audit_ledger(tmp_path, b.manifest_privacy()).rounds) == 2
+
+
+def test_round_left_without_budget_by_a_concurrent_run_is_discarded(tmp_path: Path) -> None:
+    """Tried: two runs each pass the pre-round check for the last round the budget allows."""
+    cfg = CentralDPConfig(noise_multiplier=1.0, clip_norm=1.0, epsilon=4.5, delta=1e-5)
+    a, b = LinePrivacy(tmp_path, "digits", cfg), LinePrivacy(tmp_path, "digits", cfg)
+    _one_round(a, 1)
+    _one_round(b, 1)
+    a.commit_round(accepted=1, rejected=0, timed_out=9)
+    with pytest.raises(PrivacyBudgetExceededError, match="discarded before release"):
+        b.commit_round(accepted=1, rejected=0, timed_out=9)
+    assert a.ledger.head()[0] == 1

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,12 +178,19 @@ class PrivacyLedger:
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def append(self, entry: Mapping[str, Any]) -> LedgerRecord:
-        """Verify the chain, then append ``entry`` durably; return its record."""
-        entry = dict(entry)
-        canonical(entry)  # fail before writing if not JSON-serialisable
+    def append(
+        self, entry: Mapping[str, Any] | Callable[[list[LedgerRecord]], Mapping[str, Any]]
+    ) -> LedgerRecord:
+        """Verify the chain, then append ``entry`` durably; return its record.
+
+        ``entry`` may be a function of the verified records, called under the lock: an
+        entry whose content depends on the ledger (a cumulative ε) stays correct when
+        another coordinator appended in between, and the function may raise to refuse.
+        """
         with self._locked() as fh:
             records = self.verify()
+            entry = dict(entry(records) if callable(entry) else entry)
+            canonical(entry)  # fail before writing if not JSON-serialisable
             prev = records[-1].sha256 if records else GENESIS
             seq = len(records)
             digest = entry_hash(prev, entry)

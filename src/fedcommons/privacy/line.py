@@ -239,32 +239,46 @@ class LinePrivacy:
         }
         if current.aggregator is None or self.central is None:
             entry["mechanism"] = "none"
-        else:
-            cfg = self.central
-            stats = current.aggregator.stats
-            if stats is None:
-                raise RuntimeError("commit_round before the aggregator was finalized")
-            history = [*self.history(), (cfg.noise_multiplier, current.sample_rate, 1)]
-            entry.update(
-                mechanism="dp-fedavg",
-                sampling=cfg.sampling,
-                amplification=cfg.sampling == "poisson" and current.sample_rate < 1,
-                sample_rate=current.sample_rate,
-                expected_participants=stats.expected_participants,
-                denominator=stats.denominator,
-                noise_multiplier=cfg.noise_multiplier,
-                clip_norm=cfg.clip_norm,
-                noise_std=stats.noise_std,
-                effective_noise_multiplier=stats.effective_noise_multiplier,
-                fraction_clipped=stats.fraction_clipped,
-                accountant=f"opacus-{cfg.accountant}",
-                delta=cfg.delta,
-                epsilon=runtime_epsilon(history, cfg.delta, cfg.accountant),
-                budget_epsilon=cfg.epsilon,
-            )
-        self.ledger.append(entry)
+            record = self.ledger.append(entry)
+            self.run_entries += 1
+            return record.entry
+        cfg = self.central
+        stats = current.aggregator.stats
+        if stats is None:
+            raise RuntimeError("commit_round before the aggregator was finalized")
+        entry.update(
+            mechanism="dp-fedavg",
+            sampling=cfg.sampling,
+            amplification=cfg.sampling == "poisson" and current.sample_rate < 1,
+            sample_rate=current.sample_rate,
+            expected_participants=stats.expected_participants,
+            denominator=stats.denominator,
+            noise_multiplier=cfg.noise_multiplier,
+            clip_norm=cfg.clip_norm,
+            noise_std=stats.noise_std,
+            effective_noise_multiplier=stats.effective_noise_multiplier,
+            fraction_clipped=stats.fraction_clipped,
+            accountant=f"opacus-{cfg.accountant}",
+            delta=cfg.delta,
+            budget_epsilon=cfg.epsilon,
+        )
+
+        def with_epsilon(records: list[Any]) -> dict[str, Any]:
+            # under the ledger's lock: rounds another coordinator committed meanwhile count
+            history = central_history([r.entry for r in records])
+            history.append((cfg.noise_multiplier, current.sample_rate, 1))
+            eps = runtime_epsilon(history, cfg.delta, cfg.accountant)
+            if eps > cfg.epsilon:
+                raise PrivacyBudgetExceededError(
+                    f"round {current.round_no} discarded before release: rounds committed "
+                    f"concurrently on line {self.line!r} leave no budget for it "
+                    f"(ε would be {eps:.4g} > {cfg.epsilon:g})"
+                )
+            return {**entry, "epsilon": eps}
+
+        record = self.ledger.append(with_epsilon)
         self.run_entries += 1
-        return entry
+        return record.entry
 
     # -- per release ----------------------------------------------------------------
     def manifest_privacy(self) -> dict[str, Any]:
