@@ -94,3 +94,33 @@ def test_client_dp_is_off_without_dp_keys_and_defaults_state_dir_per_node() -> N
     assert cfg is not None and cfg.state_dir.name == "partition-3"
     cfg = ClientDPConfig.from_node_config({"dp-epsilon": 3.0, "dp-delta": 1e-5}, node_id=77)
     assert cfg is not None and cfg.state_dir.name == "node-77"
+
+
+def test_client_join_rejects_a_bad_dp_budget_before_starting_a_supernode(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tried: `fedcommons client join -n dp-epsilon=0 -n dp-delta=1e-5`."""
+    import sys
+
+    from fedcommons.cli import main
+
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "fedcommons",
+            "client",
+            "join",
+            "--superlink",
+            "127.0.0.1:1",
+            "--insecure",
+            "-n",
+            "dp-epsilon=0",
+            "-n",
+            "dp-delta=1e-5",
+        ],
+    )
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    assert "PrivacyConfigError" in capsys.readouterr().err
