@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.errors import ConfigError, PrivacyConfigError
+from fedcommons.errors import PrivacyConfigError
 from fedcommons.privacy.client_dp import ClientDPConfig
 
 GOOD = {
-    "dp": "dp-fedavg",
+    "dp.mechanism": "dp-fedavg",
     "dp.noise-multiplier": 1.0,
     "dp.clip-norm": 0.5,
     "dp.epsilon": 4.0,
@@ -58,13 +58,29 @@ def test_central_dp_without_budget_is_rejected() -> None:
 
 
 def test_unknown_dp_option_and_mechanism_are_rejected() -> None:
-    """Tried: a misspelt dp.* key, an unknown mechanism, dp.* options with dp empty."""
+    """Tried: a misspelt dp.* key, an unknown mechanism."""
     with pytest.raises(PrivacyConfigError, match="unknown dp option"):
         RunConfig.from_flat({**GOOD, "dp.noise": 1.0})
-    with pytest.raises(PrivacyConfigError, match="dp must be one of"):
-        RunConfig.from_flat({**GOOD, "dp": "dp-ftrl"})
-    with pytest.raises(ConfigError, match="dp is empty"):
-        RunConfig.from_flat({k: v for k, v in GOOD.items() if k != "dp"})
+    with pytest.raises(PrivacyConfigError, match=r"dp\.mechanism must be one of"):
+        RunConfig.from_flat({**GOOD, "dp.mechanism": "dp-ftrl"})
+
+
+def test_no_dp_keys_means_no_central_dp_and_mechanism_defaults_to_dp_fedavg() -> None:
+    assert RunConfig.from_flat({"rounds": 2}).central_dp is None
+    flat = {k: v for k, v in GOOD.items() if k != "dp.mechanism"}
+    central = RunConfig.from_flat(flat).central_dp
+    assert central is not None and central.mechanism == "dp-fedavg"
+
+
+def test_dp_options_parse_from_flower_run_config_syntax() -> None:
+    """`flwr run --run-config` turns dotted keys into a table; Flower flattens it back."""
+    from flwr.common.config import parse_config_args
+
+    flat = parse_config_args(
+        ["dp.noise-multiplier=1.0 dp.clip-norm=0.5 dp.epsilon=4.0 dp.delta=1e-5 rounds=3"]
+    )
+    central = RunConfig.from_flat(flat).central_dp
+    assert central is not None and central.clip_norm == 0.5
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from fedcommons.privacy.client_dp import STATE_FILE
 from fedcommons.wire import keys
 
 CENTRAL = {
-    "dp": "dp-fedavg",
+    "dp.mechanism": "dp-fedavg",
     "dp.noise-multiplier": 1.0,
     "dp.clip-norm": 0.5,
     "dp.epsilon": 20.0,

@@ -40,20 +40,15 @@ class RunConfig:
     base_release: str = ""  # version to start from; empty: fresh model
     round_timeout: float = 600.0  # seconds to wait for replies in one round
     node_wait_timeout: float = 120.0  # seconds to wait for min_clients nodes to connect
-    dp: str = ""  # central DP mechanism for the line: "" (none) or "dp-fedavg" (#6)
-    dp_params: dict[str, Any] = field(default_factory=dict)  # "dp.<key>" options
+    #: Central (user-level) DP of the line, "dp.<key>" options; any key turns it on (#6).
+    dp_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def central_dp(self) -> CentralDPConfig | None:
-        """The validated central-DP config (``None`` when ``dp`` is empty)."""
-        if not self.dp:
-            if self.dp_params:
-                raise ConfigError(
-                    f"dp.* options {sorted(self.dp_params)} given but dp is empty; "
-                    'set dp = "dp-fedavg"'
-                )
+        """The validated central-DP config (``None`` when no ``dp.*`` key is set)."""
+        if not self.dp_params:
             return None
-        return CentralDPConfig.from_options(self.dp, self.dp_params)
+        return CentralDPConfig.from_options(self.dp_params)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -15,7 +15,7 @@ from typing import Any
 from fedcommons.errors import PrivacyConfigError
 from fedcommons.privacy.accounting import check_accountant
 
-#: Central DP mechanisms the coordinator implements (run-config key ``dp``).
+#: Central DP mechanisms the coordinator implements (run-config key ``dp.mechanism``).
 CENTRAL_MECHANISMS = ("dp-fedavg",)
 #: How the coordinator samples clients under central DP (``dp.sampling``).
 SAMPLING = ("poisson", "fixed")
@@ -97,7 +97,15 @@ class CentralDPConfig:
     mechanism: str = "dp-fedavg"
 
     #: The ``dp.<key>`` names this config reads.
-    KEYS = ("noise-multiplier", "clip-norm", "epsilon", "delta", "sampling", "accountant")
+    KEYS = (
+        "mechanism",
+        "noise-multiplier",
+        "clip-norm",
+        "epsilon",
+        "delta",
+        "sampling",
+        "accountant",
+    )
 
     def __post_init__(self) -> None:
         check_noise_multiplier("dp.noise-multiplier", self.noise_multiplier)
@@ -114,8 +122,7 @@ class CentralDPConfig:
             raise PrivacyConfigError(f"dp.accountant: {exc}") from None
         if self.mechanism not in CENTRAL_MECHANISMS:
             raise PrivacyConfigError(
-                f"dp must be one of {CENTRAL_MECHANISMS} (or empty for no central DP), "
-                f"got {self.mechanism!r}"
+                f"dp.mechanism must be one of {CENTRAL_MECHANISMS}, got {self.mechanism!r}"
             )
 
     @property
@@ -124,8 +131,8 @@ class CentralDPConfig:
         return Budget(self.epsilon, self.delta)
 
     @classmethod
-    def from_options(cls, mechanism: str, options: Mapping[str, Any]) -> CentralDPConfig:
-        """Build from ``dp = mechanism`` and the ``dp.<key>`` options (prefix removed)."""
+    def from_options(cls, options: Mapping[str, Any]) -> CentralDPConfig:
+        """Build from the run config's ``dp.<key>`` options (prefix removed)."""
         unknown = sorted(set(options) - set(cls.KEYS))
         if unknown:
             raise PrivacyConfigError(
@@ -135,7 +142,8 @@ class CentralDPConfig:
         missing = [k for k in required if k not in options]
         if missing:
             raise PrivacyConfigError(
-                f"dp = {mechanism!r} needs {', '.join('dp.' + k for k in missing)}"
+                f"central DP needs {', '.join('dp.' + k for k in missing)} "
+                f"(got {', '.join('dp.' + k for k in sorted(options))})"
             )
         return cls(
             noise_multiplier=check_noise_multiplier(
@@ -146,7 +154,7 @@ class CentralDPConfig:
             delta=check_delta("dp.delta", options["delta"]),
             sampling=str(options.get("sampling", "poisson")),
             accountant=str(options.get("accountant", "rdp")),
-            mechanism=mechanism,
+            mechanism=str(options.get("mechanism", "dp-fedavg")),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedcommons.errors import PrivacyBudgetExceededError
+from fedcommons.logs import get_logger
 from fedcommons.privacy.accounting import RDP_ORDERS, Step, runtime_epsilon
 from fedcommons.privacy.central import DPFedAvg, poisson_sample, secret_rng
 from fedcommons.privacy.client_spend import ClientSpend
@@ -30,6 +31,7 @@ from fedcommons.privacy.ledger import LEDGER_DIR, LEDGER_FILE, PrivacyLedger, le
 from fedcommons.strategies.base import Aggregator
 
 LEDGER_SCHEMA = 1
+log = get_logger("fedcommons.privacy")
 
 
 def central_history(entries: list[dict[str, Any]]) -> list[Step]:
@@ -278,6 +280,18 @@ class LinePrivacy:
 
         record = self.ledger.append(with_epsilon)
         self.run_entries += 1
+        log.info(
+            "privacy.round",
+            line=self.line,
+            round=current.round_no,
+            epsilon=round(record.entry["epsilon"], 6),
+            delta=cfg.delta,
+            budget=cfg.epsilon,
+            effective_noise_multiplier=round(stats.effective_noise_multiplier, 6),
+            fraction_clipped=round(stats.fraction_clipped, 4),
+            participating=accepted,
+            sampled=current.sampled,
+        )
         return record.entry
 
     # -- per release ----------------------------------------------------------------
