@@ -140,3 +140,35 @@ def test_client_join_rejects_a_bad_dp_budget_before_starting_a_supernode(
         main()
     assert info.value.code == 2
     assert "PrivacyConfigError" in capsys.readouterr().err
+
+
+def test_demo_rejects_bad_central_dp_options_before_any_simulation(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    """Tried: `fedcommons demo --dp clip-norm=0 ...` (C ≤ 0)."""
+    import sys
+
+    from fedcommons.cli import main
+
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "fedcommons",
+            "demo",
+            "-r",
+            str(tmp_path),
+            "--dp",
+            "noise-multiplier=1",
+            "--dp",
+            "clip-norm=0",
+            "--dp",
+            "epsilon=5",
+            "--dp",
+            "delta=1e-5",
+        ],
+    )
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    assert "dp.clip-norm" in capsys.readouterr().err
