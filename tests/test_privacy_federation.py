@@ -159,3 +159,16 @@ def test_exhausted_line_refuses_the_next_run_before_any_round(tmp_path: Path) ->
     with pytest.raises(PrivacyBudgetExceededError, match="cannot run a central-DP round"):
         run_in_process(_config(tmp_path, rounds=2, **small), [client_app] * 2)
     assert [r.version for r in Registry(tmp_path / "registry").releases()] == ["1.0.0"]
+
+
+def test_audit_ledger_rejects_a_manifest_edited_after_publication(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tried: the release's claimed ε lowered in manifest.json after publishing."""
+    result = run_in_process(_config(tmp_path, rounds=1, **CENTRAL), [client_app] * 2)
+    path = result.release.manifest_path
+    doc = json.loads(path.read_text())
+    doc["privacy"]["central"]["epsilon"] = 0.1
+    path.write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n")
+    code, out = _cli(["audit", "ledger", "1.0.0", "-r", str(tmp_path / "registry")], capsys)
+    assert code == 2 and "does not match the SHA-256" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from enum import StrEnum
@@ -40,9 +41,15 @@ def audit_ledger_cmd(
     not reproduce, or when a round was under-noised.
     """
     from fedcommons.coordinator.registry import Registry
+    from fedcommons.errors import PrivacyAuditError
     from fedcommons.privacy.audit import audit_ledger
 
     rel = Registry(registry, create=False).get(version, name=name)
+    if hashlib.sha256(rel.manifest_path.read_bytes()).hexdigest() != rel.manifest_sha256:
+        raise PrivacyAuditError(
+            f"manifest {rel.manifest_path} does not match the SHA-256 the registry index "
+            "recorded at publication: its privacy claim cannot be trusted"
+        )
     result = audit_ledger(Path(registry), rel.manifest().privacy)
     if fmt is OutputFormat.json:
         doc = asdict(result)
