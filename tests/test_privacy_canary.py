@@ -28,3 +28,18 @@ def test_lower_bound_is_zero_for_chance_guessing_and_grows_with_accuracy() -> No
     assert epsilon_lower_bound(1000, 300, 150, 1e-5) == 0.0
     assert epsilon_lower_bound(1000, 300, 200, 1e-5) < epsilon_lower_bound(1000, 300, 250, 1e-5)
     assert p_value(1000, 300, 300, 0.0, 0.0) == pytest.approx(0.5**300)
+
+
+def test_audit_canary_cli_exits_2_when_a_seeded_bug_leaks(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from fedcommons.cli import main
+
+    argv = ["fedcommons", "audit", "canary", "--params", "5000", "--seeded-bug", "skip-clipping"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    assert "exceeds the claimed" in capsys.readouterr().err

@@ -162,3 +162,15 @@ def test_round_left_without_budget_by_a_concurrent_run_is_discarded(tmp_path: Pa
     with pytest.raises(PrivacyBudgetExceededError, match="discarded before release"):
         b.commit_round(accepted=1, rejected=0, timed_out=9)
     assert a.ledger.head()[0] == 1
+
+
+def test_prv_ledger_is_recomputed_with_pld_within_the_methods_error(tmp_path: Path) -> None:
+    cfg = CentralDPConfig(
+        noise_multiplier=1.2, clip_norm=1.0, epsilon=50.0, delta=1e-5, accountant="prv"
+    )
+    line = LinePrivacy(tmp_path, "digits", cfg, rng=np.random.default_rng(0))
+    entries = _run(line, 3, dropout=0.3)
+    assert all(e["accountant"] == "opacus-prv" for e in entries)
+    audit = audit_ledger(tmp_path, line.manifest_privacy())
+    assert audit.method == "dp-accounting-pld"
+    assert abs(audit.recomputed_epsilon - entries[-1]["epsilon"]) < 0.03

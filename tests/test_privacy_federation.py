@@ -172,3 +172,12 @@ def test_audit_ledger_rejects_a_manifest_edited_after_publication(
     path.write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n")
     code, out = _cli(["audit", "ledger", "1.0.0", "-r", str(tmp_path / "registry")], capsys)
     assert code == 2 and "does not match the SHA-256" in out
+
+
+def test_audit_ledger_of_a_release_without_dp_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tried: auditing a release trained without any DP."""
+    run_in_process(_config(tmp_path, rounds=1), [client_app] * 2)
+    code, out = _cli(["audit", "ledger", "latest", "-r", str(tmp_path / "registry")], capsys)
+    assert code == 2 and "no privacy ledger" in out
