@@ -26,6 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedcommons.logs import configure_logging
 from fedcommons.privacy.accounting import audit_epsilon, runtime_epsilon
 from fedcommons.privacy.audit import audit_ledger
 from fedcommons.privacy.canary import run_canary_audit
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    configure_logging("WARNING")  # the tables, not the per-round log lines
     started = time.perf_counter()
     canary_table(args.params, args.canaries, args.seed)
     root = dropout_table(args.rounds, args.dropout, args.seed)

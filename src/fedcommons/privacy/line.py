@@ -31,7 +31,6 @@ from fedcommons.privacy.ledger import LEDGER_DIR, LEDGER_FILE, PrivacyLedger, le
 from fedcommons.strategies.base import Aggregator
 
 LEDGER_SCHEMA = 1
-log = get_logger("fedcommons.privacy")
 
 
 def central_history(entries: list[dict[str, Any]]) -> list[Step]:
@@ -280,7 +279,7 @@ class LinePrivacy:
 
         record = self.ledger.append(with_epsilon)
         self.run_entries += 1
-        log.info(
+        get_logger("fedcommons.privacy").info(  # looked up now: honours the current level
             "privacy.round",
             line=self.line,
             round=current.round_no,
