@@ -75,6 +75,7 @@ def test_central_and_client_dp_run_publishes_a_guarantee_the_audit_reproduces(
     assert central["min_effective_noise_multiplier"] >= 1.0
     assert 0 < central["epsilon"] <= 20.0
     assert privacy["client_dp"]["institutions"] == 3
+    assert result.reports[-1].train_loss == 0.0  # DP clients withhold loss on private data
     assert "user-level" in privacy["guarantee"]
 
     code, out = _cli(

@@ -114,6 +114,9 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     if dp is not None:
-        content[keys.REPLY_METRICS][keys.DP_CLAIM] = 1
+        metrics = content[keys.REPLY_METRICS]
+        # loss and accuracy are computed on private records outside DP-SGD's guarantee
+        del metrics[keys.TRAIN_LOSS], metrics[keys.TRAIN_ACCURACY]
+        metrics[keys.DP_CLAIM] = 1
         content[keys.DP_SPEND] = ConfigRecord(result.spend.to_record())
     return Message(content=content, reply_to=msg)
