@@ -306,6 +306,8 @@ def run_round(
         seconds=time.monotonic() - started,
     )
     log.info("round.finished", **{k: v for k, v in asdict(report).items() if k != "round"})
+    if privacy.central is not None:  # released in the manifest: nothing outside the DP noise
+        report.train_loss, report.examples = float("nan"), 0
     return new_weights, report, contributors
 
 
