@@ -20,7 +20,7 @@ SECTIONS = (
     "## Metrics",
     "## Evaluation data",
     "## Training data",
-    "## Privacy guarantee",
+    "## Privacy",
     "## Caveats and recommendations",
 )
 
@@ -71,16 +71,22 @@ def test_card_has_metadata_and_every_section_without_network(
     for section in SECTIONS:
         assert section in text
     assert "ab" * 32 in text
-    assert "No formal differential-privacy guarantee" in text
+    assert "No differential privacy was used" in text
 
 
 def test_card_states_the_privacy_summary_when_present(tmp_path: Path) -> None:
     signer = Signer.generate()
     reg = Registry(tmp_path / "reg")
     manifest = publish(reg, signer, weights(0)).manifest()
-    manifest.privacy = {"mechanism": "dp-sgd", "epsilon": 3.0, "delta": 1e-5}
+    manifest.privacy = {
+        "guarantee": "(3, 1e-05)-DP at the institution level for the whole line",
+        "ledger": "privacy/line/ledger.jsonl",
+        "ledger_entries": 4,
+        "ledger_head_sha256": "cd" * 32,
+    }
     text = render_card(manifest)
-    assert '"epsilon": 3.0' in text and "No formal" not in text
+    assert "(3, 1e-05)-DP at the institution level" in text
+    assert "privacy/line/ledger.jsonl" in text and "No differential privacy" not in text
 
 
 def test_published_card_is_hashed_in_the_manifest(tmp_path: Path) -> None:

@@ -82,3 +82,24 @@ class CandidateRejectedError(FedcommonsError):
         super().__init__(message)
         self.rejection_id = rejection_id
         self.reasons = reasons
+
+
+class PrivacyConfigError(ConfigError):
+    """A differential-privacy budget or mechanism parameter is out of range."""
+
+
+class PrivacyBudgetExceededError(FedcommonsError):
+    """Running the next round would take a release line or an institution past its budget."""
+
+
+class PrivacyAuditError(FedcommonsError):
+    """A privacy audit failed: a claim could not be reproduced from the evidence."""
+
+
+class LedgerTamperedError(PrivacyAuditError):
+    """A privacy ledger's hash chain is broken; ``round`` names the first bad entry."""
+
+    def __init__(self, message: str, *, round_no: int | None = None, seq: int | None = None):
+        super().__init__(message)
+        self.round = round_no
+        self.seq = seq

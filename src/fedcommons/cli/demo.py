@@ -45,10 +45,19 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the split, init and sampling.")] = 0,
     task: Annotated[str, typer.Option(help="Task name or 'package.module:Class'.")] = "digits",
     strategy: Annotated[str, typer.Option(help="Aggregation strategy.")] = "fedavg",
+    dp: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dp",
+            help="Central DP-FedAvg option key=value (repeatable): noise-multiplier, "
+            "clip-norm, epsilon, delta[, sampling, accountant]. See docs/privacy.md.",
+        ),
+    ] = None,
     log_level: LogLevelOpt = "WARNING",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Federate N simulated institutions on Flower's simulation engine and publish a release."""
+    from fedcommons.cli.common import parse_settings
     from fedcommons.coordinator.config import RunConfig
     from fedcommons.coordinator.simulation import run_simulation
 
@@ -64,6 +73,7 @@ def demo(
         lr=lr,
         seed=seed,
         registry=str(registry),
+        dp_params=parse_settings(dp),
     )
     split = "IID" if iid else f"Dirichlet α={alpha}"
     console.print(
@@ -92,3 +102,5 @@ def demo(
         f"  weights  {rel.weights_path}\n"
         f"  sha256   {rel.weights_sha256}"
     )
+    if guarantee := rel.manifest().privacy.get("guarantee"):
+        console.print(f"  privacy  {guarantee}")

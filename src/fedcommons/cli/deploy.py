@@ -157,6 +157,9 @@ def client_join(
 
     _warn_insecure(insecure, root_cert)
     settings = parse_settings(node_config)
+    from fedcommons.privacy.client_dp import ClientDPConfig
+
+    ClientDPConfig.from_node_config(settings)  # a bad DP budget fails here, not in round 1
     if task:
         resolve_task_class(task)  # fail here, not in the first round
         settings["task"] = task

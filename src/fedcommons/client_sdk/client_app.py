@@ -13,11 +13,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcommons.client_sdk.training import train_local
+from fedcommons.errors import PrivacyBudgetExceededError
 from fedcommons.logs import get_logger
+from fedcommons.privacy.client_dp import ClientDPConfig, train_local_dp
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import keys
 
@@ -64,14 +66,33 @@ def train(msg: Message, context: Context) -> Message:
         + round_no * 7919
         + int(task.options.get("partition-id", context.node_id) or 0)
     )
-    result = train_local(
-        task,
-        base,
-        epochs=int(cfg[keys.LOCAL_EPOCHS]),
-        lr=float(cfg[keys.LEARNING_RATE]),
-        batch_size=int(cfg[keys.BATCH_SIZE]),
-        seed=seed,
-    )
+    dp = ClientDPConfig.from_node_config(context.node_config, context.node_id)
+    if dp is not None:
+        try:
+            result: Any = train_local_dp(
+                task,
+                base,
+                epochs=int(cfg[keys.LOCAL_EPOCHS]),
+                lr=float(cfg[keys.LEARNING_RATE]),
+                batch_size=int(cfg[keys.BATCH_SIZE]),
+                seed=seed,
+                dp=dp,
+                round_no=round_no,
+                run_tag=str(context.run_id),
+            )
+        except PrivacyBudgetExceededError as exc:
+            log.warning("client.dp-budget-exhausted", round=round_no, detail=str(exc))
+            error = Error(code=keys.DP_BUDGET_EXHAUSTED_CODE, reason=f"dp-budget-exhausted: {exc}")
+            return Message(error, reply_to=msg)
+    else:
+        result = train_local(
+            task,
+            base,
+            epochs=int(cfg[keys.LOCAL_EPOCHS]),
+            lr=float(cfg[keys.LEARNING_RATE]),
+            batch_size=int(cfg[keys.BATCH_SIZE]),
+            seed=seed,
+        )
     log.debug(
         "client.trained",
         round=round_no,
@@ -92,4 +113,10 @@ def train(msg: Message, context: Context) -> Message:
             ),
         }
     )
+    if dp is not None:
+        metrics = content[keys.REPLY_METRICS]
+        # loss and accuracy are computed on private records outside DP-SGD's guarantee
+        del metrics[keys.TRAIN_LOSS], metrics[keys.TRAIN_ACCURACY]
+        metrics[keys.DP_CLAIM] = 1
+        content[keys.DP_SPEND] = ConfigRecord(result.spend.to_record())
     return Message(content=content, reply_to=msg)

@@ -14,6 +14,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from fedcommons.privacy.line import model_card_section
 from fedcommons.wire.manifest import ReleaseManifest
 
 CARD_FILE = "README.md"
@@ -75,10 +76,7 @@ Private data held by {{ contributors }} institution(s); it never left them and i
 described here beyond: total examples seen per round {{ examples }}, compression of the
 uploaded updates `{{ compression }}`, total upload {{ upload_bytes }} bytes.
 
-## Privacy guarantee
-
 {{ privacy }}
-
 ## Caveats and recommendations
 
 - Scores are on the validation suite above only; check the model on your own data.
@@ -146,13 +144,7 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
     reasons = "; ".join(bump.get("reasons", [])) or "-"
     if bump.get("override_reason"):
         reasons += f" — operator override to {bump.get('bump')}: {bump['override_reason']}"
-    privacy = manifest.privacy or {}
-    privacy_text = (
-        "```json\n" + json.dumps(privacy, indent=2, sort_keys=True) + "\n```"
-        if privacy
-        else "No formal differential-privacy guarantee is claimed for this release: "
-        "institutions' updates were not noised by a DP mechanism recorded in the manifest."
-    )
+    privacy_text = model_card_section(manifest.privacy or {})
     examples = sorted({int(r.get("examples", 0)) for r in manifest.round_metrics}) or ["-"]
     test = {k: round(v, 4) for k, v in manifest.metrics.items() if k.startswith("test_")}
     card = ModelCard.from_template(

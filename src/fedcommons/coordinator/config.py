@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from fedcommons.errors import ConfigError
+from fedcommons.privacy.config import CentralDPConfig
 from fedcommons.wire import keys
 
 STRATEGY_PARAM_PREFIX = "strategy."
+DP_PARAM_PREFIX = "dp."
+_DICT_FIELDS = {"task_options", "strategy_params", "dp_params"}
 
 
 @dataclass
@@ -44,6 +47,15 @@ class RunConfig:
     version_bump: str = ""  # operator override: "patch" | "minor" | "major"
     version_bump_reason: str = ""  # required with version-bump; recorded in the manifest
     signing_key: str = ""  # Ed25519 PEM; empty: $FEDCOMMONS_SIGNING_KEY or <registry>/private/
+    #: Central (user-level) DP of the line, "dp.<key>" options; any key turns it on (#6).
+    dp_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def central_dp(self) -> CentralDPConfig | None:
+        """The validated central-DP config (``None`` when no ``dp.*`` key is set)."""
+        if not self.dp_params:
+            return None
+        return CentralDPConfig.from_options(self.dp_params)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +83,7 @@ class RunConfig:
             raise ConfigError("round-timeout and node-wait-timeout must be > 0")
         if not self.registry:
             raise ConfigError("registry path is empty")
+        _ = self.central_dp  # DP budget and mechanism errors surface at configuration time
         self._validate_release_options()
 
     def _validate_release_options(self) -> None:
@@ -109,17 +122,15 @@ class RunConfig:
                 kwargs["task_options"][key.removeprefix(keys.TASK_OPTION_PREFIX)] = value
             elif key.startswith(STRATEGY_PARAM_PREFIX):
                 kwargs["strategy_params"][key.removeprefix(STRATEGY_PARAM_PREFIX)] = value
+            elif key.startswith(DP_PARAM_PREFIX):
+                kwargs.setdefault("dp_params", {})[key.removeprefix(DP_PARAM_PREFIX)] = value
             else:
                 attr = key.replace("-", "_")
-                if attr not in names or attr in {"task_options", "strategy_params"}:
-                    valid = sorted(
-                        n.replace("_", "-")
-                        for n in names
-                        if n not in {"task_options", "strategy_params"}
-                    )
+                if attr not in names or attr in _DICT_FIELDS:
+                    valid = sorted(n.replace("_", "-") for n in names if n not in _DICT_FIELDS)
                     raise ConfigError(
                         f"unknown run-config key {key!r}; valid keys: {', '.join(valid)}, "
-                        "task.<option>, strategy.<param>"
+                        "task.<option>, strategy.<param>, dp.<param>"
                     )
                 kwargs[attr] = _coerce(key, value, type(getattr(cls(), attr)))
         return cls(**kwargs)
@@ -132,6 +143,8 @@ class RunConfig:
                 flat.update({f"{keys.TASK_OPTION_PREFIX}{k}": v for k, v in value.items()})
             elif key == "strategy_params":
                 flat.update({f"{STRATEGY_PARAM_PREFIX}{k}": v for k, v in value.items()})
+            elif key == "dp_params":
+                flat.update({f"{DP_PARAM_PREFIX}{k}": v for k, v in value.items()})
             else:
                 flat[key.replace("_", "-")] = value
         return flat

@@ -47,6 +47,8 @@ from fedcommons.errors import (
     UpdateRejectedError,
 )
 from fedcommons.logs import get_logger
+from fedcommons.privacy.client_spend import parse_spend
+from fedcommons.privacy.line import LinePrivacy
 from fedcommons.strategies import Aggregator, create_strategy
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import ClientUpdate, ReleaseManifest, decode_dense_delta, keys
@@ -105,6 +107,8 @@ class PreparedRun:
     registry: Registry | None = field(default=None, repr=False)
     suite: ValidationSuite | None = None
     signer: Signer | None = field(default=None, repr=False)
+    #: The line's privacy bookkeeping: central DP-FedAvg, budget checks, ledger (#6).
+    privacy: LinePrivacy | None = field(default=None, repr=False)
 
 
 def prepare_run(config: RunConfig) -> PreparedRun:
@@ -146,7 +150,9 @@ def prepare_run(config: RunConfig) -> PreparedRun:
                 f"the signing key {str(key_path)!r} does not exist (set signing-key)"
             )
         registry.publish_key(signer)  # raises unless the key is the registry's
-    return PreparedRun(config, task, strategy, weights, parent, registry, suite, signer)
+    privacy = LinePrivacy(config.registry_path, config.line, config.central_dp)
+    privacy.check_plan(config.rounds)
+    return PreparedRun(config, task, strategy, weights, parent, registry, suite, signer, privacy)
 
 
 def signing_key_path(config: RunConfig) -> Path:
@@ -188,6 +194,8 @@ def decode_reply(reply: Message, base: Mapping[str, torch.Tensor], round_no: int
     weights under ``arrays`` is accepted as a dense update (delta = weights − base).
     """
     if reply.has_error():
+        if reply.error.code == keys.DP_BUDGET_EXHAUSTED_CODE:
+            raise UpdateRejectedError("dp-budget-exhausted", str(reply.error.reason))
         raise UpdateRejectedError("client-error", f"{reply.error.code}: {reply.error.reason}")
     group = reply.metadata.group_id
     if group and group != str(round_no):
@@ -214,7 +222,10 @@ def decode_reply(reply: Message, base: Mapping[str, torch.Tensor], round_no: int
         delta = {k: full[k] - base[k] for k in base}
     else:
         raise UpdateRejectedError("no-update", f"reply has no {keys.DELTA_ARRAYS!r} record")
-    return ClientUpdate(delta, num_examples, reply.metadata.src_node_id, metrics)
+    spend = None
+    if metrics.get(keys.DP_CLAIM) or keys.DP_SPEND in content.config_records:
+        spend = parse_spend(content.config_records.get(keys.DP_SPEND))
+    return ClientUpdate(delta, num_examples, reply.metadata.src_node_id, metrics, spend)
 
 
 def _as_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -250,7 +261,20 @@ def run_round(
     config, strategy = prepared.config, prepared.strategy
     started = time.monotonic()
     nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout)
-    sampled = sample_nodes(nodes, config.clients_per_round, config.seed, round_no)
+    privacy = prepared.privacy or LinePrivacy(config.registry_path, config.line, None)
+    if privacy.central is not None:  # DP-FedAvg: secret Poisson or fixed-size sampling
+        sampled, rate, expected = privacy.sample(nodes, config.clients_per_round)
+    else:
+        sampled = sample_nodes(nodes, config.clients_per_round, config.seed, round_no)
+        rate, expected = 1.0, float(len(sampled))
+    strategy = privacy.start_round(  # refuses a round past the line's budget
+        round_no,
+        strategy,
+        population=len(nodes),
+        sampled=len(sampled),
+        sample_rate=rate,
+        expected=expected,
+    )
     content = round_content(config, weights, round_no)
     messages = [
         Message(
@@ -293,6 +317,8 @@ def run_round(
                 )
                 continue
             strategy.fold(update)
+            if update.dp_spend is not None:
+                privacy.add_client_spend(update.node_id, update.dp_spend)
             contributors.add(update.node_id)
             examples += update.num_examples
             loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
@@ -304,6 +330,11 @@ def run_round(
             f"(rejected: {dict(rejected) or 0}, no reply: {timed_out})"
         )
     step = strategy.finalize()
+    privacy.commit_round(
+        accepted=len(contributors),
+        rejected=sum(rejected.values()),
+        timed_out=timed_out,
+    )
     new_weights = {k: weights[k] + step[k] for k in weights}
     val = evaluate(prepared.task, new_weights, prepared.task.validation_loader())
     report = RoundReport(
@@ -319,6 +350,8 @@ def run_round(
         seconds=time.monotonic() - started,
     )
     log.info("round.finished", **{k: v for k, v in asdict(report).items() if k != "round"})
+    if privacy.central is not None:  # released in the manifest: nothing outside the DP noise
+        report.train_loss, report.examples = float("nan"), 0
     return new_weights, report, contributors
 
 
@@ -343,6 +376,8 @@ def run_federation(
     """Run every round of ``config`` on ``grid`` and publish the release."""
     with structlog.contextvars.bound_contextvars(run_id=run_id):
         prepared = prepared or prepare_run(config)
+        if prepared.privacy is not None:
+            prepared.privacy.run_id = run_id
         if observer:
             observer.on_start(config, run_id)
         log.info(
@@ -464,6 +499,7 @@ def publish(
             validation=gate.to_dict(),
             data_fingerprints=fingerprints,
             version_bump=decision.to_dict(),
+            privacy=prepared.privacy.manifest_privacy() if prepared.privacy else {},
         )
 
     return registry.publish(

@@ -9,7 +9,8 @@ simulation and deployment engines, in milliseconds instead of seconds.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
@@ -28,7 +29,12 @@ _SERVER_NODE_ID = 1
 class InProcessGrid(Grid):
     """A ``Grid`` whose nodes are ClientApp objects in this process."""
 
-    def __init__(self, client_apps: Sequence[ClientApp], run_id: int = 1) -> None:
+    def __init__(
+        self,
+        client_apps: Sequence[ClientApp],
+        run_id: int = 1,
+        node_configs: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         self.run_id = run_id
         # Flower stamps messages with the identity of the task running in this process,
         # as its own simulation engine does for the Python API.
@@ -39,6 +45,8 @@ class InProcessGrid(Grid):
         for pid, client in enumerate(client_apps):
             node_id = 1000 + pid
             node_config = {"partition-id": pid, "num-partitions": len(client_apps)}
+            if node_configs is not None:  # the site's own node config (e.g. its DP budget)
+                node_config.update(node_configs[pid])
             ctx = Context(
                 run_id=run_id,
                 node_id=node_id,
@@ -118,13 +126,18 @@ def run_in_process(
     client_apps: Sequence[ClientApp],
     *,
     observer: RunObserver | None = None,
+    node_configs: Sequence[Mapping[str, Any]] | None = None,
 ) -> FederationResult:
-    """Run ``config`` with the given ClientApps as institutions, in this process."""
+    """Run ``config`` with the given ClientApps as institutions, in this process.
+
+    ``node_configs`` (one mapping per app) is added to each node's config, as a site's
+    ``flower-supernode --node-config`` would.
+    """
     config.task_options.setdefault("num-partitions", len(client_apps))
     prepared = prepare_run(config)
     results: list[FederationResult] = []
     server_app = make_server_app(config, observer=observer, prepared=prepared, results=results)
-    grid = InProcessGrid(client_apps)
+    grid = InProcessGrid(client_apps, node_configs=node_configs)
     context = Context(
         run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
     )

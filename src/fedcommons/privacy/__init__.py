@@ -1,5 +1,14 @@
-"""Differential privacy and secure aggregation (client DP-SGD, central DP, ledger, audits).
+"""Differential privacy: client DP-SGD, central DP-FedAvg, the privacy ledger and audits.
 
-Nothing here yet: the foundation runs without DP. See the differential-privacy and
-secure-aggregation issues for what lands in this package.
+- :mod:`~fedcommons.privacy.config` — budgets and mechanism parameters, validated.
+- :mod:`~fedcommons.privacy.accounting` — Opacus (runtime) and dp-accounting (audit).
+- :mod:`~fedcommons.privacy.client_dp` — an institution's Opacus DP-SGD, persistent spend.
+- :mod:`~fedcommons.privacy.client_spend` — the spend record every DP reply carries.
+- :mod:`~fedcommons.privacy.central` — DP-FedAvg (McMahan et al. 2018), Flower-free.
+- :mod:`~fedcommons.privacy.ledger` — the append-only, hash-chained privacy ledger.
+- :mod:`~fedcommons.privacy.line` — a release line's budget, ledger and manifest field.
+- :mod:`~fedcommons.privacy.audit` — ledger recomputation; :mod:`~fedcommons.privacy.canary`
+  — the one-run canary audit (Steinke, Nasr & Jagielski 2023).
+
+Submodules are imported on demand (the client SDK needs only the client side).
 """

@@ -22,3 +22,9 @@ NUM_EXAMPLES = "num-examples"  # Flower's conventional weighting key
 TRAIN_LOSS = "train-loss"
 TRAIN_ACCURACY = "train-accuracy"
 TRAIN_SECONDS = "train-seconds"
+
+# Differential privacy (#6)
+DP_CLAIM = "dp-sgd"  # reply metric: 1 when the update was trained with record-level DP-SGD
+DP_SPEND = "dp-spend"  # ConfigRecord: the institution's cumulative DP spend (privacy.client_spend)
+#: Error code of a reply refused because the round would exceed the institution's budget.
+DP_BUDGET_EXHAUSTED_CODE = 6001

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ class ClientUpdate:
     num_examples: int
     node_id: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The institution's DP-SGD spend record when the reply claims record-level DP
+    #: (a validated ``fedcommons.privacy.client_spend.ClientSpend``), else ``None``.
+    dp_spend: Any = None
 
 
 def decode_dense_delta(

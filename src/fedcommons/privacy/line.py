@@ -1,0 +1,398 @@
+"""A release line's privacy state at the coordinator: budget checks, ledger, manifest field.
+
+The coordinator's round loop calls, per round: :meth:`LinePrivacy.sample` (Poisson or
+fixed-size sampling), :meth:`LinePrivacy.start_round` (refuses a round that would take the
+line past its budget, before anything is sent, and returns the DP-FedAvg aggregator),
+:meth:`LinePrivacy.add_client_spend` for each accepted reply that carries a client DP
+spend, and :meth:`LinePrivacy.commit_round` (one ledger entry). :meth:`manifest_privacy`
+is the manifest's ``privacy`` field.
+
+The line's spend is the composition of *every* central-DP round its ledger records, over
+all runs and releases of the line (a conservative reading of "the line's budget": every
+published release is an output computed from the same users' data).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcommons.errors import PrivacyBudgetExceededError
+from fedcommons.logs import get_logger
+from fedcommons.privacy.accounting import RDP_ORDERS, Step, runtime_epsilon
+from fedcommons.privacy.central import DPFedAvg, poisson_sample, secret_rng
+from fedcommons.privacy.client_spend import ClientSpend
+from fedcommons.privacy.config import CentralDPConfig
+from fedcommons.privacy.ledger import LEDGER_DIR, LEDGER_FILE, PrivacyLedger, ledger_path
+from fedcommons.strategies.base import Aggregator
+
+LEDGER_SCHEMA = 1
+
+
+def central_history(entries: list[dict[str, Any]]) -> list[Step]:
+    """The accounting history ``(z, q, 1)`` of a ledger's central-DP entries."""
+    return [
+        (float(e["noise_multiplier"]), float(e["sample_rate"]), 1)
+        for e in entries
+        if e.get("mechanism") == "dp-fedavg"
+    ]
+
+
+@dataclass
+class _Round:
+    round_no: int
+    population: int
+    sampled: int
+    sample_rate: float
+    expected: float
+    aggregator: DPFedAvg | None
+    client_spends: list[dict[str, Any]] = field(default_factory=list)
+
+
+class LinePrivacy:
+    """Privacy bookkeeping of one release line in one registry (see the module docstring)."""
+
+    def __init__(
+        self,
+        registry_root: Path,
+        line: str,
+        central: CentralDPConfig | None,
+        *,
+        rng: np.random.Generator | None = None,
+        noise_seed: int | None = None,
+    ) -> None:
+        self.registry_root = Path(registry_root)
+        self.line = line
+        self.central = central
+        self.ledger = PrivacyLedger(ledger_path(self.registry_root, line))
+        self._rng = rng
+        self._noise_seed = noise_seed
+        self._round: _Round | None = None
+        self._planned_rounds = 0
+        self._rounds_started = 0
+        self.run_entries = 0
+        #: Flower run id recorded in ledger entries (set by the coordinator).
+        self.run_id = 0
+
+    # -- accounting -----------------------------------------------------------------
+    def history(self) -> list[Step]:
+        """Central-DP history of the whole line (verified ledger)."""
+        return central_history(self.ledger.entries())
+
+    def spent(self) -> float:
+        """The line's cumulative ε at the configured δ (0 with no central-DP round yet)."""
+        if self.central is None:
+            return 0.0
+        return runtime_epsilon(self.history(), self.central.delta, self.central.accountant)
+
+    def check_plan(self, rounds: int) -> None:
+        """At configuration time: refuse a run that cannot fit the line's budget.
+
+        Refuses when the line is already exhausted or z = 0 (ε = ∞). With fixed-size
+        sampling (q = 1) the spend of every planned round is known now, so a run whose
+        ``rounds`` do not all fit is refused with the number that would. With Poisson
+        sampling q depends on the nodes that connect: the first :meth:`start_round` checks
+        the whole run at that round's q, and every round is checked exactly before it
+        starts.
+        """
+        self._planned_rounds = rounds
+        if self.central is None:
+            return
+        cfg = self.central
+        history = self.history()
+        spent = runtime_epsilon(history, cfg.delta, cfg.accountant)
+        if spent >= cfg.epsilon or cfg.noise_multiplier == 0:
+            raise PrivacyBudgetExceededError(
+                f"line {self.line!r} cannot run a central-DP round: spent ε={spent:.4g} of "
+                f"budget ε={cfg.epsilon:g} at δ={cfg.delta:g}"
+                + (" and z=0 gives ε=∞" if cfg.noise_multiplier == 0 else "")
+            )
+        if cfg.sampling == "fixed":
+            planned = [*history, (cfg.noise_multiplier, 1.0, rounds)]
+            eps = runtime_epsilon(planned, cfg.delta, cfg.accountant)
+            if eps > cfg.epsilon:
+                fit = self._rounds_that_fit(history, 1.0, rounds)
+                raise PrivacyBudgetExceededError(
+                    f"{rounds} round(s) of DP-FedAvg (z={cfg.noise_multiplier:g}, fixed-size "
+                    f"sampling, no amplification) would take line {self.line!r} to "
+                    f"ε={eps:.4g} > budget ε={cfg.epsilon:g} at δ={cfg.delta:g}; "
+                    f"{fit} round(s) fit"
+                )
+
+    def _rounds_that_fit(self, history: list[Step], rate: float, upto: int) -> int:
+        assert self.central is not None
+        cfg = self.central
+        lo, hi = 0, upto
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            eps = runtime_epsilon(
+                [*history, (cfg.noise_multiplier, rate, mid)], cfg.delta, cfg.accountant
+            )
+            if eps <= cfg.epsilon:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    # -- the round ------------------------------------------------------------------
+    def sample(self, nodes: list[int], clients_per_round: int) -> tuple[list[int], float, float]:
+        """Sample a round's nodes; return ``(sampled, q, expected participants W)``.
+
+        Poisson: q = clients-per-round / connected nodes (1 when 0 or ≥ nodes), each node
+        independently, from a secret seed. Fixed: the ``clients-per-round`` first of a
+        secret permutation (all nodes when 0); accounted with q = 1, W = sample size.
+        """
+        rng = self._rng or secret_rng()
+        n = len(nodes)
+        assert self.central is not None
+        k = clients_per_round if 0 < clients_per_round < n else n
+        if self.central.sampling == "poisson":
+            rate = k / n if n else 1.0
+            return poisson_sample(sorted(nodes), rate, rng), rate, rate * n
+        chosen = sorted(int(x) for x in rng.permutation(sorted(nodes))[:k])
+        return chosen, 1.0, float(len(chosen))
+
+    def start_round(
+        self,
+        round_no: int,
+        strategy: Aggregator,
+        *,
+        population: int,
+        sampled: int,
+        sample_rate: float = 1.0,
+        expected: float | None = None,
+    ) -> Aggregator:
+        """Refuse the round if it would exceed the budget; return the round's aggregator."""
+        if self.central is None:
+            self._round = _Round(round_no, population, sampled, sample_rate, 0.0, None)
+            return strategy
+        cfg = self.central
+        expected = float(expected if expected is not None else sampled)
+        history = self.history()
+        eps = runtime_epsilon(
+            [*history, (cfg.noise_multiplier, sample_rate, 1)], cfg.delta, cfg.accountant
+        )
+        if eps > cfg.epsilon:
+            spent = runtime_epsilon(history, cfg.delta, cfg.accountant)
+            raise PrivacyBudgetExceededError(
+                f"round {round_no} refused before it started: it would take line "
+                f"{self.line!r} from ε={spent:.4g} to ε={eps:.4g}, past its budget "
+                f"ε={cfg.epsilon:g} at δ={cfg.delta:g} (z={cfg.noise_multiplier:g}, "
+                f"q={sample_rate:.4g})"
+            )
+        if self._rounds_started == 0 and self._planned_rounds > 1:
+            planned = [*history, (cfg.noise_multiplier, sample_rate, self._planned_rounds)]
+            eps_run = runtime_epsilon(planned, cfg.delta, cfg.accountant)
+            if eps_run > cfg.epsilon:
+                fit = self._rounds_that_fit(history, sample_rate, self._planned_rounds)
+                raise PrivacyBudgetExceededError(
+                    f"run refused before round {round_no}: its {self._planned_rounds} rounds "
+                    f"at q={sample_rate:.4g} (z={cfg.noise_multiplier:g}) would take line "
+                    f"{self.line!r} to ε={eps_run:.4g} > budget ε={cfg.epsilon:g} at "
+                    f"δ={cfg.delta:g}; {fit} round(s) fit"
+                )
+        self._rounds_started += 1
+        if expected <= 0:
+            expected = 1.0  # nobody sampled: the round releases noise scaled for one user
+        aggregator = DPFedAvg(
+            strategy,
+            noise_multiplier=cfg.noise_multiplier,
+            clip_norm=cfg.clip_norm,
+            expected_participants=expected,
+            seed=None if self._noise_seed is None else self._noise_seed + round_no,
+        )
+        self._round = _Round(round_no, population, sampled, sample_rate, expected, aggregator)
+        return aggregator
+
+    def add_client_spend(self, node_id: int, spend: ClientSpend) -> None:
+        """Record an institution's reported DP-SGD spend for the current round."""
+        if self._round is not None:
+            self._round.client_spends.append({"node": int(node_id), **spend.to_dict()})
+
+    def commit_round(
+        self,
+        *,
+        accepted: int,
+        rejected: int,
+        timed_out: int,
+    ) -> dict[str, Any] | None:
+        """Append the round's ledger entry (if DP was involved); return it."""
+        current, self._round = self._round, None
+        if current is None or (current.aggregator is None and not current.client_spends):
+            return None
+        entry: dict[str, Any] = {
+            "schema": LEDGER_SCHEMA,
+            "line": self.line,
+            "run_id": int(self.run_id),
+            "round": current.round_no,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "population": current.population,
+            "sampled": current.sampled,
+            "participating": accepted,
+            "dropped": current.sampled - accepted,
+            "rejected": rejected,
+            "timed_out": timed_out,
+            "client_spends": current.client_spends,
+        }
+        if current.aggregator is None or self.central is None:
+            entry["mechanism"] = "none"
+            record = self.ledger.append(entry)
+            self.run_entries += 1
+            return record.entry
+        cfg = self.central
+        stats = current.aggregator.stats
+        if stats is None:
+            raise RuntimeError("commit_round before the aggregator was finalized")
+        entry.update(
+            mechanism="dp-fedavg",
+            sampling=cfg.sampling,
+            amplification=cfg.sampling == "poisson" and current.sample_rate < 1,
+            sample_rate=current.sample_rate,
+            expected_participants=stats.expected_participants,
+            denominator=stats.denominator,
+            noise_multiplier=cfg.noise_multiplier,
+            clip_norm=cfg.clip_norm,
+            noise_std=stats.noise_std,
+            effective_noise_multiplier=stats.effective_noise_multiplier,
+            fraction_clipped=stats.fraction_clipped,
+            accountant=f"opacus-{cfg.accountant}",
+            delta=cfg.delta,
+            budget_epsilon=cfg.epsilon,
+        )
+
+        def with_epsilon(records: list[Any]) -> dict[str, Any]:
+            # under the ledger's lock: rounds another coordinator committed meanwhile count
+            history = central_history([r.entry for r in records])
+            history.append((cfg.noise_multiplier, current.sample_rate, 1))
+            eps = runtime_epsilon(history, cfg.delta, cfg.accountant)
+            if eps > cfg.epsilon:
+                raise PrivacyBudgetExceededError(
+                    f"round {current.round_no} discarded before release: rounds committed "
+                    f"concurrently on line {self.line!r} leave no budget for it "
+                    f"(ε would be {eps:.4g} > {cfg.epsilon:g})"
+                )
+            return {**entry, "epsilon": eps}
+
+        record = self.ledger.append(with_epsilon)
+        self.run_entries += 1
+        get_logger("fedcommons.privacy").info(  # looked up now: honours the current level
+            "privacy.round",
+            line=self.line,
+            round=current.round_no,
+            epsilon=round(record.entry["epsilon"], 6),
+            delta=cfg.delta,
+            budget=cfg.epsilon,
+            effective_noise_multiplier=round(stats.effective_noise_multiplier, 6),
+            fraction_clipped=round(stats.fraction_clipped, 4),
+            participating=accepted,
+            sampled=current.sampled,
+        )
+        return record.entry
+
+    # -- per release ----------------------------------------------------------------
+    def manifest_privacy(self) -> dict[str, Any]:
+        """The manifest's ``privacy`` field: the guarantee and the ledger it rests on."""
+        if not self.ledger.exists() or (self.central is None and not self.run_entries):
+            return {}
+        records = self.ledger.verify()
+        if not records:
+            return {}
+        entries = [r.entry for r in records]
+        out: dict[str, Any] = {
+            "schema": LEDGER_SCHEMA,
+            "ledger": f"{LEDGER_DIR}/{self.line}/{LEDGER_FILE}",
+            "ledger_entries": len(records),
+            "ledger_head_sha256": records[-1].sha256,
+            "rounds_this_run": self.run_entries,
+        }
+        central = [e for e in entries if e.get("mechanism") == "dp-fedavg"]
+        if self.central is not None and central:
+            cfg = self.central
+            last = central[-1]
+            amplified = any(e.get("amplification") for e in central)
+            out["central"] = {
+                "mechanism": "dp-fedavg",
+                "level": "user",
+                "epsilon": last["epsilon"],
+                "delta": last["delta"],
+                "accountant": last["accountant"],
+                "rdp_orders": f"{RDP_ORDERS[0]}..{RDP_ORDERS[-1]}",
+                "rounds_accounted": len(central),
+                "noise_multiplier": cfg.noise_multiplier,
+                "clip_norm": cfg.clip_norm,
+                "sampling": cfg.sampling,
+                "amplification_by_sampling": amplified,
+                "budget": {"epsilon": cfg.epsilon, "delta": cfg.delta},
+                "min_effective_noise_multiplier": min(
+                    e["effective_noise_multiplier"] for e in central
+                ),
+            }
+            out["guarantee"] = (
+                f"user-level ({last['epsilon']:.4g}, {last['delta']:g})-DP for every "
+                f"institution, composed over all {len(central)} DP-FedAvg round(s) recorded "
+                f"for line {self.line!r} (z={cfg.noise_multiplier:g}, C={cfg.clip_norm:g}, "
+                + (
+                    "Poisson sampling, amplification accounted"
+                    if amplified
+                    else "no amplification by sampling accounted"
+                )
+                + f", accountant {last['accountant']})"
+            )
+        else:
+            out["guarantee"] = "no central DP: the release itself carries no user-level guarantee"
+        spends: dict[str, dict[str, Any]] = {}
+        for e in entries[len(entries) - self.run_entries :]:
+            for s in e.get("client_spends", []):
+                spends[str(s["node"])] = s
+        if spends:
+            out["client_dp"] = {
+                "institutions": len(spends),
+                "max_epsilon": max(s["epsilon"] for s in spends.values()),
+                "latest": spends,
+            }
+        return out
+
+
+def model_card_section(privacy: dict[str, Any]) -> str:
+    """The model card's "Privacy" section (Markdown) for a manifest's ``privacy`` field.
+
+    The release registry's model-card writer (#5) includes this text verbatim.
+    """
+    if not privacy:
+        return "## Privacy\n\nNo differential privacy was used to train this release.\n"
+    lines = ["## Privacy", "", privacy.get("guarantee", ""), ""]
+    central = privacy.get("central")
+    if central:
+        lines += [
+            "| | |",
+            "| --- | --- |",
+            f"| mechanism | DP-FedAvg (McMahan et al. 2018), {central['level']}-level |",
+            f"| ε at δ | {central['epsilon']:.6g} at {central['delta']:g} |",
+            f"| budget | ε={central['budget']['epsilon']:g}, δ={central['budget']['delta']:g} |",
+            f"| noise multiplier z, clip norm C | {central['noise_multiplier']:g}, "
+            f"{central['clip_norm']:g} |",
+            f"| sampling | {central['sampling']}"
+            + (" (amplification accounted)" if central["amplification_by_sampling"] else "")
+            + " |",
+            f"| rounds accounted | {central['rounds_accounted']} |",
+            f"| accountant | {central['accountant']} (orders {central['rdp_orders']}) |",
+            "",
+        ]
+    client = privacy.get("client_dp")
+    if client:
+        lines += [
+            f"{client['institutions']} institution(s) trained with record-level DP-SGD "
+            f"(largest reported ε: {client['max_epsilon']:.4g}).",
+            "",
+        ]
+    lines += [
+        f"Ledger: `{privacy['ledger']}` ({privacy['ledger_entries']} entries, head "
+        f"`{privacy['ledger_head_sha256'][:16]}…`). Recompute with "
+        "`fedcommons audit ledger <version>`.",
+        "",
+    ]
+    return "\n".join(lines)
