@@ -29,10 +29,11 @@ from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.registry import Registry, Release, check_writable
 from fedcommons.errors import ConfigError, RoundFailedError, UpdateRejectedError
 from fedcommons.logs import get_logger
-from fedcommons.strategies import Aggregator, create_strategy
+from fedcommons.strategies import Aggregator, create_strategy, guarded_finalize, guarded_fold
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import ClientUpdate, ReleaseManifest, decode_dense_delta, keys
-from fedcommons.wire.update import check_num_examples
+from fedcommons.wire.fisher import decode_fisher
+from fedcommons.wire.update import check_num_examples, decode_mask
 
 log = get_logger("fedcommons.coordinator")
 
@@ -116,9 +117,16 @@ def prepare_run(config: RunConfig) -> PreparedRun:
 
 
 def round_content(
-    config: RunConfig, weights: Mapping[str, torch.Tensor], round_no: int
+    config: RunConfig,
+    weights: Mapping[str, torch.Tensor],
+    round_no: int,
+    *,
+    needs_fisher: bool = False,
 ) -> RecordDict:
-    """The train message every sampled node receives in ``round_no``."""
+    """The train message every sampled node receives in ``round_no``.
+
+    ``needs_fisher`` asks clients for their diagonal Fisher (Fisher-weighted strategies).
+    """
     train_cfg: dict[str, Any] = {
         keys.ROUND: round_no,
         keys.TASK: config.task,
@@ -129,6 +137,8 @@ def round_content(
     }
     for key, value in config.task_options.items():
         train_cfg[f"{keys.TASK_OPTION_PREFIX}{key}"] = value
+    if needs_fisher:
+        train_cfg[keys.FISHER_REQUEST] = True
     return RecordDict(
         {
             keys.BASE_ARRAYS: ArrayRecord(dict(weights)),
@@ -137,11 +147,21 @@ def round_content(
     )
 
 
-def decode_reply(reply: Message, base: Mapping[str, torch.Tensor], round_no: int) -> ClientUpdate:
+def decode_reply(
+    reply: Message,
+    base: Mapping[str, torch.Tensor],
+    round_no: int,
+    *,
+    needs_fisher: bool = False,
+) -> ClientUpdate:
     """Turn a reply into a validated :class:`ClientUpdate` or raise UpdateRejectedError.
 
     fedcommons clients send ``delta``; a plain Flower ClientApp that returns its full
     weights under ``arrays`` is accepted as a dense update (delta = weights − base).
+    An optional ``mask`` record marks the coordinates sent (the delta must be zero
+    outside it); an optional Fisher (``fisher-codes`` + ``fisher-range``) is decoded
+    inside the mask. With ``needs_fisher`` a reply without a Fisher is rejected
+    (``missing-fisher``).
     """
     if reply.has_error():
         raise UpdateRejectedError("client-error", f"{reply.error.code}: {reply.error.reason}")
@@ -170,7 +190,27 @@ def decode_reply(reply: Message, base: Mapping[str, torch.Tensor], round_no: int
         delta = {k: full[k] - base[k] for k in base}
     else:
         raise UpdateRejectedError("no-update", f"reply has no {keys.DELTA_ARRAYS!r} record")
-    return ClientUpdate(delta, num_examples, reply.metadata.src_node_id, metrics)
+    mask = None
+    if keys.MASK_ARRAYS in arrays:
+        mask = decode_mask(_as_tensors(arrays[keys.MASK_ARRAYS]), base)
+        for name, m in mask.items():
+            if bool((delta[name][~m] != 0).any()):
+                raise UpdateRejectedError("bad-mask", f"{name}: delta is nonzero outside its mask")
+    fisher = None
+    if keys.FISHER_CODES in arrays and keys.FISHER_RANGES in arrays:
+        fisher = decode_fisher(
+            {k: v.numpy() for k, v in arrays[keys.FISHER_CODES].items()},
+            {k: v.numpy() for k, v in arrays[keys.FISHER_RANGES].items()},
+            base,
+            mask,
+        )
+    elif needs_fisher:
+        raise UpdateRejectedError(
+            "missing-fisher", "the strategy weights by Fisher information; reply has none"
+        )
+    return ClientUpdate(
+        delta, num_examples, reply.metadata.src_node_id, metrics, mask=mask, fisher=fisher
+    )
 
 
 def _as_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -207,7 +247,7 @@ def run_round(
     started = time.monotonic()
     nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout)
     sampled = sample_nodes(nodes, config.clients_per_round, config.seed, round_no)
-    content = round_content(config, weights, round_no)
+    content = round_content(config, weights, round_no, needs_fisher=strategy.needs_fisher)
     messages = [
         Message(
             content=content,
@@ -234,7 +274,7 @@ def run_round(
         for reply in replies:
             pending.discard(reply.metadata.reply_to_message_id)
             try:
-                update = decode_reply(reply, weights, round_no)
+                update = decode_reply(reply, weights, round_no, needs_fisher=strategy.needs_fisher)
                 if update.node_id in contributors:
                     raise UpdateRejectedError(
                         "duplicate", f"second update from node {update.node_id}"
@@ -248,7 +288,7 @@ def run_round(
                     detail=exc.detail,
                 )
                 continue
-            strategy.fold(update)
+            guarded_fold(strategy, update)
             contributors.add(update.node_id)
             examples += update.num_examples
             loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
@@ -259,7 +299,7 @@ def run_round(
             f"round {round_no}: {len(contributors)} valid update(s), need {config.min_clients} "
             f"(rejected: {dict(rejected) or 0}, no reply: {timed_out})"
         )
-    step = strategy.finalize()
+    step = guarded_finalize(strategy, weights)
     new_weights = {k: weights[k] + step[k] for k in weights}
     val = evaluate(prepared.task, new_weights, prepared.task.validation_loader())
     report = RoundReport(

@@ -1,14 +1,24 @@
-"""Federated averaging over deltas, streamed (McMahan et al., 2017)."""
+"""Federated averaging over deltas, streamed, with optional server optimisers.
+
+- ``fedavg`` (McMahan et al. 2017): Δ* = ηs · Σ nᵢ Δᵢ / Σ nᵢ; with ``server_momentum``
+  β > 0 it is FedAvgM (Hsu et al. 2019): m ← β m + Δ̄, Δ* = ηs m.
+- ``fedadam`` (Reddi et al. 2021): Adam on the pseudo-gradient Δ̄ with server-side
+  moments that persist across rounds.
+
+Zeros from compression count as votes (FedAvg ignores masks); use ``mask-aligned`` to
+average sparse updates inside their masks.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from fedcommons.errors import ConfigError, RoundFailedError
-from fedcommons.strategies.base import Aggregator
+from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
 from fedcommons.wire.update import ClientUpdate
 
 
@@ -17,24 +27,44 @@ class FedAvg(Aggregator):
 
     The running sum is kept in float64, so the result does not depend on the order in
     which replies arrive (to the float32 precision of the output) and memory is one
-    float64 copy of the model, whatever the number of clients.
+    float64 copy of the model, whatever the number of clients. ``server_momentum`` > 0
+    adds one float32 momentum buffer that persists across rounds (FedAvgM);
+    ``clip_norm`` bounds every update's L2 norm before it is folded.
     """
 
     name = "fedavg"
     reference = "McMahan et al. 2017, Communication-Efficient Learning of Deep Networks"
+    description = "weighted mean of deltas (zeros count); FedAvgM with server_momentum > 0"
 
-    def __init__(self, server_lr: float = 1.0) -> None:
+    def __init__(
+        self,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        clip_norm: float | None = None,
+    ) -> None:
         super().__init__()
-        if not server_lr > 0:
-            raise ConfigError(f"fedavg server_lr must be > 0, got {server_lr}")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ConfigError(f"{self.name} server_lr must be > 0, got {server_lr}")
+        if not 0.0 <= server_momentum < 1.0:
+            raise ConfigError(
+                f"{self.name} server_momentum must be in [0, 1), got {server_momentum}"
+            )
         self.server_lr = float(server_lr)
+        self.server_momentum = float(server_momentum)
+        self.cross_round_state = self.server_momentum > 0
+        self.clip_norm = check_clip_norm(self.name, clip_norm)
         self._sum: dict[str, torch.Tensor] = {}
         self._dtypes: dict[str, torch.dtype] = {}
         self._weight = 0.0
+        self._momentum: dict[str, torch.Tensor] = {}
 
     def params(self) -> dict[str, Any]:
-        """Return ``{"server_lr": ηs}``."""
-        return {"server_lr": self.server_lr}
+        """Return the server learning rate, momentum and clip norm."""
+        return {
+            "server_lr": self.server_lr,
+            "server_momentum": self.server_momentum,
+            "clip_norm": self.clip_norm,
+        }
 
     def begin(self, base: Mapping[str, torch.Tensor]) -> None:
         """Allocate zeroed float64 accumulators shaped like θ0."""
@@ -44,18 +74,97 @@ class FedAvg(Aggregator):
         self._dtypes = {k: v.dtype for k, v in base.items()}
         self._weight = 0.0
         self.num_folded = 0
+        shapes = {k: tuple(v.shape) for k, v in base.items()}
+        if {k: tuple(v.shape) for k, v in self._momentum.items()} != shapes:
+            self._momentum = {}  # new architecture: server optimiser state starts over
 
     def fold(self, update: ClientUpdate) -> None:
         """Add nᵢ Δᵢ to the running sum."""
-        n = float(update.num_examples)
+        update = clip_update(update, self.clip_norm)
+        n = update.agg_weight
         for name, acc in self._sum.items():
             acc.add_(update.delta[name].to(device=acc.device, dtype=torch.float64), alpha=n)
         self._weight += n
         self.num_folded += 1
 
-    def finalize(self) -> dict[str, torch.Tensor]:
-        """Return ηs times the weighted mean delta."""
+    def _mean(self) -> dict[str, torch.Tensor]:
         if self._weight <= 0:
-            raise RoundFailedError("fedavg: no update was folded in this round")
-        scale = self.server_lr / self._weight
-        return {k: (acc * scale).to(self._dtypes[k]) for k, acc in self._sum.items()}
+            raise RoundFailedError(f"{self.name}: no update was folded in this round")
+        return {k: acc / self._weight for k, acc in self._sum.items()}
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Return ηs times the weighted mean delta (through server momentum if set)."""
+        mean = self._mean()
+        if self.server_momentum > 0:
+            if not self._momentum:
+                self._momentum = {
+                    k: torch.zeros_like(v, dtype=torch.float32) for k, v in mean.items()
+                }
+            for k, m in self._momentum.items():
+                m.mul_(self.server_momentum).add_(mean[k].to(torch.float32))
+            return {k: (m * self.server_lr).to(self._dtypes[k]) for k, m in self._momentum.items()}
+        return {k: (v * self.server_lr).to(self._dtypes[k]) for k, v in mean.items()}
+
+
+class FedAdam(FedAvg):
+    """Adam on the server (Reddi et al. 2021): m ← β₁m + (1−β₁)Δ̄, v ← β₂v + (1−β₂)Δ̄².
+
+    Δ* = ηs · m / (√v + τ). Moments persist across rounds (two float32 copies of the
+    model) and restart when the architecture changes.
+    """
+
+    name = "fedadam"
+    reference = "Reddi et al. 2021, Adaptive Federated Optimization (ICLR)"
+    description = "server-side Adam on the mean delta (FedAdam)"
+    single_update_identity = False
+    cross_round_state = True
+
+    def __init__(
+        self,
+        server_lr: float = 0.01,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        clip_norm: float | None = None,
+    ) -> None:
+        super().__init__(server_lr=server_lr, clip_norm=clip_norm)
+        if not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0:
+            raise ConfigError(f"fedadam betas must be in [0, 1), got {beta1}, {beta2}")
+        if not tau > 0:
+            raise ConfigError(f"fedadam tau must be > 0, got {tau}")
+        self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
+        self.cross_round_state = True
+        self._v: dict[str, torch.Tensor] = {}
+
+    def params(self) -> dict[str, Any]:
+        """Return ηs, β₁, β₂, τ and the clip norm."""
+        return {
+            "server_lr": self.server_lr,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "tau": self.tau,
+            "clip_norm": self.clip_norm,
+        }
+
+    def begin(self, base: Mapping[str, torch.Tensor]) -> None:
+        """Reset the round's sum; keep the moments unless the architecture changed."""
+        super().begin(base)
+        if not self._momentum:
+            self._v = {}
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Update the moments with the mean delta and return the Adam step."""
+        mean = self._mean()
+        if not self._momentum:
+            self._momentum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in mean.items()}
+            self._v = {
+                k: torch.full_like(v, self.tau**2, dtype=torch.float32) for k, v in mean.items()
+            }
+        out: dict[str, torch.Tensor] = {}
+        for k, g in mean.items():
+            g32 = g.to(torch.float32)
+            m, v = self._momentum[k], self._v[k]
+            m.mul_(self.beta1).add_(g32, alpha=1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g32, g32, value=1 - self.beta2)
+            out[k] = (self.server_lr * m / (v.sqrt() + self.tau)).to(self._dtypes[k])
+        return out

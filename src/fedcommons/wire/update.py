@@ -18,12 +18,26 @@ class ClientUpdate:
 
     ``delta`` holds θ_local − θ0 per tensor, with the base release's names, shapes and
     dtypes. ``num_examples`` is the client's FedAvg weight.
+
+    ``mask`` (optional) holds one bool tensor per name: the coordinates the client
+    actually sent (``None``: dense, all ones); ``delta`` is zero outside it. ``fisher``
+    (optional) holds the client's diagonal Fisher at its final weights, zero outside the
+    mask. ``weight`` (optional) overrides ``num_examples`` as the aggregation weight λᵢ
+    (offline merges with user-set weights).
     """
 
     delta: dict[str, torch.Tensor]
     num_examples: int
     node_id: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    mask: dict[str, torch.Tensor] | None = None
+    fisher: dict[str, torch.Tensor] | None = None
+    weight: float | None = None
+
+    @property
+    def agg_weight(self) -> float:
+        """The aggregation weight: ``weight`` when set, else ``num_examples``."""
+        return float(self.num_examples if self.weight is None else self.weight)
 
 
 def decode_dense_delta(
@@ -68,3 +82,36 @@ def check_num_examples(value: object) -> int:
             "bad-num-examples", f"num-examples {value!r} is not a positive int"
         )
     return int(value)
+
+
+def decode_mask(
+    arrays: Mapping[str, np.ndarray | torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Check a per-tensor mask against the base weights; return bool tensors.
+
+    Rejects (:class:`UpdateRejectedError`) wrong names or shapes and values other than
+    0/1.
+    """
+    missing = sorted(set(reference) - set(arrays))
+    extra = sorted(set(arrays) - set(reference))
+    if missing or extra:
+        raise UpdateRejectedError(
+            "bad-mask", f"mask: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name, ref in reference.items():
+        value = arrays[name]
+        tensor = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise UpdateRejectedError(
+                "bad-mask", f"mask {name}: shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}"
+            )
+        if tensor.dtype != torch.bool:
+            if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+                raise UpdateRejectedError("bad-mask", f"mask {name}: dtype {tensor.dtype}")
+            if bool(((tensor != 0) & (tensor != 1)).any()):
+                raise UpdateRejectedError("bad-mask", f"mask {name}: values other than 0/1")
+            tensor = tensor != 0
+        out[name] = tensor
+    return out

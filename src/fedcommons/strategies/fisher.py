@@ -1,0 +1,104 @@
+"""Fisher-weighted merge (Matena & Raffel 2022), streamed with two accumulators.
+
+Δ*ⱼ = Σᵢ λᵢ F̃ᵢⱼ Δᵢⱼ / Σᵢ λᵢ F̃ᵢⱼ with F̃ᵢ = max(Fᵢ / ‖Fᵢ‖₂, ε) inside client i's mask
+and 0 outside, λᵢ = nᵢ / Σn (or uniform). ‖Fᵢ‖₂ is the L2 norm of the whole diagonal
+Fisher (all tensors together). A coordinate whose total weight is zero (no client's mask
+covers it) keeps its base value. State: the numerator and denominator, two float32
+copies of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fedcommons.errors import ConfigError, RoundFailedError
+from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
+from fedcommons.wire.update import ClientUpdate
+
+
+def fisher_norm(fisher: Mapping[str, torch.Tensor]) -> float:
+    """‖F‖₂ over all tensors of a diagonal Fisher."""
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in fisher.values()))
+
+
+class FisherMerge(Aggregator):
+    """Fisher-weighted averaging of deltas (needs each client's diagonal Fisher)."""
+
+    name = "fisher"
+    reference = "Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging (NeurIPS)"
+    description = "per-coordinate mean weighted by each client's normalised diagonal Fisher"
+    needs_fisher = True
+    uses_mask = True
+
+    def __init__(
+        self,
+        epsilon: float = 1e-6,
+        uniform: bool = False,
+        server_lr: float = 1.0,
+        clip_norm: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not (math.isfinite(epsilon) and epsilon > 0):
+            raise ConfigError(f"fisher epsilon must be > 0, got {epsilon}")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ConfigError(f"fisher server_lr must be > 0, got {server_lr}")
+        self.epsilon = float(epsilon)
+        self.uniform = bool(uniform)
+        self.server_lr = float(server_lr)
+        self.clip_norm = check_clip_norm(self.name, clip_norm)
+        self._num: dict[str, torch.Tensor] = {}
+        self._den: dict[str, torch.Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+
+    def params(self) -> dict[str, Any]:
+        """Return ε, whether λ is uniform, ηs and the clip norm."""
+        return {
+            "epsilon": self.epsilon,
+            "uniform": self.uniform,
+            "server_lr": self.server_lr,
+            "clip_norm": self.clip_norm,
+        }
+
+    def begin(self, base: Mapping[str, torch.Tensor]) -> None:
+        """Zero the numerator Σ λF̃Δ and denominator Σ λF̃ (float32, shaped like θ0)."""
+        self._num = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in base.items()}
+        self._den = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in base.items()}
+        self._dtypes = {k: v.dtype for k, v in base.items()}
+        self.num_folded = 0
+
+    def fold(self, update: ClientUpdate) -> None:
+        """Add λᵢF̃ᵢΔᵢ and λᵢF̃ᵢ to the accumulators."""
+        if update.fisher is None:
+            raise ValueError(f"update from node {update.node_id} carries no Fisher")
+        update = clip_update(update, self.clip_norm)
+        lam = 1.0 if self.uniform else update.agg_weight
+        norm = fisher_norm(update.fisher)
+        for name, num in self._num.items():
+            f = update.fisher[name].to(torch.float32)
+            # ‖F‖ = 0 (a model with zero gradients): every coordinate gets ε.
+            f_tilde = (
+                (f / norm).clamp_(min=self.epsilon)
+                if norm > 0
+                else torch.full_like(f, self.epsilon)
+            )
+            if update.mask is not None:
+                f_tilde.mul_(update.mask[name])
+            f_tilde.mul_(lam)
+            num.addcmul_(f_tilde, update.delta[name].to(torch.float32))
+            self._den[name].add_(f_tilde)
+        self.num_folded += 1
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Return ηs · num / den, and 0 where den is 0 (those coordinates keep θ0)."""
+        if self.num_folded == 0:
+            raise RoundFailedError("fisher: no update was folded in this round")
+        out: dict[str, torch.Tensor] = {}
+        for name, num in self._num.items():
+            den = self._den[name]
+            step = torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+            out[name] = (step * self.server_lr).to(self._dtypes[name])
+        return out

@@ -1,0 +1,157 @@
+"""Mask-aligned merge of sparse updates, with optional TIES sign election and ``min_votes``.
+
+Δ*ⱼ = Σᵢ nᵢ mᵢⱼ Δᵢⱼ / Σᵢ nᵢ mᵢⱼ: a coordinate is averaged only over the clients that sent
+it, instead of being diluted by the zeros of the others (as FedAvg does).
+
+TIES-style sign election (Yadav et al. 2023): sⱼ = sign Σᵢ nᵢ mᵢⱼ Δᵢⱼ and only entries
+whose sign agrees with sⱼ count. The elected sign needs every update before it is
+known, so the state keeps the positive and negative parts apart — four float32
+accumulators P = Σ nmΔ⁺, Wp = Σ nm[Δ>0], N = Σ nmΔ⁻, Wn = Σ nm[Δ<0] — and finalize picks
+P/Wp where P + N > 0 and N/Wn where it is < 0. That is exact, streaming and O(model)
+whatever the number of clients (4 float32 + 1 int32 copies of the model). Entries equal
+to 0 inside a mask have no sign and do not count under sign election.
+
+``density`` < 1 is TIES' "trim" step for dense updates: each update keeps only its
+largest-magnitude fraction per tensor (inside its mask) before it is folded.
+``min_votes``: a coordinate fewer than ``min_votes`` clients sent keeps its base value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fedcommons.errors import ConfigError, RoundFailedError
+from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
+from fedcommons.wire.update import ClientUpdate
+
+
+def effective_mask(
+    update: ClientUpdate, name: str, *, nonzero_mask: bool = False, density: float = 1.0
+) -> torch.Tensor:
+    """The bool mask of tensor ``name``: the sent mask (or all ones / Δ ≠ 0), trimmed."""
+    delta = update.delta[name]
+    if update.mask is not None:
+        mask = update.mask[name].bool()
+    elif nonzero_mask:
+        mask = delta != 0
+    else:
+        mask = torch.ones(delta.shape, dtype=torch.bool)
+    if density < 1.0:
+        count = int(mask.sum())
+        keep = math.ceil(density * count)
+        if 0 < keep < count:
+            mags = torch.where(mask, delta.abs().to(torch.float32), -1.0).reshape(-1)
+            idx = torch.topk(mags, keep, sorted=False).indices
+            trimmed = torch.zeros(mags.shape, dtype=torch.bool)
+            trimmed[idx] = True
+            mask = trimmed.reshape(delta.shape)
+    return mask
+
+
+class MaskAligned(Aggregator):
+    """Average each coordinate over the clients whose mask includes it."""
+
+    name = "mask-aligned"
+    reference = (
+        "Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models "
+        "(NeurIPS) for sign election and trimming"
+    )
+    description = "mean inside masks; optional TIES sign election, trim density, min_votes"
+    uses_mask = True
+
+    def __init__(
+        self,
+        sign_election: bool = False,
+        min_votes: int = 1,
+        density: float = 1.0,
+        nonzero_mask: bool = False,
+        server_lr: float = 1.0,
+        clip_norm: float | None = None,
+    ) -> None:
+        super().__init__()
+        if min_votes < 1:
+            raise ConfigError(f"mask-aligned min_votes must be >= 1, got {min_votes}")
+        if not 0.0 < density <= 1.0:
+            raise ConfigError(f"mask-aligned density must be in (0, 1], got {density}")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ConfigError(f"mask-aligned server_lr must be > 0, got {server_lr}")
+        self.sign_election = bool(sign_election)
+        self.min_votes = int(min_votes)
+        self.single_update_identity = self.min_votes == 1 and density == 1.0
+        self.density = float(density)
+        self.nonzero_mask = bool(nonzero_mask)
+        self.server_lr = float(server_lr)
+        self.clip_norm = check_clip_norm(self.name, clip_norm)
+        self._acc: dict[str, list[torch.Tensor]] = {}
+        self._votes: dict[str, torch.Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+
+    def params(self) -> dict[str, Any]:
+        """Return every parameter."""
+        return {
+            "sign_election": self.sign_election,
+            "min_votes": self.min_votes,
+            "density": self.density,
+            "nonzero_mask": self.nonzero_mask,
+            "server_lr": self.server_lr,
+            "clip_norm": self.clip_norm,
+        }
+
+    def begin(self, base: Mapping[str, torch.Tensor]) -> None:
+        """Zero the accumulators: (sum, weight), or (P, Wp, N, Wn) with sign election."""
+        parts = 4 if self.sign_election else 2
+        self._acc = {
+            k: [torch.zeros(v.shape, dtype=torch.float32) for _ in range(parts)]
+            for k, v in base.items()
+        }
+        self._votes = {k: torch.zeros(v.shape, dtype=torch.int32) for k, v in base.items()}
+        self._dtypes = {k: v.dtype for k, v in base.items()}
+        self.num_folded = 0
+
+    def fold(self, update: ClientUpdate) -> None:
+        """Fold nᵢmᵢΔᵢ (split by sign when electing) and nᵢmᵢ into the accumulators."""
+        update = clip_update(update, self.clip_norm)
+        n = update.agg_weight
+        for name, acc in self._acc.items():
+            mask = effective_mask(
+                update, name, nonzero_mask=self.nonzero_mask, density=self.density
+            )
+            delta = update.delta[name].to(torch.float32)
+            self._votes[name].add_(mask.to(torch.int32))
+            if self.sign_election:
+                pos = mask & (delta > 0)
+                neg = mask & (delta < 0)
+                acc[0].add_(torch.where(pos, delta, 0.0), alpha=n)
+                acc[1].add_(pos.to(torch.float32), alpha=n)
+                acc[2].add_(torch.where(neg, delta, 0.0), alpha=n)
+                acc[3].add_(neg.to(torch.float32), alpha=n)
+            else:
+                acc[0].add_(torch.where(mask, delta, 0.0), alpha=n)
+                acc[1].add_(mask.to(torch.float32), alpha=n)
+        self.num_folded += 1
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Return the aligned mean; coordinates with too few votes keep θ0."""
+        if self.num_folded == 0:
+            raise RoundFailedError("mask-aligned: no update was folded in this round")
+        tiny = torch.finfo(torch.float32).tiny
+        out: dict[str, torch.Tensor] = {}
+        for name, acc in self._acc.items():
+            if self.sign_election:
+                p, wp, q, wq = acc
+                total = p + q
+                step = torch.where(
+                    total > 0,
+                    p / wp.clamp(min=tiny),
+                    torch.where(total < 0, q / wq.clamp(min=tiny), 0.0),
+                )
+            else:
+                s, w = acc
+                step = torch.where(w > 0, s / w.clamp(min=tiny), 0.0)
+            step = torch.where(self._votes[name] >= self.min_votes, step, 0.0)
+            out[name] = (step * self.server_lr).to(self._dtypes[name])
+        return out
