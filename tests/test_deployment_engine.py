@@ -23,33 +23,72 @@ def test_superlink_and_two_supernodes_publish_a_release(
     registry = tmp_path / "registry"
     link_port = free_port()
     try:
-        link, link_log = group.start("superlink", [
-            str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-            "--port", str(link_port), "--database", str(tmp_path / "link.db"),
-            "--disable-runtime-dependency-installation",
-        ])
+        link, link_log = group.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+                "--database",
+                str(tmp_path / "link.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         wait_for_port(link_port, link, link_log)
         for pid in (0, 1):
             node_port = free_port()
-            node, node_log = group.start(f"supernode{pid}", [
-                str(BIN / "flower-supernode"), "--insecure",
-                "--superlink", f"127.0.0.1:{link_port}", "--host", "127.0.0.1",
-                "--port", str(node_port),
-                "--node-config", f"partition-id={pid} num-partitions=2",
-            ])
+            node, node_log = group.start(
+                f"supernode{pid}",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(node_port),
+                    "--node-config",
+                    f"partition-id={pid} num-partitions=2",
+                ],
+            )
             wait_for_port(node_port, node, node_log)
 
         submit = subprocess.run(
-            [str(BIN / "fedcommons"), "coordinator", "submit", "--insecure",
-             "--superlink", f"127.0.0.1:{link_port}", "--timeout", "400",
-             "-c", "rounds=2", "-c", "min-clients=2", "-c", "local-epochs=2",
-             "-c", "task.num-partitions=2", "-c", f"registry={registry}",
-             "-c", "node-wait-timeout=60"],
-            env=flower_env, capture_output=True, text=True, timeout=480, check=False,
+            [
+                str(BIN / "fedcommons"),
+                "coordinator",
+                "submit",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{link_port}",
+                "--timeout",
+                "400",
+                "-c",
+                "rounds=2",
+                "-c",
+                "min-clients=2",
+                "-c",
+                "local-epochs=2",
+                "-c",
+                "task.num-partitions=2",
+                "-c",
+                f"registry={registry}",
+                "-c",
+                "node-wait-timeout=60",
+            ],
+            env=flower_env,
+            capture_output=True,
+            text=True,
+            timeout=480,
+            check=False,
         )
         logs = "\n".join(tail(p) for p in sorted(tmp_path.glob("*.log")))
         assert submit.returncode == 0, f"{submit.stdout}\n{submit.stderr}\n{logs}"
-        status = json.loads(submit.stdout[submit.stdout.index("{"):])
+        status = json.loads(submit.stdout[submit.stdout.index("{") :])
         assert status["status"] == "finished:completed"
 
         releases = Registry(registry, create=False).releases()

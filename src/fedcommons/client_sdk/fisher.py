@@ -60,7 +60,8 @@ def diagonal_fisher(
                 logits = functional_call(model, (params, buffers), (x,))
             if logits.dim() != 2:
                 raise ConfigError(
-                    f"Fisher needs (batch, classes) logits; the model returned {tuple(logits.shape)}"
+                    "Fisher needs (batch, classes) logits; the model returned "
+                    f"{tuple(logits.shape)}"
                 )
             probs = torch.softmax(logits.double(), dim=-1)
             num_classes = probs.shape[1]
