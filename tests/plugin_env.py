@@ -21,7 +21,7 @@ def install_fake_distribution(
     version: str = "1.0.0",
     modules: dict[str, str] | None = None,
 ) -> None:
-    """Write ``name-version.dist-info`` (and optional modules) under ``root``; put it on sys.path."""
+    """Write ``<name>-<version>.dist-info`` (and modules) under ``root``; add it to sys.path."""
     dist = root / f"{name.replace('-', '_')}-{version}.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")

@@ -66,7 +66,7 @@ def test_fisher_rejects_non_classifier_outputs() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.lin(x).reshape(-1)
 
-    with pytest.raises(ConfigError, match="logits"):
+    with pytest.raises(ConfigError, match=r"logits"):
         diagonal_fisher(Flat(), torch.randn(3, 2))
 
 

@@ -66,7 +66,7 @@ def test_kit_catches_an_order_dependent_strategy() -> None:
         def finalize(self) -> dict[str, torch.Tensor]:
             return self._last
 
-    with pytest.raises(AssertionError, match="permuted order|reversed order"):
+    with pytest.raises(AssertionError, match=r"permuted order|reversed order"):
         kit.check_permutation_invariance(LastWins)
 
 
@@ -82,7 +82,7 @@ def test_kit_catches_state_growing_with_clients() -> None:
             super().fold(update)
             self.kept.append({k: v.clone() for k, v in update.delta.items()})
 
-    with pytest.raises(AssertionError, match="not O\\(model\\)"):
+    with pytest.raises(AssertionError, match=r"not O\\(model\\)"):
         kit.check_state_is_o_model(Hoarder)
 
 
@@ -141,7 +141,7 @@ def test_fisher_fold_without_fisher_is_refused() -> None:
     """Input: an update with fisher=None folded into the Fisher merge."""
     agg = FisherMerge()
     agg.begin({"w": torch.zeros(1)})
-    with pytest.raises(StrategyError, match="fisher.*carries no Fisher"):
+    with pytest.raises(StrategyError, match=r"fisher.*carries no Fisher"):
         guarded_fold(agg, ClientUpdate({"w": torch.ones(1)}, 1))
 
 

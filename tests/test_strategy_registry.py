@@ -43,21 +43,21 @@ def test_builtins_are_listed_with_reference_and_params() -> None:
 
 def test_unknown_strategy_lists_the_valid_ones() -> None:
     """Input: strategy name 'fedprox' (not registered)."""
-    with pytest.raises(UnknownStrategyError, match="fedprox.*available: .*fedavg.*fisher"):
+    with pytest.raises(UnknownStrategyError, match=r"fedprox.*available: .*fedavg.*fisher"):
         create_strategy("fedprox")
 
 
 def test_unknown_parameter_lists_the_valid_ones() -> None:
     """Input: fisher with a parameter 'eps' (the parameter is called 'epsilon')."""
-    with pytest.raises(StrategyParameterError, match="'eps'.*epsilon: float = 1e-06"):
+    with pytest.raises(StrategyParameterError, match=r"'eps'.*epsilon: float = 1e-06"):
         create_strategy("fisher", {"eps": 1e-3})
 
 
 def test_ill_typed_parameter_names_the_expected_type() -> None:
     """Input: mask-aligned min_votes='many' and sign_election='maybe'."""
-    with pytest.raises(StrategyParameterError, match="min_votes.*int"):
+    with pytest.raises(StrategyParameterError, match=r"min_votes.*int"):
         create_strategy("mask-aligned", {"min_votes": "many"})
-    with pytest.raises(StrategyParameterError, match="sign_election.*bool"):
+    with pytest.raises(StrategyParameterError, match=r"sign_election.*bool"):
         create_strategy("mask-aligned", {"sign_election": "maybe"})
 
 
@@ -73,7 +73,7 @@ def test_register_refuses_a_duplicate_name() -> None:
     class Again(FedAvg):
         name = "fedavg"
 
-    with pytest.raises(DuplicateStrategyError, match="'fedavg' is already taken by built-in"):
+    with pytest.raises(DuplicateStrategyError, match=r"'fedavg' is already taken by built-in"):
         register_strategy(Again)
 
 
@@ -97,7 +97,7 @@ def test_decorated_function_registers_and_runs() -> None:
 
 def test_decorator_rejects_untyped_parameters() -> None:
     """Input: a @strategy function whose parameter has no type hint."""
-    with pytest.raises(TypeError, match="type hint and a default"):
+    with pytest.raises(TypeError, match=r"type hint and a default"):
 
         @strategy("untyped")
         def untyped(updates, base, *, k=3):  # type: ignore[no-untyped-def]
@@ -133,7 +133,7 @@ def test_two_plugins_claiming_one_name_are_both_refused(
         {"twin": "twin_b:Twin"},
         modules={"twin_b": source},
     )
-    with pytest.raises(DuplicateStrategyError, match="twin.*both refused"):
+    with pytest.raises(DuplicateStrategyError, match=r"twin.*both refused"):
         create_strategy("twin")
     assert "twin" not in available_strategies()
     assert sum(1 for s in strategy_specs() if s.name == "twin") == 2
@@ -161,6 +161,6 @@ def test_broken_plugin_is_listed_with_its_error(
 ) -> None:
     """Input: an entry point naming a module that does not exist."""
     install_fake_distribution(tmp_path, monkeypatch, "broken-strat", {"broken": "no_such_mod:X"})
-    with pytest.raises(UnknownStrategyError, match="broken.*unusable.*no_such_mod"):
+    with pytest.raises(UnknownStrategyError, match=r"broken.*unusable.*no_such_mod"):
         create_strategy("broken")
     assert "fedavg" in available_strategies()

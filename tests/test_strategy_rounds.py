@@ -104,7 +104,7 @@ def test_delta_outside_its_mask_is_rejected(tmp_path: Path) -> None:
 
 def test_unknown_strategy_parameter_fails_before_any_round(tmp_path: Path) -> None:
     """Input: run config strategy=fedavg with strategy.momentum (it is server_momentum)."""
-    with pytest.raises(StrategyParameterError, match="server_momentum"):
+    with pytest.raises(StrategyParameterError, match=r"server_momentum"):
         run_in_process(_config(tmp_path, "fedavg", momentum=0.9), [fedcommons_client] * 2)
     assert not (tmp_path / "reg").exists()
 

@@ -29,7 +29,7 @@ def geometric_median(
     )
     alpha = torch.tensor([u.agg_weight for u in updates], dtype=torch.float64)
     alpha = alpha / alpha.sum()
-    z = alpha @ points
+    z = points.median(dim=0).values  # a robust start: Weiszfeld from the mean is slow
     for _ in range(iterations):
         dist = (points - z).norm(dim=1).clamp(min=smoothing)
         beta = alpha / dist
