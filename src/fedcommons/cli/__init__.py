@@ -15,6 +15,7 @@ from fedcommons.cli.common import console, err_console
 from fedcommons.cli.demo import demo
 from fedcommons.cli.deploy import client_app, coordinator_app
 from fedcommons.cli.release import release_app
+from fedcommons.cli.strategies import merge, strategies_app
 from fedcommons.errors import FedcommonsError
 
 app = typer.Typer(
@@ -27,6 +28,8 @@ app.command()(demo)
 app.add_typer(release_app, name="release")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(client_app, name="client")
+app.add_typer(strategies_app, name="strategies")
+app.command("merge")(merge)
 
 
 @app.callback()
