@@ -66,12 +66,8 @@ class ProcessGroup:
     def start(self, name: str, argv: list[str]) -> tuple[subprocess.Popen, Path]:
         log = self.log_dir / f"{name}.log"
         proc = subprocess.Popen(
-            argv,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=self.env,
+            stdin=subprocess.DEVNULL, start_new_session=True,
         )
         self.procs.append(proc)
         return proc, log
