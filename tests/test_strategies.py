@@ -82,7 +82,7 @@ def test_kit_catches_state_growing_with_clients() -> None:
             super().fold(update)
             self.kept.append({k: v.clone() for k, v in update.delta.items()})
 
-    with pytest.raises(AssertionError, match=r"not O\\(model\\)"):
+    with pytest.raises(AssertionError, match=r"not O\(model\)"):
         kit.check_state_is_o_model(Hoarder)
 
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedcommons.errors import FedcommonsError, StrategyError
-from fedcommons.wire.update import ClientUpdate
+from fedcommons.wire.update import ClientUpdate, all_finite
 
 
 class Aggregator(ABC):
@@ -152,7 +152,7 @@ def check_step(
             raise StrategyError(
                 strategy, origin, f"step {name} has dtype {value.dtype}, base has {ref.dtype}"
             )
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             raise StrategyError(strategy, origin, f"step {name} contains NaN or Inf")
         out[name] = value
     return out

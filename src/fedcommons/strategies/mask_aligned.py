@@ -8,7 +8,8 @@ whose sign agrees with sⱼ count. The elected sign needs every update before it
 known, so the state keeps the positive and negative parts apart — four float32
 accumulators P = Σ nmΔ⁺, Wp = Σ nm[Δ>0], N = Σ nmΔ⁻, Wn = Σ nm[Δ<0] — and finalize picks
 P/Wp where P + N > 0 and N/Wn where it is < 0. That is exact, streaming and O(model)
-whatever the number of clients (4 float32 + 1 int32 copies of the model). Entries equal
+whatever the number of clients (4 float32 copies of the model, plus one int32 copy of
+vote counts when ``min_votes`` > 1). Entries equal
 to 0 inside a mask have no sign and do not count under sign election.
 
 ``density`` < 1 is TIES' "trim" step for dense updates: each update keeps only its
@@ -108,7 +109,12 @@ class MaskAligned(Aggregator):
             k: [torch.zeros(v.shape, dtype=torch.float32) for _ in range(parts)]
             for k, v in base.items()
         }
-        self._votes = {k: torch.zeros(v.shape, dtype=torch.int32) for k, v in base.items()}
+        # Vote counts only matter with min_votes > 1 (one int32 copy of the model).
+        self._votes = (
+            {k: torch.zeros(v.shape, dtype=torch.int32) for k, v in base.items()}
+            if self.min_votes > 1
+            else {}
+        )
         self._dtypes = {k: v.dtype for k, v in base.items()}
         self.num_folded = 0
 
@@ -121,7 +127,8 @@ class MaskAligned(Aggregator):
                 update, name, nonzero_mask=self.nonzero_mask, density=self.density
             )
             delta = update.delta[name].to(torch.float32)
-            self._votes[name].add_(mask.to(torch.int32))
+            if self._votes:
+                self._votes[name].add_(mask.to(torch.int32))
             if self.sign_election:
                 pos = mask & (delta > 0)
                 neg = mask & (delta < 0)
@@ -152,6 +159,7 @@ class MaskAligned(Aggregator):
             else:
                 s, w = acc
                 step = torch.where(w > 0, s / w.clamp(min=tiny), 0.0)
-            step = torch.where(self._votes[name] >= self.min_votes, step, 0.0)
+            if self._votes:
+                step = torch.where(self._votes[name] >= self.min_votes, step, 0.0)
             out[name] = (step * self.server_lr).to(self._dtypes[name])
         return out
