@@ -284,21 +284,6 @@ def part_throughput(clients: int, params: int, tensors: int, repeats: int) -> li
             fn()
             best = min(best, time.perf_counter() - start)
         timings[label] = best
-    cores = os.cpu_count() or 1
-    if cores > 1:  # numpy's elementwise ops stay single-threaded; torch uses every core
-        torch.set_num_threads(cores)
-        for label, fn in (
-            (f"fedcommons FedAvg fold, float64 sum, {cores} threads", ours_fold),
-            (f"fedcommons FedAvg fold, accumulate=float32, {cores} threads", ours_fold32),
-        ):
-            fn()
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - start)
-            timings[label] = best
-        torch.set_num_threads(1)
     for label, seconds in timings.items():
         rows.append(
             {
@@ -317,7 +302,8 @@ _MEMORY_CHILD = r"""
 import json, sys, torch
 from fedcommons.strategies import create_strategy
 from fedcommons.wire.update import ClientUpdate
-name, params, k, n_params, tensors = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+name, params = sys.argv[1], json.loads(sys.argv[2])
+k, n_params, tensors = (int(a) for a in sys.argv[3:6])
 torch.set_num_threads(1)
 agg = create_strategy(name, params)
 gen = torch.Generator().manual_seed(0)
@@ -329,7 +315,9 @@ def one_round(base, count):
     agg.begin(base)
     for _ in range(count):
         delta = {n: torch.randn(v.shape, generator=gen) for n, v in base.items()}
-        fisher = {n: torch.rand(v.shape, generator=gen) for n, v in base.items()} if agg.needs_fisher else None
+        fisher = None
+        if agg.needs_fisher:
+            fisher = {n: torch.rand(v.shape, generator=gen) for n, v in base.items()}
         agg.fold(ClientUpdate(delta, 10, fisher=fisher))
         del delta, fisher
     step = agg.finalize()
@@ -507,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             _table(
                 results["throughput"],
-                "3. aggregation throughput, 10 × 10M float32 (best of repeats; 1 thread unless said)",
+                "3. aggregation throughput, 10 × 10M float32 (best of repeats, 1 thread)",
             )
         )
     if "memory" in results:

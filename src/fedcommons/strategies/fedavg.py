@@ -21,7 +21,6 @@ from fedcommons.errors import ConfigError, RoundFailedError
 from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
 from fedcommons.wire.update import ClientUpdate
 
-
 SCRATCH_ELEMENTS = 1 << 18  # 2 MiB of float64
 
 
