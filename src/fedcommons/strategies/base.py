@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedcommons.errors import FedcommonsError, StrategyError
-from fedcommons.wire.update import ClientUpdate, all_finite
+from fedcommons.wire.update import ClientUpdate, all_finite, squared_norm
 
 
 class Aggregator(ABC):
@@ -83,7 +83,7 @@ class Aggregator(ABC):
 
 def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
     """Global L2 norm of a delta over all tensors."""
-    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in delta.values()))
+    return math.sqrt(squared_norm(delta.values()))
 
 
 def clip_update(update: ClientUpdate, clip_norm: float | None) -> ClientUpdate:

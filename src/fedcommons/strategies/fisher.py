@@ -17,12 +17,12 @@ import torch
 
 from fedcommons.errors import ConfigError, RoundFailedError
 from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
-from fedcommons.wire.update import ClientUpdate
+from fedcommons.wire.update import CHUNK_ELEMENTS, ClientUpdate, squared_norm
 
 
 def fisher_norm(fisher: Mapping[str, torch.Tensor]) -> float:
     """‖F‖₂ over all tensors of a diagonal Fisher."""
-    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in fisher.values()))
+    return math.sqrt(squared_norm(fisher.values()))
 
 
 class FisherMerge(Aggregator):
@@ -78,18 +78,21 @@ class FisherMerge(Aggregator):
         lam = 1.0 if self.uniform else update.agg_weight
         norm = fisher_norm(update.fisher)
         for name, num in self._num.items():
-            f = update.fisher[name].to(torch.float32)
-            # ‖F‖ = 0 (a model with zero gradients): every coordinate gets ε.
-            f_tilde = (
-                (f / norm).clamp_(min=self.epsilon)
-                if norm > 0
-                else torch.full_like(f, self.epsilon)
-            )
-            if update.mask is not None:
-                f_tilde.mul_(update.mask[name])
-            f_tilde.mul_(lam)
-            num.addcmul_(f_tilde, update.delta[name].to(torch.float32))
-            self._den[name].add_(f_tilde)
+            fisher = update.fisher[name].reshape(-1)
+            delta = update.delta[name].reshape(-1)
+            mask = update.mask[name].reshape(-1) if update.mask is not None else None
+            flat_num, flat_den = num.view(-1), self._den[name].view(-1)
+            for start in range(0, flat_num.numel(), CHUNK_ELEMENTS):  # temporaries: one chunk
+                part = slice(start, start + CHUNK_ELEMENTS)
+                if norm > 0:
+                    f_tilde = fisher[part].to(torch.float32).div(norm).clamp_(min=self.epsilon)
+                else:  # ‖F‖ = 0 (a model with zero gradients): every coordinate gets ε.
+                    f_tilde = torch.full(fisher[part].shape, self.epsilon)
+                if mask is not None:
+                    f_tilde.mul_(mask[part])
+                f_tilde.mul_(lam)
+                flat_num[part].addcmul_(f_tilde, delta[part].to(torch.float32))
+                flat_den[part].add_(f_tilde)
         self.num_folded += 1
 
     def finalize(self) -> dict[str, torch.Tensor]:

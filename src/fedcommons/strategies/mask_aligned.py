@@ -27,7 +27,7 @@ import torch
 
 from fedcommons.errors import ConfigError, RoundFailedError
 from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
-from fedcommons.wire.update import ClientUpdate
+from fedcommons.wire.update import CHUNK_ELEMENTS, ClientUpdate
 
 
 def effective_mask(
@@ -123,22 +123,37 @@ class MaskAligned(Aggregator):
         update = clip_update(update, self.clip_norm)
         n = update.agg_weight
         for name, acc in self._acc.items():
-            mask = effective_mask(
-                update, name, nonzero_mask=self.nonzero_mask, density=self.density
-            )
-            delta = update.delta[name].to(torch.float32)
-            if self._votes:
-                self._votes[name].add_(mask.to(torch.int32))
-            if self.sign_election:
-                pos = mask & (delta > 0)
-                neg = mask & (delta < 0)
-                acc[0].add_(torch.where(pos, delta, 0.0), alpha=n)
-                acc[1].add_(pos.to(torch.float32), alpha=n)
-                acc[2].add_(torch.where(neg, delta, 0.0), alpha=n)
-                acc[3].add_(neg.to(torch.float32), alpha=n)
+            if self.density < 1.0 or (update.mask is None and self.nonzero_mask):
+                full_mask: torch.Tensor | None = effective_mask(
+                    update, name, nonzero_mask=self.nonzero_mask, density=self.density
+                ).reshape(-1)
+            elif update.mask is not None:
+                full_mask = update.mask[name].reshape(-1)
             else:
-                acc[0].add_(torch.where(mask, delta, 0.0), alpha=n)
-                acc[1].add_(mask.to(torch.float32), alpha=n)
+                full_mask = None  # dense: all ones
+            delta = update.delta[name].reshape(-1)
+            flats = [a.view(-1) for a in acc]
+            votes = self._votes[name].view(-1) if self._votes else None
+            for start in range(0, delta.numel(), CHUNK_ELEMENTS):  # temporaries: one chunk
+                part = slice(start, start + CHUNK_ELEMENTS)
+                d = delta[part].to(torch.float32)
+                m = (
+                    full_mask[part].bool()
+                    if full_mask is not None
+                    else torch.ones(d.shape, dtype=torch.bool)
+                )
+                if votes is not None:
+                    votes[part].add_(m.to(torch.int32))
+                if self.sign_election:
+                    pos = m & (d > 0)
+                    neg = m & (d < 0)
+                    flats[0][part].add_(torch.where(pos, d, 0.0), alpha=n)
+                    flats[1][part].add_(pos.to(torch.float32), alpha=n)
+                    flats[2][part].add_(torch.where(neg, d, 0.0), alpha=n)
+                    flats[3][part].add_(neg.to(torch.float32), alpha=n)
+                else:
+                    flats[0][part].add_(torch.where(m, d, 0.0), alpha=n)
+                    flats[1][part].add_(m.to(torch.float32), alpha=n)
         self.num_folded += 1
 
     def finalize(self) -> dict[str, torch.Tensor]:

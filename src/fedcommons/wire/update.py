@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +71,20 @@ def decode_dense_delta(
             raise UpdateRejectedError("non-finite", f"{name}: contains NaN or Inf")
         out[name] = tensor.to(ref.dtype)
     return out
+
+
+CHUNK_ELEMENTS = 1 << 18  # 256 Ki elements: temporaries stay at most 2 MiB
+
+
+def squared_norm(tensors: Iterable[torch.Tensor]) -> float:
+    """Σ x² over all tensors, accumulated in float64 chunk by chunk (no model-sized copy)."""
+    total = 0.0
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        for start in range(0, flat.numel(), CHUNK_ELEMENTS):
+            chunk = flat[start : start + CHUNK_ELEMENTS]
+            total += float(torch.linalg.vector_norm(chunk, dtype=torch.float64)) ** 2
+    return total
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
