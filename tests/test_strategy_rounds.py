@@ -125,6 +125,10 @@ class Raises(FedAvg):
     def fold(self, update):
         raise RuntimeError("boom in fold")
 
+class RaisesInBegin(FedAvg):
+    def begin(self, base):
+        raise KeyError("no such layer")
+
 @strategy("wrong-shape")
 def wrong_shape(updates, base, *, unused: int = 0):
     return {k: torch.zeros(3) for k in base}
@@ -136,17 +140,22 @@ def wrong_shape(updates, base, *, unused: int = 0):
     [
         ("raiser", r"'raiser' \(plugin bad-strats 2.0.0\) failed: fold raised RuntimeError"),
         ("wrong-shape", r"'wrong-shape' \(plugin bad-strats 2.0.0\) failed: step .* shape"),
+        ("begin-raiser", r"'begin-raiser' \(plugin bad-strats 2.0.0\) failed: begin raised"),
     ],
 )
 def test_failing_plugin_fails_the_round_and_publishes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, match: str
 ) -> None:
-    """Input: a plugin whose fold raises; a plugin whose step has the wrong shape."""
+    """Input: plugins whose fold or begin raises, or whose step has the wrong shape."""
     install_fake_distribution(
         tmp_path / "site",
         monkeypatch,
         "bad-strats",
-        {"raiser": "bad_strats:Raises", "wrong-shape": "bad_strats:wrong_shape"},
+        {
+            "raiser": "bad_strats:Raises",
+            "wrong-shape": "bad_strats:wrong_shape",
+            "begin-raiser": "bad_strats:RaisesInBegin",
+        },
         version="2.0.0",
         modules={"bad_strats": BAD_PLUGINS},
     )

@@ -29,7 +29,13 @@ from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.registry import Registry, Release, check_writable
 from fedcommons.errors import ConfigError, RoundFailedError, UpdateRejectedError
 from fedcommons.logs import get_logger
-from fedcommons.strategies import Aggregator, create_strategy, guarded_finalize, guarded_fold
+from fedcommons.strategies import (
+    Aggregator,
+    create_strategy,
+    guarded_begin,
+    guarded_finalize,
+    guarded_fold,
+)
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import ClientUpdate, ReleaseManifest, decode_dense_delta, keys
 from fedcommons.wire.fisher import decode_fisher
@@ -266,7 +272,7 @@ def run_round(
     ]
     pending = set(grid.push_messages(messages))
     log.info("round.started", sampled=len(sampled), connected=len(nodes))
-    strategy.begin(weights)
+    guarded_begin(strategy, weights)
     rejected: Counter[str] = Counter()
     contributors: set[int] = set()
     loss_sum = 0.0

@@ -13,6 +13,7 @@ from fedcommons.strategies.base import (
     Aggregator,
     check_step,
     clip_update,
+    guarded_begin,
     guarded_finalize,
     guarded_fold,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "clip_update",
     "create_strategy",
     "get_spec",
+    "guarded_begin",
     "guarded_finalize",
     "guarded_fold",
     "refresh_plugins",

@@ -158,6 +158,18 @@ def check_step(
     return out
 
 
+def guarded_begin(aggregator: Aggregator, base: Mapping[str, torch.Tensor]) -> None:
+    """``aggregator.begin(base)``; any unexpected exception becomes a StrategyError."""
+    try:
+        aggregator.begin(base)
+    except FedcommonsError:
+        raise
+    except Exception as exc:
+        raise StrategyError(
+            _name(aggregator), aggregator.origin, f"begin raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def guarded_fold(aggregator: Aggregator, update: ClientUpdate) -> None:
     """``aggregator.fold(update)``; any unexpected exception becomes a StrategyError."""
     try:
