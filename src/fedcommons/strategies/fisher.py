@@ -99,9 +99,16 @@ class FisherMerge(Aggregator):
         """Return ηs · num / den, and 0 where den is 0 (those coordinates keep θ0)."""
         if self.num_folded == 0:
             raise RoundFailedError("fisher: no update was folded in this round")
+        tiny = torch.finfo(torch.float32).tiny
         out: dict[str, torch.Tensor] = {}
-        for name, num in self._num.items():
-            den = self._den[name]
-            step = torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-            out[name] = (step * self.server_lr).to(self._dtypes[name])
+        for name in list(self._num):
+            num, den = self._num[name].view(-1), self._den[name].view(-1)
+            step = torch.empty(num.numel(), dtype=self._dtypes[name])
+            for start in range(0, num.numel(), CHUNK_ELEMENTS):  # temporaries: one chunk
+                part = slice(start, start + CHUNK_ELEMENTS)
+                d = den[part]
+                value = torch.where(d > 0, num[part] / d.clamp(min=tiny), 0.0)
+                step[part] = value.mul_(self.server_lr)
+            out[name] = step.reshape(self._num[name].shape)
+            del self._num[name], self._den[name]  # free the accumulators as we go
         return out

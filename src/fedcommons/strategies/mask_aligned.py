@@ -162,19 +162,27 @@ class MaskAligned(Aggregator):
             raise RoundFailedError("mask-aligned: no update was folded in this round")
         tiny = torch.finfo(torch.float32).tiny
         out: dict[str, torch.Tensor] = {}
-        for name, acc in self._acc.items():
-            if self.sign_election:
-                p, wp, q, wq = acc
-                total = p + q
-                step = torch.where(
-                    total > 0,
-                    p / wp.clamp(min=tiny),
-                    torch.where(total < 0, q / wq.clamp(min=tiny), 0.0),
-                )
-            else:
-                s, w = acc
-                step = torch.where(w > 0, s / w.clamp(min=tiny), 0.0)
-            if self._votes:
-                step = torch.where(self._votes[name] >= self.min_votes, step, 0.0)
-            out[name] = (step * self.server_lr).to(self._dtypes[name])
+        for name in list(self._acc):
+            acc = [a.view(-1) for a in self._acc[name]]
+            votes = self._votes[name].view(-1) if self._votes else None
+            step = torch.empty(acc[0].numel(), dtype=self._dtypes[name])
+            for start in range(0, step.numel(), CHUNK_ELEMENTS):  # temporaries: one chunk
+                part = slice(start, start + CHUNK_ELEMENTS)
+                if self.sign_election:
+                    p, wp, q, wq = (a[part] for a in acc)
+                    total = p + q
+                    value = torch.where(
+                        total > 0,
+                        p / wp.clamp(min=tiny),
+                        torch.where(total < 0, q / wq.clamp(min=tiny), 0.0),
+                    )
+                else:
+                    s_, w = acc[0][part], acc[1][part]
+                    value = torch.where(w > 0, s_ / w.clamp(min=tiny), 0.0)
+                if votes is not None:
+                    value = torch.where(votes[part] >= self.min_votes, value, 0.0)
+                step[part] = value.mul_(self.server_lr)
+            out[name] = step.reshape(self._acc[name][0].shape)
+            del self._acc[name]  # free the accumulators as we go
+            self._votes.pop(name, None)
         return out
