@@ -72,12 +72,13 @@ def _client_with_mask(outside_mask_nonzero: bool) -> ClientApp:
 
 
 def test_fisher_round_uses_the_clients_fisher(tmp_path: Path) -> None:
-    result = run_in_process(_config(tmp_path, "fisher"), [fedcommons_client] * 3)
+    result = run_in_process(_config(tmp_path, "fisher", fisher_samples=64), [fedcommons_client] * 3)
     report = result.reports[0]
     assert report.accepted == 3 and report.rejected == {}
     manifest = result.release.manifest()
     assert manifest.strategy == "fisher"
     assert manifest.strategy_params["epsilon"] == 1e-6
+    assert manifest.strategy_params["fisher_samples"] == 64
 
 
 def test_reply_missing_its_fisher_is_rejected_and_round_goes_on(tmp_path: Path) -> None:
@@ -164,3 +165,17 @@ def test_failing_plugin_fails_the_round_and_publishes_nothing(
         run_in_process(config, [fedcommons_client] * 2)
     registry = tmp_path / "reg"
     assert not (registry / "index.sqlite").exists() or Registry(registry).releases() == []
+
+
+def test_round_config_asks_for_the_fisher_only_when_needed() -> None:
+    import torch as _torch
+
+    from fedcommons.coordinator.federation import round_content
+
+    config = RunConfig()
+    weights = {"w": _torch.zeros(2)}
+    plain = round_content(config, weights, 1)[keys.TRAIN_CONFIG]
+    assert keys.FISHER_REQUEST not in plain
+    asked = round_content(config, weights, 1, needs_fisher=True, fisher_samples=64)
+    assert asked[keys.TRAIN_CONFIG][keys.FISHER_REQUEST] is True
+    assert asked[keys.TRAIN_CONFIG][keys.FISHER_SAMPLES] == 64

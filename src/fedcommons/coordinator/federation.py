@@ -128,10 +128,12 @@ def round_content(
     round_no: int,
     *,
     needs_fisher: bool = False,
+    fisher_samples: int | None = None,
 ) -> RecordDict:
     """The train message every sampled node receives in ``round_no``.
 
-    ``needs_fisher`` asks clients for their diagonal Fisher (Fisher-weighted strategies).
+    ``needs_fisher`` asks clients for their diagonal Fisher (Fisher-weighted strategies),
+    estimated on min(|D|, ``fisher_samples``) examples (client default: 256).
     """
     train_cfg: dict[str, Any] = {
         keys.ROUND: round_no,
@@ -145,6 +147,8 @@ def round_content(
         train_cfg[f"{keys.TASK_OPTION_PREFIX}{key}"] = value
     if needs_fisher:
         train_cfg[keys.FISHER_REQUEST] = True
+        if fisher_samples:
+            train_cfg[keys.FISHER_SAMPLES] = int(fisher_samples)
     return RecordDict(
         {
             keys.BASE_ARRAYS: ArrayRecord(dict(weights)),
@@ -259,7 +263,13 @@ def run_round(
     started = time.monotonic()
     nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout)
     sampled = sample_nodes(nodes, config.clients_per_round, config.seed, round_no)
-    content = round_content(config, weights, round_no, needs_fisher=strategy.needs_fisher)
+    content = round_content(
+        config,
+        weights,
+        round_no,
+        needs_fisher=strategy.needs_fisher,
+        fisher_samples=getattr(strategy, "fisher_samples", None),
+    )
     messages = [
         Message(
             content=content,

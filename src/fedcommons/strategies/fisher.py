@@ -40,8 +40,13 @@ class FisherMerge(Aggregator):
         uniform: bool = False,
         server_lr: float = 1.0,
         clip_norm: float | None = None,
+        fisher_samples: int = 256,
     ) -> None:
         super().__init__()
+        if fisher_samples < 1:
+            raise ConfigError(f"fisher fisher_samples must be >= 1, got {fisher_samples}")
+        #: N: clients estimate their Fisher on min(|D|, N) examples (sent in the round config).
+        self.fisher_samples = int(fisher_samples)
         if not (math.isfinite(epsilon) and epsilon > 0):
             raise ConfigError(f"fisher epsilon must be > 0, got {epsilon}")
         if not (math.isfinite(server_lr) and server_lr > 0):
@@ -55,12 +60,13 @@ class FisherMerge(Aggregator):
         self._dtypes: dict[str, torch.dtype] = {}
 
     def params(self) -> dict[str, Any]:
-        """Return ε, whether λ is uniform, ηs and the clip norm."""
+        """Return ε, whether λ is uniform, ηs, the clip norm and N."""
         return {
             "epsilon": self.epsilon,
             "uniform": self.uniform,
             "server_lr": self.server_lr,
             "clip_norm": self.clip_norm,
+            "fisher_samples": self.fisher_samples,
         }
 
     def begin(self, base: Mapping[str, torch.Tensor]) -> None:
