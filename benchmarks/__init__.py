@@ -1,1 +1,1 @@
-"""Benchmarks: ``python -m benchmarks.<name>`` from the repository root."""
+"""Benchmarks: ``python -m benchmarks.<name>`` prints a table (see each module)."""

@@ -103,3 +103,29 @@ class LedgerTamperedError(PrivacyAuditError):
         super().__init__(message)
         self.round = round_no
         self.seq = seq
+
+
+class DuplicateStrategyError(ConfigError):
+    """Two strategies (built-in or plugged in) claim the same registry name."""
+
+
+class StrategyParameterError(ConfigError):
+    """A strategy was given an unknown parameter or a value of the wrong type."""
+
+
+class StrategyError(RoundFailedError):
+    """An aggregator raised or returned a malformed step; the round fails, nothing is published.
+
+    ``strategy`` names the strategy and ``origin`` where it comes from (``built-in`` or the
+    plugin's distribution).
+    """
+
+    def __init__(self, strategy: str, origin: str, detail: str) -> None:
+        super().__init__(f"strategy {strategy!r} ({origin}) failed: {detail}")
+        self.strategy = strategy
+        self.origin = origin
+        self.detail = detail
+
+
+class MergeError(FedcommonsError):
+    """An offline merge cannot run as asked (inputs that do not fit together, bad paths)."""

@@ -16,6 +16,7 @@ from fedcommons.cli.common import console, err_console
 from fedcommons.cli.demo import demo
 from fedcommons.cli.deploy import client_app, coordinator_app
 from fedcommons.cli.release import release_app
+from fedcommons.cli.strategies import merge, strategies_app
 from fedcommons.errors import FedcommonsError
 
 app = typer.Typer(
@@ -29,6 +30,8 @@ app.add_typer(release_app, name="release")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(client_app, name="client")
 app.add_typer(audit_app, name="audit")
+app.add_typer(strategies_app, name="strategies")
+app.command("merge")(merge)
 
 
 @app.callback()

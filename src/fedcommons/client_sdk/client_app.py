@@ -13,15 +13,26 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
+from fedcommons.client_sdk.fisher import DEFAULT_SAMPLES, estimate_fisher
 from fedcommons.client_sdk.training import train_local
 from fedcommons.errors import PrivacyBudgetExceededError
 from fedcommons.logs import get_logger
 from fedcommons.privacy.client_dp import ClientDPConfig, train_local_dp
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import keys
+from fedcommons.wire.fisher import encode_fisher
 
 app = ClientApp()
 log = get_logger("fedcommons.client")
@@ -100,8 +111,12 @@ def train(msg: Message, context: Context) -> Message:
         loss=round(result.loss, 4),
         seconds=round(result.seconds, 3),
     )
+    records: dict[str, ArrayRecord] = {}
+    if bool(cfg.get(keys.FISHER_REQUEST, False)):
+        records.update(_fisher_records(task, base, result.delta, cfg, seed))
     content = RecordDict(
         {
+            **records,
             keys.DELTA_ARRAYS: ArrayRecord(result.delta),
             keys.REPLY_METRICS: MetricRecord(
                 {
@@ -120,3 +135,21 @@ def train(msg: Message, context: Context) -> Message:
         metrics[keys.DP_CLAIM] = 1
         content[keys.DP_SPEND] = ConfigRecord(result.spend.to_record())
     return Message(content=content, reply_to=msg)
+
+
+def _fisher_records(
+    task: Task,
+    base: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    cfg: Mapping[str, Any],
+    seed: int,
+) -> dict[str, ArrayRecord]:
+    """The diagonal Fisher at the final weights θ0 + Δ, int8 log-encoded for the wire."""
+    final = {k: base[k] + delta[k] for k in base}
+    samples = int(cfg.get(keys.FISHER_SAMPLES, DEFAULT_SAMPLES))
+    fisher = estimate_fisher(task, final, num_samples=samples, seed=seed)
+    codes, ranges = encode_fisher(fisher)
+    return {
+        keys.FISHER_CODES: ArrayRecord({k: Array(v) for k, v in codes.items()}),
+        keys.FISHER_RANGES: ArrayRecord({k: Array(v) for k, v in ranges.items()}),
+    }

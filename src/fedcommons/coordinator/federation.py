@@ -49,10 +49,17 @@ from fedcommons.errors import (
 from fedcommons.logs import get_logger
 from fedcommons.privacy.client_spend import parse_spend
 from fedcommons.privacy.line import LinePrivacy
-from fedcommons.strategies import Aggregator, create_strategy
+from fedcommons.strategies import (
+    Aggregator,
+    create_strategy,
+    guarded_begin,
+    guarded_finalize,
+    guarded_fold,
+)
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import ClientUpdate, ReleaseManifest, decode_dense_delta, keys
-from fedcommons.wire.update import check_num_examples
+from fedcommons.wire.fisher import decode_fisher
+from fedcommons.wire.update import check_num_examples, decode_mask
 
 log = get_logger("fedcommons.coordinator")
 
@@ -152,7 +159,34 @@ def prepare_run(config: RunConfig) -> PreparedRun:
         registry.publish_key(signer)  # raises unless the key is the registry's
     privacy = LinePrivacy(config.registry_path, config.line, config.central_dp)
     privacy.check_plan(config.rounds)
+    check_dp_compatible(strategy, config)
     return PreparedRun(config, task, strategy, weights, parent, registry, suite, signer, privacy)
+
+
+def check_dp_compatible(strategy: Aggregator, config: RunConfig) -> None:
+    """Refuse strategies that central DP would silently turn into something else.
+
+    DP-FedAvg releases only the clipped, noised mean of the round; the configured strategy
+    then post-processes that mean (server learning rate, momentum, Adam). A rule that
+    needs each client's Fisher, mask or the individual updates (median, trimmed mean)
+    cannot run on it.
+    """
+    if config.central_dp is None:
+        return
+    needs = [
+        what
+        for what, flag in (
+            ("each client's Fisher information", strategy.needs_fisher),
+            ("each client's mask", strategy.uses_mask),
+            ("every individual update", not strategy.streaming),
+        )
+        if flag
+    ]
+    if needs:
+        raise ConfigError(
+            f"strategy {strategy.name!r} needs {' and '.join(needs)}, but central DP "
+            "(dp.*) releases only the clipped, noised mean of a round: use fedavg or fedadam"
+        )
 
 
 def signing_key_path(config: RunConfig) -> Path:
@@ -166,9 +200,18 @@ def signing_key_path(config: RunConfig) -> Path:
 
 
 def round_content(
-    config: RunConfig, weights: Mapping[str, torch.Tensor], round_no: int
+    config: RunConfig,
+    weights: Mapping[str, torch.Tensor],
+    round_no: int,
+    *,
+    needs_fisher: bool = False,
+    fisher_samples: int | None = None,
 ) -> RecordDict:
-    """The train message every sampled node receives in ``round_no``."""
+    """The train message every sampled node receives in ``round_no``.
+
+    ``needs_fisher`` asks clients for their diagonal Fisher (Fisher-weighted strategies),
+    estimated on min(|D|, ``fisher_samples``) examples (client default: 256).
+    """
     train_cfg: dict[str, Any] = {
         keys.ROUND: round_no,
         keys.TASK: config.task,
@@ -179,6 +222,10 @@ def round_content(
     }
     for key, value in config.task_options.items():
         train_cfg[f"{keys.TASK_OPTION_PREFIX}{key}"] = value
+    if needs_fisher:
+        train_cfg[keys.FISHER_REQUEST] = True
+        if fisher_samples:
+            train_cfg[keys.FISHER_SAMPLES] = int(fisher_samples)
     return RecordDict(
         {
             keys.BASE_ARRAYS: ArrayRecord(dict(weights)),
@@ -187,11 +234,21 @@ def round_content(
     )
 
 
-def decode_reply(reply: Message, base: Mapping[str, torch.Tensor], round_no: int) -> ClientUpdate:
+def decode_reply(
+    reply: Message,
+    base: Mapping[str, torch.Tensor],
+    round_no: int,
+    *,
+    needs_fisher: bool = False,
+) -> ClientUpdate:
     """Turn a reply into a validated :class:`ClientUpdate` or raise UpdateRejectedError.
 
     fedcommons clients send ``delta``; a plain Flower ClientApp that returns its full
     weights under ``arrays`` is accepted as a dense update (delta = weights − base).
+    An optional ``mask`` record marks the coordinates sent (the delta must be zero
+    outside it); an optional Fisher (``fisher-codes`` + ``fisher-range``) is decoded
+    inside the mask. With ``needs_fisher`` a reply without a Fisher is rejected
+    (``missing-fisher``).
     """
     if reply.has_error():
         if reply.error.code == keys.DP_BUDGET_EXHAUSTED_CODE:
@@ -222,14 +279,46 @@ def decode_reply(reply: Message, base: Mapping[str, torch.Tensor], round_no: int
         delta = {k: full[k] - base[k] for k in base}
     else:
         raise UpdateRejectedError("no-update", f"reply has no {keys.DELTA_ARRAYS!r} record")
+    mask = None
+    if keys.MASK_ARRAYS in arrays:
+        mask = decode_mask(_as_tensors(arrays[keys.MASK_ARRAYS]), base)
+        for name, m in mask.items():
+            if bool((delta[name][~m] != 0).any()):
+                raise UpdateRejectedError("bad-mask", f"{name}: delta is nonzero outside its mask")
+    fisher = None
+    if keys.FISHER_CODES in arrays and keys.FISHER_RANGES in arrays:
+        fisher = decode_fisher(
+            {k: v.numpy() for k, v in arrays[keys.FISHER_CODES].items()},
+            {k: v.numpy() for k, v in arrays[keys.FISHER_RANGES].items()},
+            base,
+            mask,
+        )
+    elif needs_fisher:
+        raise UpdateRejectedError(
+            "missing-fisher", "the strategy weights by Fisher information; reply has none"
+        )
     spend = None
     if metrics.get(keys.DP_CLAIM) or keys.DP_SPEND in content.config_records:
         spend = parse_spend(content.config_records.get(keys.DP_SPEND))
-    return ClientUpdate(delta, num_examples, reply.metadata.src_node_id, metrics, spend)
+    return ClientUpdate(
+        delta,
+        num_examples,
+        reply.metadata.src_node_id,
+        metrics,
+        dp_spend=spend,
+        mask=mask,
+        fisher=fisher,
+    )
 
 
 def _as_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+    # Array.numpy() (np.load from the message bytes) already returns a fresh writable
+    # array: no second copy (it halved decode throughput).
+    return {k: torch.from_numpy(_writable(v.numpy())) for k, v in record.items()}
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    return array if array.flags.writeable else np.array(array, copy=True)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -275,7 +364,13 @@ def run_round(
         sample_rate=rate,
         expected=expected,
     )
-    content = round_content(config, weights, round_no)
+    content = round_content(
+        config,
+        weights,
+        round_no,
+        needs_fisher=strategy.needs_fisher,
+        fisher_samples=getattr(strategy, "fisher_samples", None),
+    )
     messages = [
         Message(
             content=content,
@@ -288,7 +383,7 @@ def run_round(
     ]
     pending = set(grid.push_messages(messages))
     log.info("round.started", sampled=len(sampled), connected=len(nodes))
-    strategy.begin(weights)
+    guarded_begin(strategy, weights)
     rejected: Counter[str] = Counter()
     contributors: set[int] = set()
     loss_sum = 0.0
@@ -302,7 +397,7 @@ def run_round(
         for reply in replies:
             pending.discard(reply.metadata.reply_to_message_id)
             try:
-                update = decode_reply(reply, weights, round_no)
+                update = decode_reply(reply, weights, round_no, needs_fisher=strategy.needs_fisher)
                 if update.node_id in contributors:
                     raise UpdateRejectedError(
                         "duplicate", f"second update from node {update.node_id}"
@@ -316,7 +411,7 @@ def run_round(
                     detail=exc.detail,
                 )
                 continue
-            strategy.fold(update)
+            guarded_fold(strategy, update)
             if update.dp_spend is not None:
                 privacy.add_client_spend(update.node_id, update.dp_spend)
             contributors.add(update.node_id)
@@ -329,7 +424,7 @@ def run_round(
             f"round {round_no}: {len(contributors)} valid update(s), need {config.min_clients} "
             f"(rejected: {dict(rejected) or 0}, no reply: {timed_out})"
         )
-    step = strategy.finalize()
+    step = guarded_finalize(strategy, weights)
     privacy.commit_round(
         accepted=len(contributors),
         rejected=sum(rejected.values()),

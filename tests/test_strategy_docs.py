@@ -1,0 +1,36 @@
+"""The strategy docs and the example plugin stay true: their code runs and passes the kit."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from fedcommons.strategies import testing
+from tests.plugin_env import EXAMPLE_PLUGIN_SRC
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_write_a_strategy_examples_pass_the_conformance_kit() -> None:
+    text = (ROOT / "docs" / "write-a-strategy.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    namespace: dict[str, object] = {}
+    exec(compile(blocks[0] + "\n" + blocks[1], "write-a-strategy.md", "exec"), namespace)
+    for name in ("SignMajority", "majority_sign"):
+        assert "check_state_is_o_model" in testing.run_conformance(namespace[name])
+
+
+def test_example_plugin_own_tests_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLE_PLUGIN_SRC))
+    path = EXAMPLE_PLUGIN_SRC.parent / "tests" / "test_geomed.py"
+    spec = importlib.util.spec_from_file_location("example_plugin_tests", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tests = [getattr(module, n) for n in dir(module) if n.startswith("test_")]
+    assert len(tests) >= 2
+    for test in tests:
+        test()
