@@ -12,14 +12,17 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcommons.client_sdk.training import train_local
+from fedcommons.client_sdk.compression import ClientState, compress_delta
+from fedcommons.client_sdk.training import LocalResult, train_local
 from fedcommons.logs import get_logger
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import keys
+from fedcommons.wire.codec import CompressionSpec
 
 app = ClientApp()
 log = get_logger("fedcommons.client")
@@ -92,4 +95,50 @@ def train(msg: Message, context: Context) -> Message:
             ),
         }
     )
+    spec = CompressionSpec.parse(str(cfg.get(keys.COMPRESSION, "dense")))
+    if not spec.is_dense_fp32:
+        encode_reply(content, result, spec, cfg, context, task, base, seed)
     return Message(content=content, reply_to=msg)
+
+
+def encode_reply(
+    content: RecordDict,
+    result: LocalResult,
+    spec: CompressionSpec,
+    cfg: Mapping[str, Any],
+    context: Context,
+    task: Task,
+    base: Mapping[str, torch.Tensor],
+    seed: int,
+) -> None:
+    """Replace the dense delta of ``content`` by its encoded form (#3).
+
+    Error feedback is on when the round config says so, unless the site's node config
+    sets ``error-feedback`` (the institution decides); its residual stays in the state
+    directory and is never sent.
+    """
+    from fedcommons.client_sdk.fish_mask import fish_mask
+
+    round_no = int(cfg[keys.ROUND])
+    ef = context.node_config.get(keys.ERROR_FEEDBACK, cfg.get(keys.ERROR_FEEDBACK, True))
+    state = ClientState.for_run(context.node_config, str(cfg.get(keys.RUN_TAG, "")))
+    compressed = compress_delta(
+        result.delta,
+        spec,
+        round_no=round_no,
+        state=state,
+        error_feedback=str(ef).lower() not in {"false", "0"},
+        rng=np.random.default_rng([seed, 0xC0DEC]),
+        shared_seed=int(cfg.get(keys.COMPRESSION_SEED, 0)),
+        mask_fn=lambda: fish_mask(task, base, spec.density, spec.fish_examples, seed=seed),
+    )
+    del content[keys.DELTA_ARRAYS]
+    content[keys.ENCODED_RECORD] = ConfigRecord({keys.ENCODED_PAYLOAD: compressed.encoded.payload})
+    log.debug(
+        "client.encoded",
+        round=round_no,
+        spec=str(spec),
+        bytes=compressed.encoded.nbytes,
+        error_feedback=compressed.error_feedback,
+        residual_norm=round(compressed.residual_norm, 6),
+    )

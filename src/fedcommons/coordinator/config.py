@@ -13,6 +13,7 @@ from typing import Any
 
 from fedcommons.errors import ConfigError
 from fedcommons.wire import keys
+from fedcommons.wire.codec import CompressionSpec
 
 STRATEGY_PARAM_PREFIX = "strategy."
 
@@ -37,6 +38,9 @@ class RunConfig:
     base_release: str = ""  # version to start from; empty: fresh model
     round_timeout: float = 600.0  # seconds to wait for replies in one round
     node_wait_timeout: float = 120.0  # seconds to wait for min_clients nodes to connect
+    compression: str = "dense"  # how clients encode their deltas (#3), e.g. "topk:0.01+int8"
+    error_feedback: bool = True  # clients carry what compression dropped into the next round
+    max_update_bytes: int = 0  # cap on one reply's update payload; 0: 2x dense fp32 + 64 KiB
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,6 +68,9 @@ class RunConfig:
             raise ConfigError("round-timeout and node-wait-timeout must be > 0")
         if not self.registry:
             raise ConfigError("registry path is empty")
+        if self.max_update_bytes < 0:
+            raise ConfigError(f"max-update-bytes must be >= 0, got {self.max_update_bytes}")
+        self.compression = str(CompressionSpec.parse(self.compression))
 
     @property
     def line(self) -> str:
@@ -116,6 +123,12 @@ class RunConfig:
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
     try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in {"true", "false", "1", "0"}:
+                return value.lower() in {"true", "1"}
+            if isinstance(value, bool | int) and value in (0, 1):
+                return bool(value)
+            raise ValueError("not a boolean")
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError("not an integer")

@@ -12,11 +12,16 @@ LOCAL_EPOCHS = "local-epochs"
 LEARNING_RATE = "lr"
 BATCH_SIZE = "batch-size"
 SEED = "seed"
+COMPRESSION = "compression"  # compression spec of the round's updates (#3), e.g. "topk:0.01+int8"
+ERROR_FEEDBACK = "error-feedback"  # bool: carry what compression dropped into the next round
+COMPRESSION_SEED = "compression-seed"  # int: the round's shared seed (random-k indices)
 
 # Client -> coordinator (reply)
 DELTA_ARRAYS = "delta"  # ArrayRecord: θ_local − θ0 (fedcommons clients)
 FULL_ARRAYS = "arrays"  # ArrayRecord: θ_local (plain Flower clients, treated as dense)
 REPLY_METRICS = "metrics"  # MetricRecord
+ENCODED_RECORD = "encoded"  # ConfigRecord holding the encoded update (wire/codec.py)
+ENCODED_PAYLOAD = "payload"  # bytes: the encoded update inside ENCODED_RECORD
 
 NUM_EXAMPLES = "num-examples"  # Flower's conventional weighting key
 TRAIN_LOSS = "train-loss"

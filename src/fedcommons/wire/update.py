@@ -24,6 +24,8 @@ class ClientUpdate:
     num_examples: int
     node_id: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    #: Bytes of the update as received (encoded payload, or the dense arrays' data).
+    upload_bytes: int = 0
 
 
 def decode_dense_delta(
