@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcommons.client_sdk.compression import ClientState, compress_delta
+from fedcommons.client_sdk.compression import ClientState, compress_delta, load_or_compute_mask
 from fedcommons.client_sdk.training import LocalResult, train_local
 from fedcommons.logs import get_logger
 from fedcommons.tasks import Task, load_task
@@ -67,6 +67,10 @@ def train(msg: Message, context: Context) -> Message:
         + round_no * 7919
         + int(task.options.get("partition-id", context.node_id) or 0)
     )
+    spec = CompressionSpec.parse(str(cfg.get(keys.COMPRESSION, "dense")))
+    grad_mask = None
+    if spec.sparsifier == "fish":  # FISH trains only the parameters in its fixed mask
+        grad_mask = fish_grad_mask(spec, cfg, context, task, base, seed)
     result = train_local(
         task,
         base,
@@ -74,6 +78,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(cfg[keys.LEARNING_RATE]),
         batch_size=int(cfg[keys.BATCH_SIZE]),
         seed=seed,
+        grad_mask=grad_mask,
     )
     log.debug(
         "client.trained",
@@ -95,10 +100,34 @@ def train(msg: Message, context: Context) -> Message:
             ),
         }
     )
-    spec = CompressionSpec.parse(str(cfg.get(keys.COMPRESSION, "dense")))
     if not spec.is_dense_fp32:
         encode_reply(content, result, spec, cfg, context, task, base, seed)
     return Message(content=content, reply_to=msg)
+
+
+def fish_grad_mask(
+    spec: CompressionSpec,
+    cfg: Mapping[str, Any],
+    context: Context,
+    task: Task,
+    base: Mapping[str, torch.Tensor],
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    """This site's FISH mask for the run (computed once, then read from the state dir)."""
+    from fedcommons.client_sdk.fish_mask import fish_mask
+
+    state = ClientState.for_run(context.node_config, str(cfg.get(keys.RUN_TAG, "")))
+    flat = load_or_compute_mask(
+        state,
+        sum(v.numel() for v in base.values()),
+        lambda: fish_mask(task, base, spec.density, spec.fish_examples, seed=seed),
+    )
+    out, offset = {}, 0
+    for name, value in base.items():
+        n = value.numel()
+        out[name] = torch.from_numpy(flat[offset : offset + n].reshape(tuple(value.shape)))
+        offset += n
+    return out
 
 
 def encode_reply(

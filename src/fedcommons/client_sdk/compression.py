@@ -111,6 +111,22 @@ class ClientState:
             raise ClientStateError(f"cannot write client state {path}: {exc}") from exc
 
 
+def load_or_compute_mask(
+    state: ClientState, size: int, mask_fn: Callable[[], np.ndarray] | None
+) -> np.ndarray:
+    """The run's fixed FISH mask (uint8 0/1, flat): stored, else computed once and stored."""
+    stored = state.load_flat(state.mask_path, size, "mask")
+    if stored is not None:
+        return stored.astype(np.uint8)
+    if mask_fn is None:
+        raise ClientStateError("fish compression needs a way to compute the mask")
+    mask = np.asarray(mask_fn(), dtype=bool).astype(np.uint8)
+    if mask.size != size:
+        raise ClientStateError(f"FISH mask has {mask.size} entries, the model {size}")
+    state.save_flat(state.mask_path, "mask", mask)
+    return mask
+
+
 @dataclass
 class CompressionResult:
     """What :func:`compress_delta` produced."""
@@ -140,14 +156,7 @@ def compress_delta(
     flat = flatten(delta)
     mask = None
     if spec.sparsifier == "fish":
-        mask_f = state.load_flat(state.mask_path, flat.size, "mask")
-        if mask_f is None:
-            if mask_fn is None:
-                raise ClientStateError("fish compression needs a way to compute the mask")
-            mask = np.asarray(mask_fn(), dtype=bool)
-            state.save_flat(state.mask_path, "mask", mask.astype(np.uint8))
-        else:
-            mask = mask_f.astype(bool)
+        mask = load_or_compute_mask(state, flat.size, mask_fn).astype(bool)
     use_ef = error_feedback and spec.lossy
     if use_ef:
         residual = state.load_flat(state.residual_path, flat.size, "residual")
