@@ -317,7 +317,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["model"], r["alpha"]) for r in rows})
+    order = list(MODELS)
+    panels = sorted(
+        {(r["model"], r["alpha"]) for r in rows}, key=lambda p: (order.index(p[0]), p[1])
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
     for ax, (model, alpha) in zip(axes[0], panels, strict=True):
         for base, marker in [("scratch", "o"), ("pretrained", "s")]:
