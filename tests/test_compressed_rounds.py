@@ -260,3 +260,30 @@ def test_second_update_from_the_same_node_is_rejected(tmp_path: Path) -> None:
     for report in results[0].reports:
         assert report.rejected == {"duplicate": 1}
         assert report.accepted == 3
+
+
+def plain_flower_client() -> ClientApp:
+    """A plain Flower ClientApp: replies with its full weights under ``arrays``."""
+    plain = ClientApp()
+
+    @plain.train()
+    def train(msg: Message, context: Context) -> Message:
+        from flwr.app import ArrayRecord, MetricRecord
+
+        weights = msg.content[keys.BASE_ARRAYS].to_torch_state_dict()
+        weights = {k: v + 0.001 for k, v in weights.items()}
+        content = RecordDict(
+            {"arrays": ArrayRecord(weights), "metrics": MetricRecord({"num-examples": 10})}
+        )
+        return Message(content=content, reply_to=msg)
+
+    return plain
+
+
+def test_plain_flower_full_weights_are_still_accepted_and_counted(tmp_path: Path) -> None:
+    result = run_in_process(
+        config(tmp_path, compression="int8"), [client_app, plain_flower_client()]
+    )
+    report = result.reports[0]
+    assert report.accepted == 2 and report.rejected == {}
+    assert sorted(report.upload_bytes.values())[0] < 6000 < sorted(report.upload_bytes.values())[1]

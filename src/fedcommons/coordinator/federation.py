@@ -340,7 +340,8 @@ def run_round(
         dense_bytes=dense_fp32_bytes(weights),
         ratio_vs_dense=dense_fp32_bytes(weights) * len(upload) / max(sum(upload.values()), 1),
     )
-    log.info("round.finished", **{k: v for k, v in asdict(report).items() if k != "round"})
+    summary = {k: v for k, v in asdict(report).items() if k not in {"round", "upload_bytes"}}
+    log.info("round.finished", **summary, upload_bytes_total=sum(upload.values()))
     return new_weights, report, contributors
 
 
