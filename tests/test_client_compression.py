@@ -169,3 +169,20 @@ def test_fish_mask_is_computed_once_and_fixed_for_the_run(tmp_path: Path) -> Non
         sent = flatten(decode_update(out.encoded.payload).delta)
         assert set(np.flatnonzero(sent)) <= set(range(0, 1230, 10))
     assert len(calls) == 1
+
+
+def test_a_new_run_prunes_run_dirs_untouched_for_30_days(tmp_path: Path) -> None:
+    import os
+    import time
+
+    old = ClientState.for_run({"state-dir": str(tmp_path)}, "old-run")
+    recent = ClientState.for_run({"state-dir": str(tmp_path)}, "recent-run")
+    send(old, deltas(1)[0], "topk:0.05", 1)
+    send(recent, deltas(1)[0], "topk:0.05", 1)
+    long_ago = time.time() - 31 * 24 * 3600
+    for p in [old.residual_path, old.directory, old.directory.parent]:
+        os.utime(p, (long_ago, long_ago))
+    new = ClientState.for_run({"state-dir": str(tmp_path)}, "new-run")
+    send(new, deltas(1)[0], "topk:0.05", 1)
+    assert not old.directory.parent.exists()
+    assert recent.residual_path.exists() and new.residual_path.exists()

@@ -42,6 +42,8 @@ log = get_logger("fedcommons.client")
 
 STATE_DIR_OPTION = "state-dir"
 STATE_DIR_ENV = "FEDCOMMONS_STATE_DIR"
+#: Run directories untouched for this long are removed when a new run starts.
+STALE_RUN_SECONDS = 30 * 24 * 3600
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -96,7 +98,9 @@ class ClientState:
     def save_flat(self, path: Path, key: str, value: np.ndarray) -> None:
         """Write ``{key: value}`` atomically (temporary file, fsync, rename)."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            if not self.directory.exists():
+                self.directory.mkdir(parents=True, exist_ok=True)
+                prune_stale_runs(self.directory.parent.parent, keep=self.directory.parent)
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".safetensors")
             os.close(fd)
             try:
@@ -125,6 +129,30 @@ def load_or_compute_mask(
         raise ClientStateError(f"FISH mask has {mask.size} entries, the model {size}")
     state.save_flat(state.mask_path, "mask", mask)
     return mask
+
+
+def prune_stale_runs(runs_dir: Path, *, keep: Path, max_age: float = STALE_RUN_SECONDS) -> None:
+    """Remove run directories under ``runs_dir`` not modified for ``max_age`` seconds.
+
+    Residuals of finished runs are of no further use; this keeps the state directory
+    from growing with every run. Errors are logged, never raised.
+    """
+    import shutil
+    import time
+
+    cutoff = time.time() - max_age
+    try:
+        for run_dir in runs_dir.iterdir():
+            if run_dir == keep or not run_dir.is_dir():
+                continue
+            newest = max(
+                (p.stat().st_mtime for p in run_dir.rglob("*")), default=run_dir.stat().st_mtime
+            )
+            if newest < cutoff:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                log.info("client.state_pruned", run_dir=str(run_dir))
+    except OSError as exc:
+        log.warning("client.state_prune_failed", runs_dir=str(runs_dir), error=str(exc))
 
 
 @dataclass
