@@ -61,12 +61,16 @@ LARGE_ROWS: list[tuple[str, bool]] = [
     ("topk:0.003+int8", True),
     ("randk:0.05", True),
 ]
-# From a pre-trained base: dense baseline, then FISH masks.
-FISH_ROWS: list[tuple[str, bool]] = [
-    ("dense", False),
-    ("fish:0.1", True),
-    ("fish:0.02", True),
-    ("fish:0.02+int8", True),
+# From a pre-trained base: dense baseline, then FISH masks from each institution's own
+# data ("site") or from the public data every institution holds ("public": one mask).
+FISH_ROWS: list[tuple[str, bool, str]] = [
+    ("dense", False, "site"),
+    ("fish:0.1", True, "site"),
+    ("fish:0.02", True, "site"),
+    ("fish:0.02+int8", True, "site"),
+    ("fish:0.1", True, "public"),
+    ("fish:0.02", True, "public"),
+    ("fish:0.02+int8", True, "public"),
 ]
 
 
@@ -81,6 +85,7 @@ class Job:
     error_feedback: bool
     rounds: int
     seed: int
+    fish_mask: str = "site"
 
     @property
     def method(self) -> str:
@@ -88,7 +93,9 @@ class Job:
         from fedcommons.wire.codec import CompressionSpec
 
         lossy = CompressionSpec.parse(self.spec).lossy
-        return self.spec + ("+EF" if self.error_feedback and lossy else "")
+        label = self.spec + ("+EF" if self.error_feedback and lossy else "")
+        public = self.spec.startswith("fish") and self.fish_mask == "public"
+        return label + (" public mask" if public else "")
 
 
 def _setup_worker() -> None:
@@ -167,6 +174,7 @@ def run_job(job: Job) -> dict[str, Any]:
         base_release=base,
         compression=job.spec,
         error_feedback=job.error_feedback,
+        fish_mask=job.fish_mask,
     )
     result = run_in_process(config, [client_app] * 10)
     sizes = [b for r in result.reports for b in r.upload_bytes.values()]
@@ -357,8 +365,10 @@ def build_jobs(args: Any) -> list[Job]:
             jobs += [Job(model, alpha, "scratch", s, ef, rounds, args.seed) for s, ef in rows]
             if model == "mlp-4.8k":
                 jobs += [
-                    Job(model, alpha, "pretrained", s, ef, rounds, args.seed) for s, ef in FISH_ROWS
+                    Job(model, alpha, "pretrained", s, ef, rounds, args.seed, fm)
+                    for s, ef, fm in FISH_ROWS
                 ]
+    jobs = [j for j in jobs if j.base in args.bases]
     if args.quick:
         jobs = [j for j in jobs if j.spec in {"dense", "topk:0.01+int8", "fish:0.02"}]
     return jobs
@@ -374,6 +384,12 @@ def main() -> None:
         "--alphas", type=lambda s: [float(a) for a in s.split(",")], default=[0.1, 0.5]
     )
     parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
+    parser.add_argument(
+        "--bases",
+        type=lambda s: s.split(","),
+        default=["scratch", "pretrained"],
+        help="scratch, pretrained (the FISH block), or both",
+    )
     parser.add_argument("--workers", type=int, default=2, help="federations run in parallel")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--throughput-params", type=int, default=1 << 20)

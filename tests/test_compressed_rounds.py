@@ -287,3 +287,29 @@ def test_plain_flower_full_weights_are_still_accepted_and_counted(tmp_path: Path
     report = result.reports[0]
     assert report.accepted == 2 and report.rejected == {}
     assert sorted(report.upload_bytes.values())[0] < 6000 < sorted(report.upload_bytes.values())[1]
+
+
+def test_public_fish_masks_are_the_same_at_every_institution(
+    tmp_path: Path, _state_dir: Path
+) -> None:
+    from safetensors.numpy import load_file
+
+    def masks(source: str) -> list[np.ndarray]:
+        cfg = config(tmp_path / source, compression="fish:0.05", fish_mask=source)
+        run_in_process(cfg, [client_app] * 3)
+        files = sorted(_state_dir.glob("runs/*/partition-*/fish-mask.safetensors"))
+        out = [load_file(str(f))["mask"] for f in files]
+        for f in files:
+            f.unlink()
+        return out
+
+    public = masks("public")
+    assert len(public) == 3 and all(np.array_equal(public[0], m) for m in public)
+    site = masks("site")
+    assert len(site) == 3 and not all(np.array_equal(site[0], m) for m in site)
+
+
+def test_bad_fish_mask_source_is_a_config_error() -> None:
+    """Input: run config fish-mask = 'coordinator' (not a known source)."""
+    with pytest.raises(ConfigError):
+        RunConfig.from_flat({"fish-mask": "coordinator"})

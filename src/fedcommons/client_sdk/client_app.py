@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from fedcommons.client_sdk.compression import ClientState, compress_delta, load_or_compute_mask
 from fedcommons.client_sdk.training import LocalResult, train_local
+from fedcommons.errors import EncodingError
 from fedcommons.logs import get_logger
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import keys
@@ -113,14 +114,28 @@ def fish_grad_mask(
     base: Mapping[str, torch.Tensor],
     seed: int,
 ) -> dict[str, torch.Tensor]:
-    """This site's FISH mask for the run (computed once, then read from the state dir)."""
+    """This site's FISH mask for the run (computed once, then read from the state dir).
+
+    ``fish-mask = "site"`` (default): the empirical Fisher of the site's own training
+    examples. ``"public"``: of the task's public examples (its validation loader), which
+    every institution holds, so every institution derives the same mask.
+    """
     from fedcommons.client_sdk.fish_mask import fish_mask
 
+    source = str(cfg.get(keys.FISH_MASK, "site"))
+    loader = None
+    if source == "public":
+        loader = task.validation_loader()
+        if loader is None:
+            raise EncodingError(
+                f"fish-mask = 'public' but task {task.name!r} has no public (validation) data"
+            )
+        seed = 0  # the same examples in the same order everywhere
     state = ClientState.for_run(context.node_config, str(cfg.get(keys.RUN_TAG, "")))
     flat = load_or_compute_mask(
         state,
         sum(v.numel() for v in base.values()),
-        lambda: fish_mask(task, base, spec.density, spec.fish_examples, seed=seed),
+        lambda: fish_mask(task, base, spec.density, spec.fish_examples, seed=seed, loader=loader),
     )
     out, offset = {}, 0
     for name, value in base.items():

@@ -15,7 +15,7 @@ its own private examples, and keeps it fixed for the run (see
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -33,12 +33,14 @@ def empirical_fisher(
     *,
     seed: int = 0,
     batch_size: int = 64,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean squared per-example gradient of ``task.loss`` at ``base``, per parameter.
 
-    Uses the first ``num_examples`` examples of the site's (seed-shuffled) training
-    loader. Returns float32 tensors for every trainable parameter; buffers (e.g. batch
-    norm statistics) get no entry.
+    Uses the first ``num_examples`` examples of ``loader``, by default the site's
+    (seed-shuffled) training loader, ``batch_size`` examples per vectorised pass.
+    Returns float32 tensors for every trainable parameter; buffers (e.g. batch norm
+    statistics) get no entry.
     """
     device = task.device()
     model = task.build_model()
@@ -54,17 +56,23 @@ def empirical_fisher(
     per_example_grads = vmap(grad(example_loss), in_dims=(None, 0, 0))
     fisher = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
     seen = 0
-    loader = task.train_loader(batch_size=batch_size, seed=seed)
-    for inputs, targets in loader:
-        take = min(len(targets), num_examples - seen)
-        if take <= 0:
+    if loader is None:
+        loader = task.train_loader(batch_size=batch_size, seed=seed)
+    for batch_inputs, batch_targets in loader:
+        for inputs, targets in zip(
+            batch_inputs.split(batch_size), batch_targets.split(batch_size), strict=True
+        ):
+            take = min(len(targets), num_examples - seen)
+            if take <= 0:
+                break
+            x, y = inputs[:take].to(device), targets[:take].to(device)
+            for name, g in per_example_grads(params, x, y).items():
+                fisher[name] += g.detach().float().pow(2).sum(dim=0)
+            seen += take
+        if seen >= num_examples:
             break
-        grads = per_example_grads(params, inputs[:take].to(device), targets[:take].to(device))
-        for name, g in grads.items():
-            fisher[name] += g.detach().float().pow(2).sum(dim=0)
-        seen += take
     if seen == 0:
-        raise EncodingError("FISH mask: the site's training loader yielded no examples")
+        raise EncodingError("FISH mask: the loader yielded no examples")
     return {k: (v / seen).cpu() for k, v in fisher.items()}
 
 
@@ -75,6 +83,7 @@ def fish_mask(
     num_examples: int,
     *,
     seed: int = 0,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> np.ndarray:
     """The flat boolean FISH mask over ``base``'s tensors (in ``base``'s order).
 
@@ -82,7 +91,7 @@ def fish_mask(
     top-k over every parameter). Floating buffers, which have no Fisher, are always kept:
     they are few and their deltas (e.g. running statistics) are not gradient steps.
     """
-    fisher = empirical_fisher(task, base, num_examples, seed=seed)
+    fisher = empirical_fisher(task, base, num_examples, seed=seed, loader=loader)
     param_sizes = sum(v.numel() for v in fisher.values())
     k = min(param_sizes, max(1, round(density * param_sizes)))
     scores = []

@@ -41,6 +41,7 @@ class RunConfig:
     compression: str = "dense"  # how clients encode their deltas (#3), e.g. "topk:0.01+int8"
     error_feedback: bool = True  # clients carry what compression dropped into the next round
     max_update_bytes: int = 0  # cap on one reply's update payload; 0: 2x dense fp32 + 64 KiB
+    fish_mask: str = "site"  # FISH masks from each site's data, or "public" data (same mask)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +72,8 @@ class RunConfig:
         if self.max_update_bytes < 0:
             raise ConfigError(f"max-update-bytes must be >= 0, got {self.max_update_bytes}")
         self.compression = str(CompressionSpec.parse(self.compression))
+        if self.fish_mask not in {"site", "public"}:
+            raise ConfigError(f"fish-mask must be 'site' or 'public', got {self.fish_mask!r}")
 
     @property
     def line(self) -> str:

@@ -153,6 +153,7 @@ def round_content(
         keys.COMPRESSION: config.compression,
         keys.ERROR_FEEDBACK: config.error_feedback,
         keys.COMPRESSION_SEED: compression_seed(run_tag, round_no),
+        keys.FISH_MASK: config.fish_mask,
     }
     for key, value in config.task_options.items():
         train_cfg[f"{keys.TASK_OPTION_PREFIX}{key}"] = value

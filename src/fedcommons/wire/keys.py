@@ -15,6 +15,7 @@ SEED = "seed"
 COMPRESSION = "compression"  # compression spec of the round's updates (#3), e.g. "topk:0.01+int8"
 ERROR_FEEDBACK = "error-feedback"  # bool: carry what compression dropped into the next round
 COMPRESSION_SEED = "compression-seed"  # int: the round's shared seed (random-k indices)
+FISH_MASK = "fish-mask"  # "site" | "public": which examples a FISH mask is computed on
 
 # Client -> coordinator (reply)
 DELTA_ARRAYS = "delta"  # ArrayRecord: θ_local − θ0 (fedcommons clients)
