@@ -129,3 +129,19 @@ class StrategyError(RoundFailedError):
 
 class MergeError(FedcommonsError):
     """An offline merge cannot run as asked (inputs that do not fit together, bad paths)."""
+
+
+class CompressionSpecError(ConfigError):
+    """A compression spec (``topk:0.01+int8``, ``int4``, ...) cannot be parsed or is invalid."""
+
+
+class EncodingError(FedcommonsError):
+    """A client-side update cannot be encoded as asked (e.g. a non-floating tensor)."""
+
+
+class MalformedUpdateError(UpdateRejectedError):
+    """An encoded update failed decoding or validation (see ``reason`` for which check)."""
+
+
+class ClientStateError(FedcommonsError):
+    """The client's state directory (error-feedback residual, FISH mask) cannot be used."""

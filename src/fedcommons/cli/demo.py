@@ -29,8 +29,18 @@ class _DemoDisplay:
             f"val loss {r.val_loss:.4f}  clients {r.accepted}/{r.sampled}"  # type: ignore[attr-defined]
             + (f"  rejected {rejected}" if rejected else "")
             + f"  {r.seconds:.2f}s"  # type: ignore[attr-defined]
+            + _upload_text(r)
         )
         self.progress.advance(self.task_id)
+
+
+def _upload_text(report: object) -> str:
+    """``  upload 190 B/client (101x less than dense fp32)`` for compressed rounds."""
+    sizes = getattr(report, "upload_bytes", {}) or {}
+    if not sizes:
+        return ""
+    mean = sum(sizes.values()) / len(sizes)
+    return f"  upload {mean:,.0f} B/client ({getattr(report, 'ratio_vs_dense', 1.0):.1f}x)"
 
 
 def demo(
@@ -53,6 +63,12 @@ def demo(
             "clip-norm, epsilon, delta[, sampling, accountant]. See docs/privacy.md.",
         ),
     ] = None,
+    compression: Annotated[
+        str, typer.Option(help="Update compression, e.g. topk:0.01+int8, int4, fish:0.02+int8.")
+    ] = "dense",
+    error_feedback: Annotated[
+        bool, typer.Option(help="Clients carry what compression dropped into the next round.")
+    ] = True,
     log_level: LogLevelOpt = "WARNING",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
@@ -74,11 +90,14 @@ def demo(
         seed=seed,
         registry=str(registry),
         dp_params=parse_settings(dp),
+        compression=compression,
+        error_feedback=error_feedback,
     )
     split = "IID" if iid else f"Dirichlet α={alpha}"
     console.print(
         f"[bold]fedcommons demo[/]: {institutions} institutions, {rounds} rounds of "
         f"{strategy} on {task} ({split}), Flower simulation engine"
+        + (f", updates {config.compression}" if config.compression != "dense" else "")
     )
     columns = (
         TextColumn("{task.description}"),

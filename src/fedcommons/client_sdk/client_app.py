@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import (
     Array,
@@ -25,13 +26,15 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedcommons.client_sdk.compression import ClientState, compress_delta, load_or_compute_mask
 from fedcommons.client_sdk.fisher import DEFAULT_SAMPLES, estimate_fisher
-from fedcommons.client_sdk.training import train_local
-from fedcommons.errors import PrivacyBudgetExceededError
+from fedcommons.client_sdk.training import LocalResult, train_local
+from fedcommons.errors import EncodingError, PrivacyBudgetExceededError
 from fedcommons.logs import get_logger
 from fedcommons.privacy.client_dp import ClientDPConfig, train_local_dp
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import keys
+from fedcommons.wire.codec import CompressionSpec
 from fedcommons.wire.fisher import encode_fisher
 
 app = ClientApp()
@@ -77,7 +80,16 @@ def train(msg: Message, context: Context) -> Message:
         + round_no * 7919
         + int(task.options.get("partition-id", context.node_id) or 0)
     )
+    spec = CompressionSpec.parse(str(cfg.get(keys.COMPRESSION, "dense")))
+    grad_mask = None
+    if spec.sparsifier == "fish":  # FISH trains only the parameters in its fixed mask
+        grad_mask = fish_grad_mask(spec, cfg, context, task, base, seed)
     dp = ClientDPConfig.from_node_config(context.node_config, context.node_id)
+    if dp is not None and grad_mask is not None:
+        raise EncodingError(
+            "FISH masks restrict which parameters train, which DP-SGD's accounting does not "
+            "cover here: use another compression with dp-epsilon"
+        )
     if dp is not None:
         try:
             result: Any = train_local_dp(
@@ -103,6 +115,7 @@ def train(msg: Message, context: Context) -> Message:
             lr=float(cfg[keys.LEARNING_RATE]),
             batch_size=int(cfg[keys.BATCH_SIZE]),
             seed=seed,
+            grad_mask=grad_mask,
         )
     log.debug(
         "client.trained",
@@ -134,6 +147,8 @@ def train(msg: Message, context: Context) -> Message:
         del metrics[keys.TRAIN_LOSS], metrics[keys.TRAIN_ACCURACY]
         metrics[keys.DP_CLAIM] = 1
         content[keys.DP_SPEND] = ConfigRecord(result.spend.to_record())
+    if not spec.is_dense_fp32:
+        encode_reply(content, result, spec, cfg, context, task, base, seed)
     return Message(content=content, reply_to=msg)
 
 
@@ -153,3 +168,85 @@ def _fisher_records(
         keys.FISHER_CODES: ArrayRecord({k: Array(v) for k, v in codes.items()}),
         keys.FISHER_RANGES: ArrayRecord({k: Array(v) for k, v in ranges.items()}),
     }
+
+
+def fish_grad_mask(
+    spec: CompressionSpec,
+    cfg: Mapping[str, Any],
+    context: Context,
+    task: Task,
+    base: Mapping[str, torch.Tensor],
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    """This site's FISH mask for the run (computed once, then read from the state dir).
+
+    ``fish-mask = "site"`` (default): the empirical Fisher of the site's own training
+    examples. ``"public"``: of the task's public examples (its validation loader), which
+    every institution holds, so every institution derives the same mask.
+    """
+    from fedcommons.client_sdk.fish_mask import fish_mask
+
+    source = str(cfg.get(keys.FISH_MASK, "site"))
+    loader = None
+    if source == "public":
+        loader = task.validation_loader()
+        if loader is None:
+            raise EncodingError(
+                f"fish-mask = 'public' but task {task.name!r} has no public (validation) data"
+            )
+        seed = 0  # the same examples in the same order everywhere
+    state = ClientState.for_run(context.node_config, str(cfg.get(keys.RUN_TAG, "")))
+    flat = load_or_compute_mask(
+        state,
+        sum(v.numel() for v in base.values()),
+        lambda: fish_mask(task, base, spec.density, spec.fish_examples, seed=seed, loader=loader),
+    )
+    out, offset = {}, 0
+    for name, value in base.items():
+        n = value.numel()
+        out[name] = torch.from_numpy(flat[offset : offset + n].reshape(tuple(value.shape)))
+        offset += n
+    return out
+
+
+def encode_reply(
+    content: RecordDict,
+    result: LocalResult,
+    spec: CompressionSpec,
+    cfg: Mapping[str, Any],
+    context: Context,
+    task: Task,
+    base: Mapping[str, torch.Tensor],
+    seed: int,
+) -> None:
+    """Replace the dense delta of ``content`` by its encoded form (#3).
+
+    Error feedback is on when the round config says so, unless the site's node config
+    sets ``error-feedback`` (the institution decides); its residual stays in the state
+    directory and is never sent.
+    """
+    from fedcommons.client_sdk.fish_mask import fish_mask
+
+    round_no = int(cfg[keys.ROUND])
+    ef = context.node_config.get(keys.ERROR_FEEDBACK, cfg.get(keys.ERROR_FEEDBACK, True))
+    state = ClientState.for_run(context.node_config, str(cfg.get(keys.RUN_TAG, "")))
+    compressed = compress_delta(
+        result.delta,
+        spec,
+        round_no=round_no,
+        state=state,
+        error_feedback=str(ef).lower() not in {"false", "0"},
+        rng=np.random.default_rng([seed, 0xC0DEC]),
+        shared_seed=int(cfg.get(keys.COMPRESSION_SEED, 0)),
+        mask_fn=lambda: fish_mask(task, base, spec.density, spec.fish_examples, seed=seed),
+    )
+    del content[keys.DELTA_ARRAYS]
+    content[keys.ENCODED_RECORD] = ConfigRecord({keys.ENCODED_PAYLOAD: compressed.encoded.payload})
+    log.debug(
+        "client.encoded",
+        round=round_no,
+        spec=str(spec),
+        bytes=compressed.encoded.nbytes,
+        error_feedback=compressed.error_feedback,
+        residual_norm=round(compressed.residual_norm, 6),
+    )

@@ -30,11 +30,13 @@ def train_local(
     lr: float,
     batch_size: int,
     seed: int,
+    grad_mask: Mapping[str, torch.Tensor] | None = None,
 ) -> LocalResult:
     """Train ``task``'s model from ``base`` on the site's partition; return θ − θ0.
 
     Deterministic for a given ``seed`` on a given device. The delta is returned on the
-    CPU in the base weights' dtypes.
+    CPU in the base weights' dtypes. ``grad_mask`` (parameter name -> 0/1 tensor) trains
+    only the masked parameters, as FISH does (gradients are multiplied by the mask).
     """
     started = time.perf_counter()
     device = task.device()
@@ -53,6 +55,8 @@ def train_local(
                 outputs = model(inputs)
                 loss = task.loss(outputs, targets)
                 loss.backward()
+                if grad_mask:
+                    _mask_gradients(model, grad_mask)
                 optimizer.step()
                 loss_sum += float(loss.detach()) * len(targets)
                 correct += int((outputs.detach().argmax(dim=1) == targets).sum())
@@ -67,3 +71,10 @@ def train_local(
         accuracy=correct / max(seen, 1),
         seconds=time.perf_counter() - started,
     )
+
+
+def _mask_gradients(model: torch.nn.Module, grad_mask: Mapping[str, torch.Tensor]) -> None:
+    for name, param in model.named_parameters():
+        mask = grad_mask.get(name)
+        if mask is not None and param.grad is not None:
+            param.grad.mul_(mask.to(param.grad.device, param.grad.dtype))

@@ -14,6 +14,7 @@ from typing import Any
 from fedcommons.errors import ConfigError
 from fedcommons.privacy.config import CentralDPConfig
 from fedcommons.wire import keys
+from fedcommons.wire.codec import CompressionSpec
 
 STRATEGY_PARAM_PREFIX = "strategy."
 DP_PARAM_PREFIX = "dp."
@@ -40,6 +41,10 @@ class RunConfig:
     base_release: str = ""  # version to start from; empty: fresh model
     round_timeout: float = 600.0  # seconds to wait for replies in one round
     node_wait_timeout: float = 120.0  # seconds to wait for min_clients nodes to connect
+    compression: str = "dense"  # how clients encode their deltas (#3), e.g. "topk:0.01+int8"
+    error_feedback: bool = True  # clients carry what compression dropped into the next round
+    max_update_bytes: int = 0  # cap on one reply's update payload; 0: 2x dense fp32 + 64 KiB
+    fish_mask: str = "site"  # FISH masks from each site's data, or "public" data (same mask)
     # -- releases (#5) --
     validation_suite: str = ""  # "package.module:function"; empty: the task's suite
     gate_target: str = ""  # "no-worse" | "tolerance"; empty: the suite's policy
@@ -83,6 +88,11 @@ class RunConfig:
             raise ConfigError("round-timeout and node-wait-timeout must be > 0")
         if not self.registry:
             raise ConfigError("registry path is empty")
+        if self.max_update_bytes < 0:
+            raise ConfigError(f"max-update-bytes must be >= 0, got {self.max_update_bytes}")
+        self.compression = str(CompressionSpec.parse(self.compression))
+        if self.fish_mask not in {"site", "public"}:
+            raise ConfigError(f"fish-mask must be 'site' or 'public', got {self.fish_mask!r}")
         _ = self.central_dp  # DP budget and mechanism errors surface at configuration time
         self._validate_release_options()
 
@@ -152,6 +162,12 @@ class RunConfig:
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
     try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in {"true", "false", "1", "0"}:
+                return value.lower() in {"true", "1"}
+            if isinstance(value, bool | int) and value in (0, 1):
+                return bool(value)
+            raise ValueError("not a boolean")
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError("not an integer")

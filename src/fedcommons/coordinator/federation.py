@@ -11,8 +11,10 @@ split. After the last round the candidate is scored on the test split and publis
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -58,6 +60,7 @@ from fedcommons.strategies import (
 )
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import ClientUpdate, ReleaseManifest, decode_dense_delta, keys
+from fedcommons.wire.codec import decode_update, dense_fp32_bytes
 from fedcommons.wire.fisher import decode_fisher
 from fedcommons.wire.update import check_num_examples, decode_mask
 
@@ -80,6 +83,11 @@ class RoundReport:
     val_loss: float
     val_accuracy: float
     seconds: float
+    #: Bytes each accepted client uploaded (node id -> encoded payload bytes) (#3).
+    upload_bytes: dict[str, int] = field(default_factory=dict)
+    #: Bytes of one update as dense fp32, and the round's ratio dense / uploaded.
+    dense_bytes: int = 0
+    ratio_vs_dense: float = 1.0
 
 
 @dataclass
@@ -116,6 +124,15 @@ class PreparedRun:
     signer: Signer | None = field(default=None, repr=False)
     #: The line's privacy bookkeeping: central DP-FedAvg, budget checks, ledger (#6).
     privacy: LinePrivacy | None = field(default=None, repr=False)
+    #: Names this run to clients, which key their error-feedback state by it (#3).
+    run_tag: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+    @property
+    def max_update_bytes(self) -> int:
+        """The configured payload cap, or 2x the dense fp32 update + 64 KiB."""
+        if self.config.max_update_bytes:
+            return self.config.max_update_bytes
+        return 2 * dense_fp32_bytes(self.weights) + 65536
 
 
 def prepare_run(config: RunConfig) -> PreparedRun:
@@ -199,10 +216,17 @@ def signing_key_path(config: RunConfig) -> Path:
     return Path(path).expanduser() if path else config.registry_path / "private" / "ed25519.pem"
 
 
+def compression_seed(run_tag: str, round_no: int) -> int:
+    """The round's shared seed (random-k indices): a 63-bit hash of run tag and round."""
+    digest = hashlib.sha256(f"{run_tag}/{round_no}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def round_content(
     config: RunConfig,
     weights: Mapping[str, torch.Tensor],
     round_no: int,
+    run_tag: str = "",
     *,
     needs_fisher: bool = False,
     fisher_samples: int | None = None,
@@ -219,6 +243,11 @@ def round_content(
         keys.LEARNING_RATE: config.lr,
         keys.BATCH_SIZE: config.batch_size,
         keys.SEED: config.seed,
+        keys.RUN_TAG: run_tag,
+        keys.COMPRESSION: config.compression,
+        keys.ERROR_FEEDBACK: config.error_feedback,
+        keys.COMPRESSION_SEED: compression_seed(run_tag, round_no),
+        keys.FISH_MASK: config.fish_mask,
     }
     for key, value in config.task_options.items():
         train_cfg[f"{keys.TASK_OPTION_PREFIX}{key}"] = value
@@ -240,10 +269,15 @@ def decode_reply(
     round_no: int,
     *,
     needs_fisher: bool = False,
+    max_bytes: int | None = None,
+    expected_seed: int | None = None,
 ) -> ClientUpdate:
     """Turn a reply into a validated :class:`ClientUpdate` or raise UpdateRejectedError.
 
-    fedcommons clients send ``delta``; a plain Flower ClientApp that returns its full
+    fedcommons clients send ``delta``, or with compression on an encoded update
+    (``encoded``/``payload``, see :mod:`fedcommons.wire.codec`), decoded and validated
+    here (size cap ``max_bytes``, round, layout, indices, random-k seed, finite values)
+    before anything touches the aggregate; a plain Flower ClientApp that returns its full
     weights under ``arrays`` is accepted as a dense update (delta = weights − base).
     An optional ``mask`` record marks the coordinates sent (the delta must be zero
     outside it); an optional Fisher (``fisher-codes`` + ``fisher-range``) is decoded
@@ -272,14 +306,32 @@ def decode_reply(
         )
     )
     arrays = content.array_records
-    if keys.DELTA_ARRAYS in arrays:
-        delta = decode_dense_delta(_as_tensors(arrays[keys.DELTA_ARRAYS]), base)
-    elif keys.FULL_ARRAYS in arrays:
-        full = decode_dense_delta(_as_tensors(arrays[keys.FULL_ARRAYS]), base)
-        delta = {k: full[k] - base[k] for k in base}
+    encoded = content.config_records.get(keys.ENCODED_RECORD)
+    mask = None
+    if encoded is not None and keys.ENCODED_PAYLOAD in encoded:
+        payload = encoded[keys.ENCODED_PAYLOAD]
+        if not isinstance(payload, bytes):
+            raise UpdateRejectedError("malformed", "encoded update payload is not bytes")
+        decoded = decode_update(
+            payload,
+            base,
+            expected_round=round_no,
+            max_bytes=max_bytes,
+            expected_seed=expected_seed,
+        )
+        delta = decode_dense_delta(decoded.delta, base)
+        mask = decoded.mask  # a sparse update's support: mask-aligned strategies use it
+        size = decoded.nbytes
+    elif keys.DELTA_ARRAYS in arrays or keys.FULL_ARRAYS in arrays:
+        name = keys.DELTA_ARRAYS if keys.DELTA_ARRAYS in arrays else keys.FULL_ARRAYS
+        size = sum(len(a.data) for a in arrays[name].values())
+        if max_bytes is not None and size > max_bytes:
+            raise UpdateRejectedError("too-large", f"{size} bytes of arrays exceed cap {max_bytes}")
+        delta = decode_dense_delta(_as_tensors(arrays[name]), base)
+        if name == keys.FULL_ARRAYS:
+            delta = {k: delta[k] - base[k] for k in base}
     else:
         raise UpdateRejectedError("no-update", f"reply has no {keys.DELTA_ARRAYS!r} record")
-    mask = None
     if keys.MASK_ARRAYS in arrays:
         mask = decode_mask(_as_tensors(arrays[keys.MASK_ARRAYS]), base)
         for name, m in mask.items():
@@ -305,6 +357,7 @@ def decode_reply(
         num_examples,
         reply.metadata.src_node_id,
         metrics,
+        upload_bytes=size,
         dp_spend=spend,
         mask=mask,
         fisher=fisher,
@@ -368,9 +421,11 @@ def run_round(
         config,
         weights,
         round_no,
+        prepared.run_tag,
         needs_fisher=strategy.needs_fisher,
         fisher_samples=getattr(strategy, "fisher_samples", None),
     )
+    seed = compression_seed(prepared.run_tag, round_no)
     messages = [
         Message(
             content=content,
@@ -386,6 +441,7 @@ def run_round(
     guarded_begin(strategy, weights)
     rejected: Counter[str] = Counter()
     contributors: set[int] = set()
+    upload: dict[str, int] = {}
     loss_sum = 0.0
     examples = 0
     deadline = started + config.round_timeout
@@ -397,7 +453,14 @@ def run_round(
         for reply in replies:
             pending.discard(reply.metadata.reply_to_message_id)
             try:
-                update = decode_reply(reply, weights, round_no, needs_fisher=strategy.needs_fisher)
+                update = decode_reply(
+                    reply,
+                    weights,
+                    round_no,
+                    needs_fisher=strategy.needs_fisher,
+                    max_bytes=prepared.max_update_bytes,
+                    expected_seed=seed,
+                )
                 if update.node_id in contributors:
                     raise UpdateRejectedError(
                         "duplicate", f"second update from node {update.node_id}"
@@ -415,6 +478,7 @@ def run_round(
             if update.dp_spend is not None:
                 privacy.add_client_spend(update.node_id, update.dp_spend)
             contributors.add(update.node_id)
+            upload[str(update.node_id)] = update.upload_bytes
             examples += update.num_examples
             loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
             del update  # the aggregate is all we keep
@@ -443,8 +507,12 @@ def run_round(
         val_loss=val.get("loss", float("nan")),
         val_accuracy=val.get("accuracy", float("nan")),
         seconds=time.monotonic() - started,
+        upload_bytes=upload,
+        dense_bytes=dense_fp32_bytes(weights),
+        ratio_vs_dense=dense_fp32_bytes(weights) * len(upload) / max(sum(upload.values()), 1),
     )
-    log.info("round.finished", **{k: v for k, v in asdict(report).items() if k != "round"})
+    summary = {k: v for k, v in asdict(report).items() if k not in {"round", "upload_bytes"}}
+    log.info("round.finished", **summary, upload_bytes_total=sum(upload.values()))
     if privacy.central is not None:  # released in the manifest: nothing outside the DP noise
         report.train_loss, report.examples = float("nan"), 0
     return new_weights, report, contributors
@@ -595,6 +663,8 @@ def publish(
             data_fingerprints=fingerprints,
             version_bump=decision.to_dict(),
             privacy=prepared.privacy.manifest_privacy() if prepared.privacy else {},
+            compression=config.compression,
+            upload_bytes=sum(sum(r.upload_bytes.values()) for r in reports),
         )
 
     return registry.publish(

@@ -14,6 +14,10 @@ BATCH_SIZE = "batch-size"
 SEED = "seed"
 FISHER_REQUEST = "fisher"  # bool: the strategy needs each client's diagonal Fisher
 FISHER_SAMPLES = "fisher-samples"  # int: examples the Fisher is estimated on (default 256)
+COMPRESSION = "compression"  # compression spec of the round's updates (#3), e.g. "topk:0.01+int8"
+ERROR_FEEDBACK = "error-feedback"  # bool: carry what compression dropped into the next round
+COMPRESSION_SEED = "compression-seed"  # int: the round's shared seed (random-k indices)
+FISH_MASK = "fish-mask"  # "site" | "public": which examples a FISH mask is computed on
 
 # Client -> coordinator (reply)
 DELTA_ARRAYS = "delta"  # ArrayRecord: θ_local − θ0 (fedcommons clients)
@@ -22,6 +26,8 @@ REPLY_METRICS = "metrics"  # MetricRecord
 MASK_ARRAYS = "mask"  # ArrayRecord (optional): bool mask per tensor; absent = dense
 FISHER_CODES = "fisher-codes"  # ArrayRecord: int8 log-domain Fisher codes (wire/fisher.py)
 FISHER_RANGES = "fisher-range"  # ArrayRecord: float32 [log_lo, log_hi] per tensor
+ENCODED_RECORD = "encoded"  # ConfigRecord holding the encoded update (wire/codec.py)
+ENCODED_PAYLOAD = "payload"  # bytes: the encoded update inside ENCODED_RECORD
 
 NUM_EXAMPLES = "num-examples"  # Flower's conventional weighting key
 TRAIN_LOSS = "train-loss"

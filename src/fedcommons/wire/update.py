@@ -31,6 +31,8 @@ class ClientUpdate:
     num_examples: int
     node_id: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    #: Bytes of the update as received (encoded payload, or the dense arrays' data).
+    upload_bytes: int = 0
     #: The institution's DP-SGD spend record when the reply claims record-level DP
     #: (a validated ``fedcommons.privacy.client_spend.ClientSpend``), else ``None``.
     dp_spend: Any = None
