@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedcommons.errors import FedcommonsError, MergeError, RegistryError
+from fedcommons.fileio import atomic_write
 from fedcommons.strategies import Aggregator, guarded_finalize, guarded_fold
 from fedcommons.wire.update import ClientUpdate
 
@@ -134,17 +133,7 @@ def save_weights(
         {k: v.detach().cpu().contiguous() for k, v in weights.items()},
         metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()},
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-merge-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, mode=0o644)
     return hashlib.sha256(data).hexdigest()
 
 

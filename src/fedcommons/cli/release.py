@@ -30,9 +30,9 @@ def _open_registry(path: Path):
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    from fedcommons.coordinator.registry import _fsync_write
+    from fedcommons.fileio import atomic_write
 
-    _fsync_write(path.expanduser(), data)
+    atomic_write(path.expanduser(), data, mode=0o644)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as st_save
 
 from fedcommons.errors import ClientStateError
+from fedcommons.fileio import atomic_write
 from fedcommons.logs import get_logger
 from fedcommons.wire.codec import (
     CompressionSpec,
@@ -101,16 +102,7 @@ class ClientState:
             if not self.directory.exists():
                 self.directory.mkdir(parents=True, exist_ok=True)
                 prune_stale_runs(self.directory.parent.parent, keep=self.directory.parent)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".safetensors")
-            os.close(fd)
-            try:
-                save_file({key: np.ascontiguousarray(value)}, tmp)
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(path, st_save({key: np.ascontiguousarray(value)}))
         except OSError as exc:
             raise ClientStateError(f"cannot write client state {path}: {exc}") from exc
 

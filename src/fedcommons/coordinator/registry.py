@@ -58,6 +58,7 @@ from fedcommons.errors import (
     ReleaseNotFoundError,
     SigningKeyError,
 )
+from fedcommons.fileio import atomic_write, fsync_dir
 from fedcommons.wire.manifest import ReleaseManifest
 
 INDEX_SCHEMA_VERSION = 2
@@ -468,31 +469,9 @@ class SqliteIndexStore:
 
 
 # -- files --------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _fsync_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        os.fchmod(fd, 0o644)  # registry files are public; mkstemp would make them 0600
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    """Write a registry file atomically; registry files are public (0644)."""
+    atomic_write(path, data, mode=0o644)
 
 
 def check_writable(root: Path) -> None:
@@ -685,7 +664,7 @@ class Registry:
                         raise RegistryError(f"release {name} {version} exists already")
                     shutil.rmtree(final)
                 os.rename(staging, final)
-                _fsync_dir(release_root)
+                fsync_dir(release_root)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise

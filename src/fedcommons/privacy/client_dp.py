@@ -27,11 +27,9 @@ never from the run's public seed (the coordinator could otherwise replay the noi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -42,6 +40,7 @@ from typing import Any
 import torch
 
 from fedcommons.errors import ConfigError, PrivacyBudgetExceededError, PrivacyConfigError
+from fedcommons.fileio import atomic_write, exclusive_lock
 from fedcommons.privacy.accounting import Step, check_accountant, merge_history, runtime_epsilon
 from fedcommons.privacy.client_spend import ClientSpend
 from fedcommons.privacy.config import (
@@ -156,39 +155,24 @@ class AccountantStore:
         """Write the state atomically (temp file, fsync, rename)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         data = json.dumps(state, indent=1, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.path, data)  # 0600: the site's private accounting state
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold an exclusive lock on the state dir (bounded wait)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        with (self.state_dir / ".lock").open("a") as fh:
-            deadline = time.monotonic() + LOCK_TIMEOUT_S
-            while True:
-                try:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise PrivacyBudgetExceededError(
-                            f"DP state {self.state_dir} is locked by another round for "
-                            f"{LOCK_TIMEOUT_S:.0f}s; not training"
-                        ) from None
-                    time.sleep(0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with (
+            (self.state_dir / ".lock").open("a") as fh,
+            exclusive_lock(
+                fh,
+                LOCK_TIMEOUT_S,
+                lambda: PrivacyBudgetExceededError(
+                    f"DP state {self.state_dir} is locked by another round for "
+                    f"{LOCK_TIMEOUT_S:.0f}s; not training"
+                ),
+            ),
+        ):
+            yield
 
 
 def spent_epsilon(config: ClientDPConfig) -> float:

@@ -17,17 +17,16 @@ fsync: two coordinators on one line cannot interleave entries.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedcommons.errors import LedgerTamperedError, PrivacyAuditError
+from fedcommons.fileio import exclusive_lock
 
 GENESIS = "0" * 64
 LEDGER_DIR = "privacy"
@@ -160,23 +159,17 @@ class PrivacyLedger:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Any]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a+b") as fh:
-            deadline = time.monotonic() + LOCK_TIMEOUT_S
-            while True:
-                try:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise PrivacyAuditError(
-                            f"ledger {self.path} is locked by another writer for "
-                            f"{LOCK_TIMEOUT_S:.0f}s"
-                        ) from None
-                    time.sleep(0.05)
-            try:
-                yield fh
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with (
+            self.path.open("a+b") as fh,
+            exclusive_lock(
+                fh,
+                LOCK_TIMEOUT_S,
+                lambda: PrivacyAuditError(
+                    f"ledger {self.path} is locked by another writer for {LOCK_TIMEOUT_S:.0f}s"
+                ),
+            ),
+        ):
+            yield fh
 
     def append(
         self, entry: Mapping[str, Any] | Callable[[list[LedgerRecord]], Mapping[str, Any]]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,36 @@ class ClientUpdate:
         return float(self.num_examples if self.weight is None else self.weight)
 
 
+def _matching_tensors(
+    arrays: Mapping[str, np.ndarray | torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    *,
+    what: str,
+    names_reason: str,
+    shape_reason: str,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Yield ``(name, tensor, reference tensor)`` once names and shapes match the base.
+
+    Raises :class:`UpdateRejectedError` with ``names_reason`` for missing or unexpected
+    names and ``shape_reason`` for a wrong shape.
+    """
+    missing = sorted(set(reference) - set(arrays))
+    extra = sorted(set(arrays) - set(reference))
+    if missing or extra:
+        raise UpdateRejectedError(
+            names_reason, f"{what}: missing {missing[:5]}, unexpected {extra[:5]} for the base"
+        )
+    for name, ref in reference.items():
+        value = arrays[name]
+        tensor = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise UpdateRejectedError(
+                shape_reason,
+                f"{what} {name}: shape {tuple(tensor.shape)}, base release has {tuple(ref.shape)}",
+            )
+        yield name, tensor, ref
+
+
 def decode_dense_delta(
     arrays: Mapping[str, np.ndarray | torch.Tensor],
     reference: Mapping[str, torch.Tensor],
@@ -56,21 +86,10 @@ def decode_dense_delta(
     shapes, non-floating dtypes and NaN/Inf values. Returns tensors in the reference's
     dtype, so nothing downstream sees foreign dtypes.
     """
-    missing = sorted(set(reference) - set(arrays))
-    extra = sorted(set(arrays) - set(reference))
-    if missing or extra:
-        raise UpdateRejectedError(
-            "wrong-tensors", f"missing {missing[:5]}, unexpected {extra[:5]} for the base release"
-        )
     out: dict[str, torch.Tensor] = {}
-    for name, ref in reference.items():
-        value = arrays[name]
-        tensor = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
-        if tuple(tensor.shape) != tuple(ref.shape):
-            raise UpdateRejectedError(
-                "wrong-shape",
-                f"{name}: shape {tuple(tensor.shape)}, base release has {tuple(ref.shape)}",
-            )
+    for name, tensor, ref in _matching_tensors(
+        arrays, reference, what="delta", names_reason="wrong-tensors", shape_reason="wrong-shape"
+    ):
         if not tensor.dtype.is_floating_point:
             raise UpdateRejectedError("wrong-dtype", f"{name}: dtype {tensor.dtype} is not float")
         if not all_finite(tensor):
@@ -127,20 +146,10 @@ def decode_mask(
     Rejects (:class:`UpdateRejectedError`) wrong names or shapes and values other than
     0/1.
     """
-    missing = sorted(set(reference) - set(arrays))
-    extra = sorted(set(arrays) - set(reference))
-    if missing or extra:
-        raise UpdateRejectedError(
-            "bad-mask", f"mask: missing {missing[:5]}, unexpected {extra[:5]}"
-        )
     out: dict[str, torch.Tensor] = {}
-    for name, ref in reference.items():
-        value = arrays[name]
-        tensor = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
-        if tuple(tensor.shape) != tuple(ref.shape):
-            raise UpdateRejectedError(
-                "bad-mask", f"mask {name}: shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}"
-            )
+    for name, tensor, _ in _matching_tensors(
+        arrays, reference, what="mask", names_reason="bad-mask", shape_reason="bad-mask"
+    ):
         if tensor.dtype != torch.bool:
             if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
                 raise UpdateRejectedError("bad-mask", f"mask {name}: dtype {tensor.dtype}")

@@ -1,0 +1,74 @@
+"""Durable file primitives shared by the registry, the client state and the ledger.
+
+- :func:`atomic_write`: write bytes to a temporary file beside the target, fsync, rename
+  (readers see the old file or the new one, never half of either), then fsync the
+  directory so the rename itself survives a crash.
+- :func:`exclusive_lock`: an advisory POSIX ``flock`` on an open file with a bounded wait,
+  so two processes never interleave writes and none waits forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Fsync a directory so renames and new entries in it are durable.
+
+    Best effort: some file systems cannot fsync a directory.
+    """
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync dir).
+
+    ``mode`` sets the file's permissions (``tempfile.mkstemp`` creates 0600 files).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def exclusive_lock(
+    fh: IO[Any], timeout: float, on_timeout: Callable[[], Exception], poll: float = 0.05
+) -> Iterator[None]:
+    """Hold ``flock(LOCK_EX)`` on ``fh``; raise ``on_timeout()`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise on_timeout() from None
+            time.sleep(poll)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
