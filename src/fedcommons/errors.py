@@ -45,3 +45,11 @@ class UpdateRejectedError(FedcommonsError):
 
 class RoundFailedError(FedcommonsError):
     """A round ended without enough valid replies to produce an aggregate."""
+
+
+class CertificateError(FedcommonsError):
+    """A certificate, key or allowlist entry is missing, malformed or of the wrong type."""
+
+
+class AuditLogError(FedcommonsError):
+    """The audit log cannot be written or is not a valid JSON-lines log."""

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from fedcommons import __version__
+from fedcommons.cli.certs import certs_app
 from fedcommons.cli.common import console, err_console
 from fedcommons.cli.demo import demo
 from fedcommons.cli.deploy import client_app, coordinator_app
@@ -27,6 +28,7 @@ app.command()(demo)
 app.add_typer(release_app, name="release")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(client_app, name="client")
+app.add_typer(certs_app, name="certs")
 
 
 @app.callback()

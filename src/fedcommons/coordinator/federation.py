@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcommons import __version__
+from fedcommons.coordinator import observability as observe
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.registry import Registry, Release, check_writable
 from fedcommons.errors import ConfigError, RoundFailedError, UpdateRejectedError
@@ -233,6 +234,7 @@ def run_round(
             continue
         for reply in replies:
             pending.discard(reply.metadata.reply_to_message_id)
+            observe.reply_received(reply)
             try:
                 update = decode_reply(reply, weights, round_no)
                 if update.node_id in contributors:
@@ -241,6 +243,9 @@ def run_round(
                     )
             except UpdateRejectedError as exc:
                 rejected[exc.reason] += 1
+                observe.update_rejected(
+                    round_no, reply.metadata.src_node_id, exc.reason, exc.detail
+                )
                 log.warning(
                     "update.rejected",
                     node=reply.metadata.src_node_id,
@@ -285,7 +290,8 @@ def evaluate(task: Task, weights: Mapping[str, torch.Tensor], loader: Any) -> di
     model = task.build_model()
     model.load_state_dict(dict(weights), strict=True)
     model.to(task.device())
-    return task.evaluate(model, loader)
+    with observe.validation_timer():
+        return task.evaluate(model, loader)
 
 
 def run_federation(
@@ -308,18 +314,25 @@ def run_federation(
             rounds=config.rounds,
             line=config.line,
         )
+        observe.run_started(config.registry_path, run_id, {"config": config.to_flat()})
         weights = prepared.weights
         reports: list[RoundReport] = []
         contributors: set[int] = set()
         for round_no in range(1, config.rounds + 1):
             with structlog.contextvars.bound_contextvars(round=round_no):
-                weights, report, nodes = run_round(grid, prepared, weights, round_no)
+                try:
+                    weights, report, nodes = run_round(grid, prepared, weights, round_no)
+                except RoundFailedError as exc:
+                    observe.round_failed(round_no, exc)
+                    raise
+            observe.round_finished(report)
             reports.append(report)
             contributors |= nodes
             if observer:
                 observer.on_round(report)
         test = evaluate(prepared.task, weights, prepared.task.test_loader())
         release = publish(prepared, weights, reports, test, len(contributors), run_id)
+        observe.release_published(release)
         log.info(
             "release.published",
             name=release.name,
