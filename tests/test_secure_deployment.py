@@ -34,6 +34,31 @@ def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float
     raise TimeoutError(f"{text!r} not in {path.name} after {timeout}s:\n{tail(path)}")
 
 
+def _scrape_while_running(proc: subprocess.Popen, port: int, timeout: float) -> dict[str, float]:
+    """The last successful scrape of 127.0.0.1:port/metrics before ``proc`` exits."""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    last: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.3)
+            continue
+        last = {
+            s.name: s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+            if not s.labels
+        }
+        time.sleep(0.3)
+    return last
+
+
 def _wait_exit(proc: subprocess.Popen, timeout: float) -> int:
     try:
         return proc.wait(timeout=timeout)
@@ -56,6 +81,7 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
     registry = tmp_path / "registry"
     audit = tmp_path / "audit.jsonl"
     link_port = free_port()
+    metrics_port = free_port()
     (tmp_path / "coordinator.toml").write_text(
         "\n".join(
             [
@@ -66,7 +92,7 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
                 f'ssl_keyfile = "{pki / "server.key"}"',
                 f'ssl_ca_certfile = "{pki / "ca.pem"}"',
                 f'allowlist = ["{pki / "allow"}"]',
-                "metrics_port = 0",
+                f"metrics_port = {metrics_port}",
                 f'audit_log = "{audit}"',
             ]
         )
@@ -74,6 +100,7 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
     )
     fc = str(BIN / "fedcommons")
     group = ProcessGroup(tmp_path, flower_env)
+    submit: subprocess.Popen | None = None
     try:
         coord, coord_log = group.start(
             "coordinator",
@@ -130,7 +157,7 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
         assert _wait_exit(stranger, 60) not in (0, -999), tail(stranger_log)
         assert "CERTIFICATE_VERIFY_FAILED" in stranger_log.read_text()
 
-        submit = subprocess.run(
+        submit = subprocess.Popen(
             [
                 fc,
                 "coordinator",
@@ -155,16 +182,21 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
                 "node-wait-timeout=60",
             ],
             env=flower_env,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=480,
-            check=False,
         )
+        # The ServerApp process serves /metrics while the run lasts: scrape it meanwhile.
+        scraped = _scrape_while_running(submit, metrics_port, timeout=480)
+        out, err = submit.communicate(timeout=60)
         logs = "\n".join(tail(p) for p in sorted(tmp_path.glob("*.log")))
-        assert submit.returncode == 0, f"{submit.stdout}\n{submit.stderr}\n{logs}"
-        status = json.loads(submit.stdout[submit.stdout.index("{") :])
+        assert submit.returncode == 0, f"{out}\n{err}\n{logs}"
+        status = json.loads(out[out.index("{") :])
         assert status["status"] == "finished:completed"
     finally:
+        if submit is not None and submit.poll() is None:
+            submit.kill()  # by PID; it started no server of its own
+            submit.wait(timeout=10)
         group.stop_all()
     assert group.alive() == []
 
@@ -173,6 +205,9 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
     manifest = releases[0].manifest()
     assert [r["accepted"] for r in manifest.round_metrics] == [3, 3, 3]
     assert manifest.contributors == 3
+
+    assert scraped.get("fedcommons_updates_received_total", 0) >= 3, scraped
+    assert scraped.get("fedcommons_upload_bytes_total", 0) > 0
 
     records = list(audit_log.read(audit))
     assert [(r["action"], r["round"]) for r in records] == [
