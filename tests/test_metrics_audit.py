@@ -202,3 +202,20 @@ def test_metrics_env_with_a_bad_port_logs_and_does_not_fail(
         assert metrics.serve_from_env() is None
     finally:
         metrics._server = metrics_server
+
+
+def test_audit_log_command_verifies_the_chain_and_fails_on_a_broken_one(tmp_path: Path) -> None:
+    """Input tried: `coordinator audit-log` on an intact log, then after deleting a record."""
+    from typer.testing import CliRunner
+
+    from fedcommons.cli import app
+
+    log = audit_log.AuditLog(tmp_path / "audit.jsonl")
+    for n in range(3):
+        log.record("round.finish", "completed", round=n + 1)
+    ok = CliRunner().invoke(app, ["coordinator", "audit-log", str(log.path)])
+    assert ok.exit_code == 0 and "3 record(s), hash chain intact" in ok.output
+    lines = log.path.read_text().splitlines()
+    log.path.write_text("\n".join([lines[0], lines[2]]) + "\n")
+    broken = CliRunner().invoke(app, ["coordinator", "audit-log", str(log.path)])
+    assert isinstance(broken.exception, AuditLogError)

@@ -213,6 +213,25 @@ def coordinator_submit(
         )
 
 
+@coordinator_app.command("audit-log")
+def coordinator_audit_log(
+    path: Annotated[Path, typer.Argument(help="Audit log (e.g. REGISTRY/audit.jsonl).")],
+    last: Annotated[int, typer.Option(help="Show the last N records (0: none).")] = 20,
+) -> None:
+    """Verify the audit log's hash chain and show its last records."""
+    from fedcommons.coordinator import audit_log
+
+    count = audit_log.verify(path)
+    records = list(audit_log.read(path))[-last:] if last > 0 else []
+    for record in records:
+        console.print(
+            f"{record['timestamp']}  {record['actor']:<22} {record['action']:<16} "
+            f"round={record.get('round')} release={record.get('release')} "
+            f"-> {record['outcome']}"
+        )
+    console.print(f"{count} record(s), hash chain intact")
+
+
 @client_app.command("join")
 def client_join(
     superlink: Annotated[
