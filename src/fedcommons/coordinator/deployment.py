@@ -394,6 +394,7 @@ def sync_allowlist(
         RegisterNodeRequest,
         UnregisterNodeRequest,
     )
+    from flwr.supercore.constant import NodeStatus
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
     from fedcommons.coordinator.certs import load_node_public_key
@@ -406,7 +407,7 @@ def sync_allowlist(
             nodes = client.ListNodes(ListNodesRequest()).nodes_info
         except Exception as exc:
             raise DeploymentError(f"cannot list SuperNodes on {address}: {exc}") from exc
-        active = {n.public_key: n.node_id for n in nodes if n.status != "unregistered"}
+        active = {n.public_key: n.node_id for n in nodes if n.status != NodeStatus.UNREGISTERED}
         for key, path in wanted.items():
             if key in active:
                 result.kept[str(path)] = active[key]
