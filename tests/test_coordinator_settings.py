@@ -187,3 +187,20 @@ def test_certs_dev_writes_ca_server_and_node_keys(tmp_path: Path) -> None:
         "server.pem",
     ]
     assert "coord.lan" in certs.server_cert_hosts(out / "server.pem")
+
+
+def test_relative_paths_in_the_toml_file_are_relative_to_the_file(
+    pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = pki / "coordinator.toml"
+    config.write_text(
+        'ssl_certfile = "server.pem"\nssl_keyfile = "server.key"\n'
+        'ssl_ca_certfile = "ca.pem"\nallowlist = ["nodes"]\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    settings = load_coordinator_settings(config, ssl_keyfile=Path("mine.key"))
+    assert settings.ssl_certfile == pki / "server.pem"
+    assert settings.allowlist == [pki / "nodes"]
+    assert settings.ssl_keyfile == Path("mine.key")  # an option: relative to the cwd
+    settings = load_coordinator_settings(config)
+    assert settings.check() == []

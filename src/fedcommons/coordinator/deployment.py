@@ -203,7 +203,8 @@ class CoordinatorSettings(BaseSettings):
     Sources, highest first: command-line options, environment variables
     (``FEDCOMMONS_<FIELD>``, e.g. ``FEDCOMMONS_SSL_CERTFILE``), the TOML file given with
     ``--config`` (top-level keys named like the fields), the defaults below. Relative
-    paths are taken relative to the working directory.
+    paths in the TOML file are relative to the file's directory; others to the working
+    directory.
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDCOMMONS_", extra="forbid")
@@ -299,8 +300,12 @@ def load_coordinator_settings(
     if config_file is not None and not Path(config_file).is_file():
         raise ConfigError(f"coordinator config {config_file} not found")
     token = _TOML_FILE.set(Path(config_file) if config_file is not None else None)
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return CoordinatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = CoordinatorSettings(**given)
+        if config_file is not None:
+            settings = _paths_relative_to(settings, Path(config_file), given)
+        return settings
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
@@ -311,6 +316,27 @@ def load_coordinator_settings(
         raise ConfigError(f"coordinator config {config_file} is not valid TOML: {exc}") from exc
     finally:
         _TOML_FILE.reset(token)
+
+
+_PATH_FIELDS = ("database", "ssl_certfile", "ssl_keyfile", "ssl_ca_certfile", "audit_log")
+
+
+def _paths_relative_to(
+    settings: CoordinatorSettings, config_file: Path, given: Mapping[str, Any]
+) -> CoordinatorSettings:
+    """Resolve relative paths that came from the TOML file against the file's directory."""
+    data = tomllib.loads(config_file.read_text())
+    base = config_file.resolve().parent
+    update: dict[str, Any] = {}
+    for name in (*_PATH_FIELDS, "allowlist"):
+        if name not in data or name in given or f"FEDCOMMONS_{name.upper()}" in os.environ:
+            continue
+        value = getattr(settings, name)
+        if name == "allowlist":
+            update[name] = [p if p.is_absolute() else base / p for p in value]
+        elif value is not None and not value.is_absolute():
+            update[name] = base / value
+    return settings.model_copy(update=update)
 
 
 def superlink_argv(settings: CoordinatorSettings) -> list[str]:
