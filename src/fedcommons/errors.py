@@ -145,3 +145,11 @@ class MalformedUpdateError(UpdateRejectedError):
 
 class ClientStateError(FedcommonsError):
     """The client's state directory (error-feedback residual, FISH mask) cannot be used."""
+
+
+class CertificateError(FedcommonsError):
+    """A certificate, key or allowlist entry is missing, malformed or of the wrong type."""
+
+
+class AuditLogError(FedcommonsError):
+    """The audit log cannot be written or is not a valid JSON-lines log."""

@@ -12,6 +12,7 @@ import typer
 
 from fedcommons import __version__
 from fedcommons.cli.audit import audit_app
+from fedcommons.cli.certs import certs_app
 from fedcommons.cli.common import console, err_console
 from fedcommons.cli.demo import demo
 from fedcommons.cli.deploy import client_app, coordinator_app
@@ -32,6 +33,7 @@ app.add_typer(client_app, name="client")
 app.add_typer(audit_app, name="audit")
 app.add_typer(strategies_app, name="strategies")
 app.command("merge")(merge)
+app.add_typer(certs_app, name="certs")
 
 
 @app.callback()

@@ -57,44 +57,116 @@ def _warn_insecure(insecure: bool, root_cert: Path | None) -> None:
 
 @coordinator_app.command("start")
 def coordinator_start(
-    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "127.0.0.1",
+    config: Annotated[
+        Path | None, typer.Option("--config", help="coordinator.toml (settings file).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address the SuperLink listens on.")] = None,
     port: Annotated[
-        int, typer.Option(help="One HTTP port for Fleet, Control and runtime APIs.")
-    ] = 9093,
+        int | None, typer.Option(help="One HTTP port for Fleet, Control and runtime APIs.")
+    ] = None,
     database: Annotated[Path | None, typer.Option(help="SQLite file for durable state.")] = None,
-    insecure: InsecureOpt = False,
+    insecure: Annotated[
+        bool | None,
+        typer.Option("--insecure", help="Plain-text gRPC (development only; logs a warning)."),
+    ] = None,
     ssl_certfile: Annotated[Path | None, typer.Option(help="Server certificate (TLS).")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="Server private key (TLS).")] = None,
     ssl_ca_certfile: Annotated[Path | None, typer.Option(help="CA certificate (TLS).")] = None,
+    allowlist: Annotated[
+        list[Path] | None,
+        typer.Option(help="Node public key (*.pub) or a directory of them (repeatable)."),
+    ] = None,
+    no_node_auth: Annotated[
+        bool,
+        typer.Option("--no-node-auth", help="Accept any SuperNode (logs a warning)."),
+    ] = False,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="Address of the Prometheus endpoint.")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Port of the Prometheus endpoint (0: off).")
+    ] = None,
+    audit_log: Annotated[
+        Path | None, typer.Option(help="Audit log file (default: <registry>/audit.jsonl).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check the settings, print the command, exit.")
+    ] = False,
 ) -> None:
-    """Start the coordinator's SuperLink (``flower-superlink``); submit runs with ``submit``."""
-    argv = [
-        "flower-superlink",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--disable-runtime-dependency-installation",
-    ]
-    if database:
-        argv += ["--database", str(database)]
-    if insecure:
-        _warn_insecure(True, None)
-        argv.append("--insecure")
-    else:
-        if not (ssl_certfile and ssl_keyfile and ssl_ca_certfile):
-            raise FedcommonsError(
-                "TLS needs --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile (or --insecure)"
-            )
-        argv += [
-            "--ssl-certfile",
-            str(ssl_certfile),
-            "--ssl-keyfile",
-            str(ssl_keyfile),
-            "--ssl-ca-certfile",
-            str(ssl_ca_certfile),
-        ]
-    _exec(argv)
+    """Start the coordinator: a SuperLink with TLS and SuperNode authentication.
+
+    Settings come from --config (TOML), FEDCOMMONS_* environment variables and these
+    options (highest). The allowlisted public keys are registered once the SuperLink is
+    up; keys registered earlier but no longer listed are revoked.
+    """
+    from fedcommons.coordinator.deployment import (
+        load_coordinator_settings,
+        run_coordinator,
+        superlink_argv,
+    )
+    from fedcommons.logs import get_logger
+
+    settings = load_coordinator_settings(
+        config,
+        host=host,
+        port=port,
+        database=database,
+        insecure=insecure,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        ssl_ca_certfile=ssl_ca_certfile,
+        allowlist=allowlist,
+        node_auth=False if no_node_auth else None,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        audit_log=audit_log,
+    )
+    configure_logging()
+    logger = get_logger("fedcommons.cli")
+    for warning in settings.check():
+        logger.warning("coordinator.insecure_setting", detail=warning)
+    if dry_run:
+        console.print(" ".join(superlink_argv(settings)))
+        return
+
+    def ready(sync: object) -> None:
+        logger.info(
+            "coordinator.ready",
+            address=settings.local_address,
+            tls=not settings.insecure,
+            node_auth=settings.node_auth_active,
+            allowlist=None if sync is None else vars(sync),
+        )
+
+    code = run_coordinator(settings, on_ready=ready)
+    if code not in (0, -2, -15, 130, 143):
+        raise FedcommonsError(f"flower-superlink exited with code {code}")
+
+
+@coordinator_app.command("allowlist-sync")
+def coordinator_allowlist_sync(
+    allowlist: Annotated[
+        list[Path], typer.Argument(help="Node public keys (*.pub) or directories of them.")
+    ],
+    superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")] = "127.0.0.1:9093",
+    root_cert: RootCertOpt = None,
+    keep_unlisted: Annotated[
+        bool, typer.Option(help="Do not revoke registered nodes missing from the list.")
+    ] = False,
+) -> None:
+    """Register these node keys on a running SuperLink and revoke the others."""
+    from fedcommons.coordinator.certs import allowlist_keys
+    from fedcommons.coordinator.deployment import sync_allowlist
+
+    if root_cert is None:
+        raise FedcommonsError("node authentication needs TLS: pass --root-cert CA.pem")
+    result = sync_allowlist(
+        superlink,
+        allowlist_keys(allowlist),
+        root_cert=root_cert,
+        revoke_unlisted=not keep_unlisted,
+    )
+    console.print(json.dumps(vars(result), indent=2))
 
 
 @coordinator_app.command("app-dir")
@@ -141,21 +213,80 @@ def coordinator_submit(
         )
 
 
+@coordinator_app.command("audit-log")
+def coordinator_audit_log(
+    path: Annotated[Path, typer.Argument(help="Audit log (e.g. REGISTRY/audit.jsonl).")],
+    last: Annotated[int, typer.Option(help="Show the last N records (0: none).")] = 20,
+) -> None:
+    """Verify the audit log's hash chain and show its last records."""
+    from fedcommons.coordinator import audit_log
+
+    count = audit_log.verify(path)
+    records = list(audit_log.read(path))[-last:] if last > 0 else []
+    for record in records:
+        console.print(
+            f"{record['timestamp']}  {record['actor']:<22} {record['action']:<16} "
+            f"round={record.get('round')} release={record.get('release')} "
+            f"-> {record['outcome']}"
+        )
+    console.print(f"{count} record(s), hash chain intact")
+
+
 @client_app.command("join")
 def client_join(
-    superlink: Annotated[str, typer.Option(help="Coordinator's SuperLink HOST:PORT.")],
+    superlink: Annotated[
+        str | None,
+        typer.Option("--coordinator", "--superlink", help="Coordinator's SuperLink HOST:PORT."),
+    ] = None,
     task: Annotated[str | None, typer.Option(help="Your Task: name or 'pkg.module:Class'.")] = None,
     node_config: Annotated[
         list[str] | None, typer.Option("--node-config", "-n", help="key=value (repeatable).")
     ] = None,
     insecure: InsecureOpt = False,
     root_cert: RootCertOpt = None,
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", help="This node's private key (OpenSSH ECDSA); stays here."),
+    ] = None,
+    no_node_auth: Annotated[
+        bool,
+        typer.Option("--no-node-auth", help="Join without a node key (logs a warning)."),
+    ] = False,
+    host: Annotated[str, typer.Option(help="Local address of the runtime API.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Local port of this SuperNode's runtime API.")] = 9094,
+    max_wait_time: Annotated[
+        float | None, typer.Option(help="Give up connecting after this many seconds.")
+    ] = None,
 ) -> None:
-    """Join a federation: run a SuperNode with the fedcommons ClientApp."""
+    """Join a federation: run a SuperNode with the fedcommons ClientApp.
+
+    TLS (--root-cert) and node authentication (--key) are on by default.
+    """
+    from fedcommons.coordinator.certs import check_node_private_key, check_pem_certificate
     from fedcommons.tasks import resolve_task_class
 
+    if not superlink:
+        raise FedcommonsError("pass --coordinator HOST:PORT (the coordinator's SuperLink)")
     _warn_insecure(insecure, root_cert)
+    if not insecure:
+        check_pem_certificate(root_cert, "root certificate")  # type: ignore[arg-type]
+        if key is not None:
+            check_node_private_key(key)
+        elif no_node_auth:
+            from fedcommons.logs import get_logger
+
+            get_logger("fedcommons.cli").warning(
+                "insecure.node_auth", detail="joining without a node key (--no-node-auth)"
+            )
+        else:
+            raise FedcommonsError(
+                "pass --key NODE.key (node authentication; create one with "
+                "'fedcommons certs node NAME'), or --no-node-auth"
+            )
+    elif key is not None:
+        raise FedcommonsError(
+            "--key needs TLS: node authentication is not possible with --insecure"
+        )
     settings = parse_settings(node_config)
     from fedcommons.privacy.client_dp import ClientDPConfig
 
@@ -166,8 +297,12 @@ def client_join(
     pairs = " ".join(
         f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in settings.items()
     )
-    argv = ["flower-supernode", "--superlink", superlink, "--port", str(port)]
+    argv = ["flower-supernode", "--superlink", superlink, "--host", host, "--port", str(port)]
     if pairs:
         argv += ["--node-config", pairs]
     argv += ["--insecure"] if insecure else ["--root-certificates", str(root_cert)]
+    if key is not None:
+        argv += ["--auth-supernode-private-key", str(key)]
+    if max_wait_time is not None:
+        argv += ["--max-wait-time", str(max_wait_time)]
     _exec(argv)

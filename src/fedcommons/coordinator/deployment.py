@@ -16,13 +16,24 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
 from fedcommons import __version__
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.errors import ConfigError, FedcommonsError
+from fedcommons.errors import CertificateError, ConfigError, FedcommonsError
 from fedcommons.wire import keys
 
 APP_DIR_NAME = "fedcommons-app"
@@ -176,3 +187,336 @@ def submit_run(
         status = run_status(connection, run_id)
     status["run-id"] = run_id
     return status
+
+
+# -- the coordinator service: settings, TLS, node authentication ------------------------
+
+#: Environment variables the ServerApp processes read (set by :func:`service_env`).
+ENV_METRICS_PORT = "FEDCOMMONS_METRICS_PORT"
+ENV_METRICS_HOST = "FEDCOMMONS_METRICS_HOST"
+ENV_AUDIT_LOG = "FEDCOMMONS_AUDIT_LOG"
+
+
+class CoordinatorSettings(BaseSettings):
+    """Settings of ``fedcommons coordinator start``.
+
+    Sources, highest first: command-line options, environment variables
+    (``FEDCOMMONS_<FIELD>``, e.g. ``FEDCOMMONS_SSL_CERTFILE``), the TOML file given with
+    ``--config`` (top-level keys named like the fields), the defaults below. Relative
+    paths in the TOML file are relative to the file's directory; others to the working
+    directory.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FEDCOMMONS_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(9093, ge=1, le=65535)
+    database: Path | None = None
+    insecure: bool = False
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_ca_certfile: Path | None = None
+    node_auth: bool = True
+    allowlist: list[Path] = Field(default_factory=list)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9095, ge=0, le=65535)
+    audit_log: Path | None = None
+    startup_timeout: float = Field(60.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """CLI options (init), then environment, then the TOML file."""
+        toml_file = _TOML_FILE.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def check(self) -> list[str]:
+        """Raise ConfigError/CertificateError on unusable settings; return warnings."""
+        from fedcommons.coordinator.certs import allowlist_keys, check_pem_certificate
+
+        warnings: list[str] = []
+        if self.insecure:
+            warnings.append("TLS is off (--insecure): use only on a trusted network")
+            if self.node_auth:
+                warnings.append("SuperNode authentication needs TLS: it is off as well")
+            return warnings
+        missing = [
+            f"--{name.replace('_', '-')}"
+            for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certfile")
+            if getattr(self, name) is None
+        ]
+        if missing:
+            raise ConfigError(
+                f"TLS is on by default and needs {', '.join(missing)} "
+                "(create development ones with 'fedcommons certs dev'), or pass --insecure"
+            )
+        for name in ("ssl_certfile", "ssl_ca_certfile"):
+            check_pem_certificate(getattr(self, name), name.replace("_", "-"))
+        if not Path(self.ssl_keyfile).is_file():  # type: ignore[arg-type]
+            raise CertificateError(f"ssl-keyfile {self.ssl_keyfile} not found")
+        if self.node_auth:
+            keys_found = allowlist_keys(self.allowlist)
+            if not keys_found:
+                warnings.append(
+                    "node authentication is on and the allowlist is empty: no SuperNode "
+                    "can connect until keys are added (coordinator allowlist-sync)"
+                )
+        else:
+            warnings.append("SuperNode authentication is off: any SuperNode may connect")
+        return warnings
+
+    @property
+    def node_auth_active(self) -> bool:
+        """Whether the SuperLink runs with ``--enable-supernode-auth``."""
+        return self.node_auth and not self.insecure
+
+    @property
+    def local_address(self) -> str:
+        """Where this machine reaches the SuperLink (loopback when it binds everywhere)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+_TOML_FILE: ContextVar[Path | None] = ContextVar("fedcommons_coordinator_toml", default=None)
+
+
+def load_coordinator_settings(
+    config_file: Path | None = None, **overrides: Any
+) -> CoordinatorSettings:
+    """Read settings from ``config_file`` (TOML), the environment and ``overrides``.
+
+    ``None`` overrides are ignored (an option not given on the command line).
+    Raises :class:`ConfigError` naming the bad file, key or value.
+    """
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"coordinator config {config_file} not found")
+    token = _TOML_FILE.set(Path(config_file) if config_file is not None else None)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = CoordinatorSettings(**given)
+        if config_file is not None:
+            settings = _paths_relative_to(settings, Path(config_file), given)
+        return settings
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"coordinator settings: {problems}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"coordinator config {config_file} is not valid TOML: {exc}") from exc
+    finally:
+        _TOML_FILE.reset(token)
+
+
+_PATH_FIELDS = ("database", "ssl_certfile", "ssl_keyfile", "ssl_ca_certfile", "audit_log")
+
+
+def _paths_relative_to(
+    settings: CoordinatorSettings, config_file: Path, given: Mapping[str, Any]
+) -> CoordinatorSettings:
+    """Resolve relative paths that came from the TOML file against the file's directory."""
+    data = tomllib.loads(config_file.read_text())
+    base = config_file.resolve().parent
+    update: dict[str, Any] = {}
+    for name in (*_PATH_FIELDS, "allowlist"):
+        if name not in data or name in given or f"FEDCOMMONS_{name.upper()}" in os.environ:
+            continue
+        value = getattr(settings, name)
+        if name == "allowlist":
+            update[name] = [p if p.is_absolute() else base / p for p in value]
+        elif value is not None and not value.is_absolute():
+            update[name] = base / value
+    return settings.model_copy(update=update)
+
+
+def superlink_argv(settings: CoordinatorSettings) -> list[str]:
+    """The ``flower-superlink`` command line for ``settings``."""
+    argv = [
+        "flower-superlink",
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if settings.database:
+        argv += ["--database", str(settings.database)]
+    if settings.insecure:
+        return [*argv, "--insecure"]
+    argv += [
+        "--ssl-certfile",
+        str(settings.ssl_certfile),
+        "--ssl-keyfile",
+        str(settings.ssl_keyfile),
+        "--ssl-ca-certfile",
+        str(settings.ssl_ca_certfile),
+    ]
+    if settings.node_auth_active:
+        argv.append("--enable-supernode-auth")
+    return argv
+
+
+def service_env(
+    settings: CoordinatorSettings, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Environment for the SuperLink and the ServerApp processes it starts."""
+    env = dict(os.environ if base is None else base)
+    env[ENV_METRICS_HOST] = settings.metrics_host
+    env[ENV_METRICS_PORT] = str(settings.metrics_port)
+    if settings.audit_log is not None:
+        env[ENV_AUDIT_LOG] = str(Path(settings.audit_log).expanduser().resolve())
+    return env
+
+
+@dataclass
+class AllowlistSync:
+    """What :func:`sync_allowlist` changed on the SuperLink."""
+
+    registered: dict[str, int] = field(default_factory=dict)  # key file -> node id
+    kept: dict[str, int] = field(default_factory=dict)
+    revoked: list[int] = field(default_factory=list)
+
+
+def _control_client(address: str, root_cert: Path | None, insecure: bool) -> Any:
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+
+    connection = SuperLinkConnection(
+        name="fedcommons-coordinator",
+        address=address,
+        root_certificates=str(Path(root_cert).resolve()) if root_cert else None,
+        insecure=insecure,
+    )
+    return init_http_client_from_connection(connection)
+
+
+def sync_allowlist(
+    address: str,
+    key_files: Sequence[Path],
+    *,
+    root_cert: Path | None,
+    insecure: bool = False,
+    revoke_unlisted: bool = True,
+) -> AllowlistSync:
+    """Make the SuperLink's registered SuperNodes equal the allowlist.
+
+    Registers each OpenSSH public key not yet registered (Flower's Control API, as
+    ``flwr supernode register`` does) and, with ``revoke_unlisted``, unregisters every
+    node whose key is not listed. Idempotent: a restart with the same allowlist and a
+    persistent ``--database`` changes nothing.
+    """
+    from flwr.proto.control_pb2 import (
+        ListNodesRequest,
+        RegisterNodeRequest,
+        UnregisterNodeRequest,
+    )
+    from flwr.supercore.constant import NodeStatus
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    from fedcommons.coordinator.certs import load_node_public_key
+
+    wanted = {public_key_to_bytes(load_node_public_key(path)): Path(path) for path in key_files}
+    result = AllowlistSync()
+    client = _control_client(address, root_cert, insecure)
+    try:
+        try:
+            nodes = client.ListNodes(ListNodesRequest()).nodes_info
+        except Exception as exc:
+            raise DeploymentError(f"cannot list SuperNodes on {address}: {exc}") from exc
+        active = {n.public_key: n.node_id for n in nodes if n.status != NodeStatus.UNREGISTERED}
+        for key, path in wanted.items():
+            if key in active:
+                result.kept[str(path)] = active[key]
+                continue
+            try:
+                reply = client.RegisterNode(RegisterNodeRequest(public_key=key, name=path.stem))
+            except Exception as exc:
+                raise DeploymentError(f"cannot register {path} on {address}: {exc}") from exc
+            result.registered[str(path)] = int(reply.node_id)
+        if revoke_unlisted:
+            for key, node_id in active.items():
+                if key not in wanted:
+                    client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+                    result.revoked.append(int(node_id))
+    finally:
+        client.close()
+    return result
+
+
+def _wait_for_port(address: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeploymentError(f"flower-superlink exited with code {proc.returncode}")
+        with socket.socket(socket.AF_INET6 if host.startswith("[") else socket.AF_INET) as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host.strip("[]"), int(port))) == 0:
+                return
+        time.sleep(0.2)
+    raise DeploymentError(f"the SuperLink did not open {address} within {timeout:.0f}s")
+
+
+def run_coordinator(
+    settings: CoordinatorSettings, *, on_ready: Callable[[AllowlistSync | None], None] | None = None
+) -> int:
+    """Run the SuperLink until it exits or this process is asked to stop; return its code.
+
+    Starts ``flower-superlink`` as a child with TLS (and ``--enable-supernode-auth``
+    unless turned off), passes the metrics and audit-log settings on to the ServerApp
+    processes through the environment, registers the allowlist once the port is open,
+    forwards SIGTERM/SIGINT to the SuperLink and waits for it.
+    """
+    import signal
+
+    from fedcommons.coordinator.certs import allowlist_keys
+
+    exe = shutil.which("flower-superlink") or str(
+        Path(sys.executable).with_name("flower-superlink")
+    )
+    if not Path(exe).exists():
+        raise DeploymentError("'flower-superlink' is not installed next to this Python")
+    argv = [exe, *superlink_argv(settings)[1:]]
+    proc = subprocess.Popen(argv, env=service_env(settings), stdin=subprocess.DEVNULL)
+
+    def forward(signum: int, _frame: Any) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _wait_for_port(settings.local_address, proc, settings.startup_timeout)
+        sync = None
+        if settings.node_auth_active:
+            sync = sync_allowlist(
+                settings.local_address,
+                allowlist_keys(settings.allowlist),
+                root_cert=settings.ssl_ca_certfile,
+            )
+        if on_ready:
+            on_ready(sync)
+        return proc.wait()
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcommons import __version__
+from fedcommons.coordinator import observability as observe
 from fedcommons.coordinator.card import render_card
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.patches import diff_weights
@@ -452,6 +453,7 @@ def run_round(
             continue
         for reply in replies:
             pending.discard(reply.metadata.reply_to_message_id)
+            observe.reply_received(reply)
             try:
                 update = decode_reply(
                     reply,
@@ -467,6 +469,9 @@ def run_round(
                     )
             except UpdateRejectedError as exc:
                 rejected[exc.reason] += 1
+                observe.update_rejected(
+                    round_no, reply.metadata.src_node_id, exc.reason, exc.detail
+                )
                 log.warning(
                     "update.rejected",
                     node=reply.metadata.src_node_id,
@@ -525,7 +530,8 @@ def evaluate(task: Task, weights: Mapping[str, torch.Tensor], loader: Any) -> di
     model = task.build_model()
     model.load_state_dict(dict(weights), strict=True)
     model.to(task.device())
-    return task.evaluate(model, loader)
+    with observe.validation_timer():
+        return task.evaluate(model, loader)
 
 
 def run_federation(
@@ -550,18 +556,25 @@ def run_federation(
             rounds=config.rounds,
             line=config.line,
         )
+        observe.run_started(config.registry_path, run_id, {"config": config.to_flat()})
         weights = prepared.weights
         reports: list[RoundReport] = []
         contributors: set[int] = set()
         for round_no in range(1, config.rounds + 1):
             with structlog.contextvars.bound_contextvars(round=round_no):
-                weights, report, nodes = run_round(grid, prepared, weights, round_no)
+                try:
+                    weights, report, nodes = run_round(grid, prepared, weights, round_no)
+                except RoundFailedError as exc:
+                    observe.round_failed(round_no, exc)
+                    raise
+            observe.round_finished(report)
             reports.append(report)
             contributors |= nodes
             if observer:
                 observer.on_round(report)
         test = evaluate(prepared.task, weights, prepared.task.test_loader())
         release = publish(prepared, weights, reports, test, len(contributors), run_id)
+        observe.release_published(release)
         log.info(
             "release.published",
             name=release.name,

@@ -1,0 +1,104 @@
+"""One-line hooks the round loop calls: Prometheus metrics plus the audit log.
+
+:func:`run_started` binds the audit log of the current run (a context variable, so
+concurrent in-process runs do not mix) and starts the metrics server when configured;
+the other hooks update both. They are kept here so that ``federation.py`` only gains a
+call per event.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fedcommons.coordinator import metrics
+from fedcommons.coordinator.audit_log import AuditLog, default_path
+
+_run: contextvars.ContextVar[tuple[AuditLog, int] | None] = contextvars.ContextVar(
+    "fedcommons_audit_run", default=None
+)
+
+
+def run_started(registry_dir: Path, run_id: int, details: dict[str, Any]) -> AuditLog:
+    """Serve metrics if configured; open the audit log; record ``run.start``."""
+    metrics.serve_from_env()
+    audit = AuditLog(default_path(registry_dir))
+    _run.set((audit, run_id))
+    audit.record("run.start", "started", run_id=run_id, details=details)
+    return audit
+
+
+def _audit(action: str, outcome: str, **kwargs: Any) -> None:
+    bound = _run.get()
+    if bound is not None:
+        audit, run_id = bound
+        audit.record(action, outcome, run_id=run_id, **kwargs)
+
+
+def reply_received(reply: Any) -> None:
+    """Count a reply and its uploaded bytes (replies carrying an error have none)."""
+    metrics.UPDATES_RECEIVED.inc()
+    if not reply.has_error():
+        metrics.UPLOAD_BYTES.inc(metrics.reply_bytes(reply.content))
+
+
+def update_rejected(round_no: int, node_id: int, reason: str, detail: str) -> None:
+    """Count a rejected update by reason and audit it."""
+    metrics.UPDATES_REJECTED.labels(reason=reason).inc()
+    _audit(
+        "update.reject",
+        reason,
+        actor=f"node:{node_id}",
+        round=round_no,
+        details={"detail": detail},
+    )
+
+
+def round_finished(report: Any) -> None:
+    """Count a completed round, observe its duration, audit it."""
+    metrics.ROUNDS.labels(outcome="completed").inc()
+    metrics.ROUND_DURATION.observe(report.seconds)
+    _audit(
+        "round.finish",
+        "completed",
+        round=report.round,
+        details={
+            "sampled": report.sampled,
+            "accepted": report.accepted,
+            "rejected": report.rejected,
+            "timed_out": report.timed_out,
+            "val_accuracy": report.val_accuracy,
+            "seconds": round(report.seconds, 3),
+        },
+    )
+
+
+def round_failed(round_no: int, error: Exception) -> None:
+    """Count and audit a round that ended without an aggregate."""
+    metrics.ROUNDS.labels(outcome="failed").inc()
+    _audit("round.finish", "failed", round=round_no, details={"error": str(error)})
+
+
+def release_published(release: Any) -> None:
+    """Count and audit a published release."""
+    metrics.RELEASES_PUBLISHED.inc()
+    _audit(
+        "release.publish",
+        "published",
+        release=f"{release.name} {release.version}",
+        details={"weights_sha256": release.weights_sha256},
+    )
+
+
+@contextmanager
+def validation_timer() -> Iterator[None]:
+    """Observe the wall time of scoring a candidate."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.VALIDATION_DURATION.observe(time.perf_counter() - started)

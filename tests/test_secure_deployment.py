@@ -1,0 +1,221 @@
+"""The coordinator as a service over loopback: TLS, SuperNode authentication, audit log.
+
+`fedcommons coordinator start` (SuperLink with TLS and an allowlist of three node keys),
+three `fedcommons client join` SuperNodes, three rounds submitted with
+`fedcommons coordinator submit`; a node with an unlisted key and a node that does not
+trust the coordinator's CA are turned away. Every process is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fedcommons.coordinator import audit_log, certs
+from fedcommons.coordinator.registry import Registry
+from tests.conftest import BIN
+from tests.processes import ProcessGroup, free_port, tail, wait_for_port
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited rc={proc.returncode}:\n{tail(path)}")
+        time.sleep(0.2)
+    raise TimeoutError(f"{text!r} not in {path.name} after {timeout}s:\n{tail(path)}")
+
+
+def _scrape_while_running(proc: subprocess.Popen, port: int, timeout: float) -> dict[str, float]:
+    """The last successful scrape of 127.0.0.1:port/metrics before ``proc`` exits."""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    last: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.3)
+            continue
+        last = {
+            s.name: s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+            if not s.labels
+        }
+        time.sleep(0.3)
+    return last
+
+
+def _wait_exit(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -999
+
+
+def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
+    tmp_path: Path, flower_env: dict[str, str]
+) -> None:
+    pki = tmp_path / "pki"
+    certs.create_ca(pki)
+    certs.create_server_cert(pki)
+    for i in range(3):
+        certs.create_node_keys(pki / "allow", f"site-{i}")
+    rogue = certs.create_node_keys(pki / "rogue", "rogue")
+    other = tmp_path / "other-ca"
+    certs.create_ca(other)
+
+    registry = tmp_path / "registry"
+    audit = tmp_path / "audit.jsonl"
+    link_port = free_port()
+    metrics_port = free_port()
+    (tmp_path / "coordinator.toml").write_text(
+        "\n".join(
+            [
+                'host = "127.0.0.1"',
+                f"port = {link_port}",
+                f'database = "{tmp_path / "link.db"}"',
+                f'ssl_certfile = "{pki / "server.pem"}"',
+                f'ssl_keyfile = "{pki / "server.key"}"',
+                f'ssl_ca_certfile = "{pki / "ca.pem"}"',
+                f'allowlist = ["{pki / "allow"}"]',
+                f"metrics_port = {metrics_port}",
+                f'audit_log = "{audit}"',
+            ]
+        )
+        + "\n"
+    )
+    fc = str(BIN / "fedcommons")
+    group = ProcessGroup(tmp_path, flower_env)
+    submit: subprocess.Popen | None = None
+    try:
+        coord, coord_log = group.start(
+            "coordinator",
+            [fc, "coordinator", "start", "--config", str(tmp_path / "coordinator.toml")],
+        )
+        _wait_for_text(coord_log, "coordinator.ready", coord, 90)
+        ready = next(
+            json.loads(line)
+            for line in coord_log.read_text().splitlines()
+            if '"coordinator.ready"' in line
+        )
+        assert ready["tls"] and ready["node_auth"]
+        assert len(ready["allowlist"]["registered"]) == 3
+
+        def join(name: str, key: Path, root: Path, *extra: str) -> tuple:
+            port = free_port()
+            proc, log = group.start(
+                name,
+                [
+                    fc,
+                    "client",
+                    "join",
+                    "--coordinator",
+                    f"127.0.0.1:{link_port}",
+                    "--root-cert",
+                    str(root),
+                    "--key",
+                    str(key),
+                    "--port",
+                    str(port),
+                    "--max-wait-time",
+                    "30",
+                    *extra,
+                ],
+            )
+            return proc, log, port
+
+        intruder, intruder_log, _ = join("intruder", rogue.private_key, pki / "ca.pem")
+        stranger, stranger_log, _ = join("no-ca", pki / "allow" / "site-0.key", other / "ca.pem")
+        for i in range(3):
+            proc, log, port = join(
+                f"site-{i}",
+                pki / "allow" / f"site-{i}.key",
+                pki / "ca.pem",
+                "-n",
+                f"partition-id={i}",
+                "-n",
+                "num-partitions=3",
+            )
+            wait_for_port(port, proc, log)
+
+        assert _wait_exit(intruder, 60) not in (0, -999), tail(intruder_log)
+        assert "Failed to activate SuperNode" in intruder_log.read_text()
+        assert _wait_exit(stranger, 60) not in (0, -999), tail(stranger_log)
+        assert "CERTIFICATE_VERIFY_FAILED" in stranger_log.read_text()
+
+        submit = subprocess.Popen(
+            [
+                fc,
+                "coordinator",
+                "submit",
+                "--superlink",
+                f"127.0.0.1:{link_port}",
+                "--root-cert",
+                str(pki / "ca.pem"),
+                "--timeout",
+                "400",
+                "-c",
+                "rounds=3",
+                "-c",
+                "min-clients=3",
+                "-c",
+                "local-epochs=1",
+                "-c",
+                "task.num-partitions=3",
+                "-c",
+                f"registry={registry}",
+                "-c",
+                "node-wait-timeout=60",
+            ],
+            env=flower_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # The ServerApp process serves /metrics while the run lasts: scrape it meanwhile.
+        scraped = _scrape_while_running(submit, metrics_port, timeout=480)
+        out, err = submit.communicate(timeout=60)
+        logs = "\n".join(tail(p) for p in sorted(tmp_path.glob("*.log")))
+        assert submit.returncode == 0, f"{out}\n{err}\n{logs}"
+        status = json.loads(out[out.index("{") :])
+        assert status["status"] == "finished:completed"
+    finally:
+        if submit is not None and submit.poll() is None:
+            submit.kill()  # by PID; it started no server of its own
+            submit.wait(timeout=10)
+        group.stop_all()
+    assert group.alive() == []
+
+    releases = Registry(registry, create=False).releases()
+    assert [r.version for r in releases] == ["1.0.0"]
+    manifest = releases[0].manifest()
+    assert [r["accepted"] for r in manifest.round_metrics] == [3, 3, 3]
+    assert manifest.contributors == 3
+
+    assert scraped.get("fedcommons_updates_received_total", 0) >= 3, scraped
+    assert scraped.get("fedcommons_upload_bytes_total", 0) > 0
+
+    records = list(audit_log.read(audit))
+    assert [(r["action"], r["round"]) for r in records] == [
+        ("run.start", None),
+        ("round.finish", 1),
+        ("round.finish", 2),
+        ("round.finish", 3),
+        ("release.publish", None),
+    ]
+    assert records[-1]["release"] == "digits 1.0.0"
+    assert audit_log.verify(audit) == 5
