@@ -14,6 +14,12 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True)
+def private_client_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client state (error feedback, FISH masks, DP accountants) stays in the test's tmp."""
+    monkeypatch.setenv("FEDCOMMONS_STATE_DIR", str(tmp_path / "client-state"))
+
+
 @pytest.fixture
 def flower_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """Environment for Flower processes: no telemetry, private FLWR_HOME and RAY_TMPDIR.

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedcommons.client_sdk.compression import ClientState, compress_delta, default_state_root
+from fedcommons.client_sdk.compression import ClientState, compress_delta
 from fedcommons.client_sdk.fish_mask import empirical_fisher, fish_mask
 from fedcommons.client_sdk.training import train_local
 from fedcommons.errors import ClientStateError
+from fedcommons.fileio import default_state_root
 from fedcommons.tasks.digits import DigitsTask
 from fedcommons.wire.codec import CompressionSpec, decode_update, flatten
 

@@ -3,6 +3,7 @@
 - :func:`atomic_write`: write bytes to a temporary file beside the target, fsync, rename
   (readers see the old file or the new one, never half of either), then fsync the
   directory so the rename itself survives a crash.
+- :func:`default_state_root`: where a site keeps its client state by default.
 - :func:`exclusive_lock`: an advisory POSIX ``flock`` on an open file with a bounded wait,
   so two processes never interleave writes and none waits forever.
 """
@@ -17,6 +18,21 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+#: Environment variable naming the directory where a site keeps its client state.
+STATE_DIR_ENV = "FEDCOMMONS_STATE_DIR"
+
+
+def default_state_root() -> Path:
+    """A site's state root: ``$FEDCOMMONS_STATE_DIR``, else ``$XDG_STATE_HOME/fedcommons``.
+
+    Error-feedback residuals, FISH masks and the DP-SGD accountant live below it unless
+    the node config names a ``state-dir``.
+    """
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV]).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg).expanduser() / "fedcommons"
 
 
 def fsync_dir(path: Path) -> None:

@@ -16,7 +16,6 @@ share one machine), else ``site``.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from safetensors.numpy import load_file
 from safetensors.numpy import save as st_save
 
 from fedcommons.errors import ClientStateError
-from fedcommons.fileio import atomic_write
+from fedcommons.fileio import atomic_write, default_state_root
 from fedcommons.logs import get_logger
 from fedcommons.wire.codec import (
     CompressionSpec,
@@ -42,18 +41,9 @@ from fedcommons.wire.codec import (
 log = get_logger("fedcommons.client")
 
 STATE_DIR_OPTION = "state-dir"
-STATE_DIR_ENV = "FEDCOMMONS_STATE_DIR"
 #: Run directories untouched for this long are removed when a new run starts.
 STALE_RUN_SECONDS = 30 * 24 * 3600
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def default_state_root() -> Path:
-    """``$FEDCOMMONS_STATE_DIR``, else ``$XDG_STATE_HOME/fedcommons``."""
-    if os.environ.get(STATE_DIR_ENV):
-        return Path(os.environ[STATE_DIR_ENV]).expanduser()
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg).expanduser() / "fedcommons"
 
 
 @dataclass

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import time
 import warnings
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 
 from fedcommons.errors import ConfigError, PrivacyBudgetExceededError, PrivacyConfigError
-from fedcommons.fileio import atomic_write, exclusive_lock
+from fedcommons.fileio import atomic_write, default_state_root, exclusive_lock
 from fedcommons.privacy.accounting import Step, check_accountant, merge_history, runtime_epsilon
 from fedcommons.privacy.client_spend import ClientSpend
 from fedcommons.privacy.config import (
@@ -61,12 +60,6 @@ NODE_KEYS = (
 )
 LOCK_TIMEOUT_S = 60.0
 MODULE_PREFIX = "_module."
-
-
-def default_state_root() -> Path:
-    """``$FEDCOMMONS_STATE_DIR`` or ``~/.local/state/fedcommons``."""
-    env = os.environ.get("FEDCOMMONS_STATE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".local" / "state" / "fedcommons"
 
 
 @dataclass(frozen=True)
