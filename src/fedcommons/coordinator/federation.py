@@ -501,6 +501,7 @@ def run_round(
     )
     new_weights = {k: weights[k] + step[k] for k in weights}
     val = evaluate(prepared.task, new_weights, prepared.task.validation_loader())
+    dense_bytes = dense_fp32_bytes(weights)
     report = RoundReport(
         round=round_no,
         sampled=len(sampled),
@@ -513,8 +514,8 @@ def run_round(
         val_accuracy=val.get("accuracy", float("nan")),
         seconds=time.monotonic() - started,
         upload_bytes=upload,
-        dense_bytes=dense_fp32_bytes(weights),
-        ratio_vs_dense=dense_fp32_bytes(weights) * len(upload) / max(sum(upload.values()), 1),
+        dense_bytes=dense_bytes,
+        ratio_vs_dense=dense_bytes * len(upload) / max(sum(upload.values()), 1),
     )
     summary = {k: v for k, v in asdict(report).items() if k not in {"round", "upload_bytes"}}
     log.info("round.finished", **summary, upload_bytes_total=sum(upload.values()))
