@@ -29,6 +29,7 @@ import hashlib
 import importlib
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,7 +46,7 @@ log = get_logger("fedcommons.gate")
 TARGET_POLICIES = ("no-worse", "tolerance")
 
 
-class Metric:
+class Metric(ABC):
     """A streaming metric: ``update`` per batch, ``compute`` at the end."""
 
     direction = "max"
@@ -53,13 +54,13 @@ class Metric:
     def __init__(self, task: Task) -> None:
         self.task = task
 
+    @abstractmethod
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Fold one batch in."""
-        raise NotImplementedError
 
+    @abstractmethod
     def compute(self) -> float:
         """The metric's value."""
-        raise NotImplementedError
 
 
 class Accuracy(Metric):

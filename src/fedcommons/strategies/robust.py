@@ -14,6 +14,7 @@ compression.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,11 +75,11 @@ class BufferedAggregator(Aggregator):
         finally:
             self._updates = []
 
+    @abstractmethod
     def combine(
         self, updates: list[ClientUpdate], base: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Return Δ* from all of the round's updates."""
-        raise NotImplementedError
 
 
 class _Coordinatewise(BufferedAggregator):
@@ -88,8 +89,9 @@ class _Coordinatewise(BufferedAggregator):
             raise ConfigError(f"{self.name} server_lr must be > 0, got {server_lr}")
         self.server_lr = float(server_lr)
 
+    @abstractmethod
     def statistic(self, stacked: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The coordinate-wise statistic over the stacked updates (dim 0: clients)."""
 
     def combine(
         self, updates: list[ClientUpdate], base: Mapping[str, torch.Tensor]
