@@ -113,7 +113,10 @@ def pretrain(registry: Path, hidden: str, seed: int) -> str:
     """Train the model centrally on the public split (validation) and publish it."""
     import torch
 
+    from fedcommons.coordinator.config import RunConfig
+    from fedcommons.coordinator.federation import signing_key_path
     from fedcommons.coordinator.registry import Registry
+    from fedcommons.coordinator.signing import Signer
     from fedcommons.tasks.digits import DigitsTask, digits_split
     from fedcommons.wire import ReleaseManifest
 
@@ -131,28 +134,20 @@ def pretrain(registry: Path, hidden: str, seed: int) -> str:
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def build(version: str, digest: str, size: int) -> ReleaseManifest:
-        return ReleaseManifest(
-            name="digits",
-            version=version,
-            parent_version=None,
-            parent_manifest_sha256=None,
-            created="",
-            task="digits",
+        return ReleaseManifest.for_weights(
+            "digits",
+            version,
+            digest,
+            size,
+            sum(v.numel() for v in weights.values()),
             strategy="central-pretraining",
-            strategy_params={},
-            rounds=0,
-            clients_per_round=0,
-            contributors=0,
-            weights_sha256=digest,
-            weights_bytes=size,
-            num_parameters=sum(v.numel() for v in weights.values()),
-            metrics={},
-            round_metrics=[],
             config={"task.hidden": hidden, "data": "public (validation) split"},
             code_version="bench",
         )
 
-    return Registry(registry).publish("digits", weights, build).version
+    # The key the federations from this base will sign with (RunConfig's default path).
+    signer = Signer.load_or_create(signing_key_path(RunConfig(registry=str(registry))))
+    return Registry(registry).publish("digits", weights, build, signer=signer).version
 
 
 def run_job(job: Job) -> dict[str, Any]:

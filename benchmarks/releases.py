@@ -19,7 +19,6 @@ import hashlib
 import statistics
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -181,24 +180,16 @@ def _chain(root: Path, hidden: str, n: int) -> tuple[Registry, Release]:
         w = _random_change(w, 0.01, seed=i)
 
         def build(version: str, digest: str, size: int, parent=parent, w=w) -> ReleaseManifest:
-            return ReleaseManifest(
-                name="bench",
-                version=version,
-                parent_version=parent.version if parent else None,
-                parent_manifest_sha256=parent.manifest_sha256 if parent else None,
-                created=datetime.now(UTC).isoformat(timespec="microseconds"),
-                task="digits",
+            return ReleaseManifest.for_weights(
+                "bench",
+                version,
+                digest,
+                size,
+                sum(v.numel() for v in w.values()),
+                parent=parent,
                 strategy="fedavg",
-                strategy_params={},
                 rounds=1,
-                clients_per_round=0,
                 contributors=1,
-                weights_sha256=digest,
-                weights_bytes=size,
-                num_parameters=sum(v.numel() for v in w.values()),
-                metrics={},
-                round_metrics=[],
-                config={},
                 code_version="bench",
             )
 

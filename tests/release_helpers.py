@@ -6,7 +6,6 @@ import itertools
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -42,24 +41,17 @@ def publish(
     """Publish ``w`` with a minimal manifest and a model card."""
 
     def build(version: str, digest: str, size: int) -> ReleaseManifest:
-        return ReleaseManifest(
-            name=name,
-            version=version,
-            parent_version=parent.version if parent else None,
-            parent_manifest_sha256=parent.manifest_sha256 if parent else None,
-            created=datetime.now(UTC).isoformat(timespec="microseconds"),
-            task="digits",
+        return ReleaseManifest.for_weights(
+            name,
+            version,
+            digest,
+            size,
+            sum(v.numel() for v in w.values()),
+            parent=parent,
             strategy="fedavg",
-            strategy_params={},
             rounds=1,
-            clients_per_round=0,
             contributors=1,
-            weights_sha256=digest,
-            weights_bytes=size,
-            num_parameters=sum(v.numel() for v in w.values()),
             metrics={"test_accuracy": 0.5},
-            round_metrics=[],
-            config={},
             code_version="test",
         )
 

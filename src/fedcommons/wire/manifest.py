@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from typing import Any
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -53,6 +54,49 @@ class ReleaseManifest:
     signing_key_id: str = ""
     schema_version: int = MANIFEST_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_weights(
+        cls,
+        name: str,
+        version: str,
+        weights_sha256: str,
+        weights_bytes: int,
+        num_parameters: int,
+        *,
+        parent: Any = None,
+        created: str = "",
+        task: str = "digits",
+        strategy: str = "none",
+        **overrides: Any,
+    ) -> ReleaseManifest:
+        """A manifest for weights published outside a federation (imports, pre-training).
+
+        ``parent`` is a registry ``Release`` (or anything with ``version`` and
+        ``manifest_sha256``); run-only fields default to empty, ``overrides`` replaces any field.
+        """
+        values: dict[str, Any] = {
+            "name": name,
+            "version": version,
+            "parent_version": parent.version if parent else None,
+            "parent_manifest_sha256": parent.manifest_sha256 if parent else None,
+            "created": created or datetime.now(UTC).isoformat(timespec="microseconds"),
+            "task": task,
+            "strategy": strategy,
+            "strategy_params": {},
+            "rounds": 0,
+            "clients_per_round": 0,
+            "contributors": 0,
+            "weights_sha256": weights_sha256,
+            "weights_bytes": weights_bytes,
+            "num_parameters": num_parameters,
+            "metrics": {},
+            "round_metrics": [],
+            "config": {},
+            "code_version": "",
+        }
+        values.update(overrides)
+        return cls(**values)
 
     def to_json(self) -> bytes:
         """Canonical JSON (sorted keys, UTF-8): the bytes that get hashed."""
