@@ -90,15 +90,18 @@ def train(msg: Message, context: Context) -> Message:
             "FISH masks restrict which parameters train, which DP-SGD's accounting does not "
             "cover here: use another compression with dp-epsilon"
         )
+    schedule = {
+        "epochs": int(cfg[keys.LOCAL_EPOCHS]),
+        "lr": float(cfg[keys.LEARNING_RATE]),
+        "batch_size": int(cfg[keys.BATCH_SIZE]),
+        "seed": seed,
+    }
     if dp is not None:
         try:
             result: Any = train_local_dp(
                 task,
                 base,
-                epochs=int(cfg[keys.LOCAL_EPOCHS]),
-                lr=float(cfg[keys.LEARNING_RATE]),
-                batch_size=int(cfg[keys.BATCH_SIZE]),
-                seed=seed,
+                **schedule,
                 dp=dp,
                 round_no=round_no,
                 run_tag=str(context.run_id),
@@ -108,15 +111,7 @@ def train(msg: Message, context: Context) -> Message:
             error = Error(code=keys.DP_BUDGET_EXHAUSTED_CODE, reason=f"dp-budget-exhausted: {exc}")
             return Message(error, reply_to=msg)
     else:
-        result = train_local(
-            task,
-            base,
-            epochs=int(cfg[keys.LOCAL_EPOCHS]),
-            lr=float(cfg[keys.LEARNING_RATE]),
-            batch_size=int(cfg[keys.BATCH_SIZE]),
-            seed=seed,
-            grad_mask=grad_mask,
-        )
+        result = train_local(task, base, **schedule, grad_mask=grad_mask)
     log.debug(
         "client.trained",
         round=round_no,
