@@ -226,10 +226,18 @@ def part_multiround(fisher_rounds: int, clients: int, lrs: list[float]) -> dict[
 
 # -- 3. throughput --------------------------------------------------------------------------
 def part_throughput(clients: int, params: int, tensors: int, repeats: int) -> list[dict[str, Any]]:
+    """Aggregate the same replies with Flower and with ours, at 1 and at every core's thread.
+
+    Flower's ``aggregate_arrayrecords`` is NumPy (one thread whatever torch is set to);
+    our rows run at one torch thread and at ``os.cpu_count()`` threads, the coordinator's
+    default. ``after last reply`` is what a round waits for once its last reply is in:
+    Flower aggregates the whole batch then, our streaming fold has already folded all
+    the others and only folds that one and finalizes.
+    """
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from fedcommons.coordinator.federation import _as_tensors
+    from fedcommons.coordinator.arrays import record_tensors
     from fedcommons.strategies import FedAvg
     from fedcommons.wire.update import ClientUpdate, decode_dense_delta
 
@@ -254,47 +262,90 @@ def part_throughput(clients: int, params: int, tensors: int, repeats: int) -> li
         out = aggregate_arrayrecords(records, "num-examples")
         return {k: torch.from_numpy(v.numpy()) for k, v in out.items()}
 
-    def ours_fold() -> dict[str, torch.Tensor]:
-        return FedAvg().aggregate(base, updates)
+    def fold(accumulate: str) -> Any:
+        return lambda: FedAvg(accumulate=accumulate).aggregate(base, updates)
 
-    def ours_fold32() -> dict[str, torch.Tensor]:
-        return FedAvg(accumulate="float32").aggregate(base, updates)
+    def from_records(accumulate: str) -> Any:
+        def run() -> dict[str, torch.Tensor]:
+            agg = FedAvg(accumulate=accumulate)
+            agg.begin(base)
+            for rec, n in zip(records, counts, strict=True):
+                delta = decode_dense_delta(record_tensors(rec["delta"]), base)
+                agg.fold(ClientUpdate(delta, n))
+            return agg.finalize()
 
-    def ours_from_records() -> dict[str, torch.Tensor]:
-        agg = FedAvg()
-        agg.begin(base)
-        for rec, n in zip(records, counts, strict=True):
-            agg.fold(ClientUpdate(decode_dense_delta(_as_tensors(rec["delta"]), base), n))
-        return agg.finalize()
+        return run
 
-    reference = flower()
-    rows = []
-    timings: dict[str, float] = {}
-    for label, fn in (
-        ("flower aggregate_arrayrecords", flower),
-        ("fedcommons FedAvg fold, float64 sum (default)", ours_fold),
-        ("fedcommons FedAvg fold, accumulate=float32", ours_fold32),
-        ("fedcommons decode + validate + fold, float64 (from ArrayRecords)", ours_from_records),
-    ):
-        result = fn()
-        for k in reference:
-            assert torch.allclose(result[k], reference[k], atol=1e-5), f"{label} disagrees"
+    def last_reply(accumulate: str) -> tuple[Any, Any]:
+        agg = FedAvg(accumulate=accumulate)
+
+        def setup() -> None:  # the first clients - 1 replies arrived earlier
+            agg.begin(base)
+            for rec, n in zip(records[:-1], counts[:-1], strict=True):
+                agg.fold(ClientUpdate(decode_dense_delta(record_tensors(rec["delta"]), base), n))
+
+        def run() -> dict[str, torch.Tensor]:
+            delta = decode_dense_delta(record_tensors(records[-1]["delta"]), base)
+            agg.fold(ClientUpdate(delta, counts[-1]))
+            return agg.finalize()
+
+        return setup, run
+
+    def timed(fn: Any, setup: Any = None) -> float:
         best = float("inf")
         for _ in range(repeats):
+            if setup:
+                setup()
             start = time.perf_counter()
             fn()
             best = min(best, time.perf_counter() - start)
-        timings[label] = best
-    for label, seconds in timings.items():
+        return best
+
+    reference = flower()
+    threads = sorted({1, os.cpu_count() or 1})
+    cases: list[tuple[str, int, Any, Any]] = [
+        ("flower aggregate_arrayrecords (numpy)", 1, flower, None)
+    ]
+    for t in threads:
+        for acc, note in (("float64", "default, bit-reproducible"), ("float32", "fast")):
+            cases.append(
+                (f"ours: decode + validate + fold, {acc} ({note})", t, from_records(acc), None)
+            )
+            cases.append((f"ours: fold decoded tensors, {acc}", t, fold(acc), None))
+    rows = []
+    flower_s = 0.0
+    for label, t, fn, setup in cases:
+        torch.set_num_threads(t)
+        result = fn()
+        for k in reference:
+            assert torch.allclose(result[k], reference[k], atol=1e-5), f"{label} disagrees"
+        seconds = timed(fn, setup)
+        flower_s = flower_s or seconds
         rows.append(
             {
                 "aggregator": label,
-                "seconds": round(seconds, 3),
-                "GB/s": round(nbytes / seconds / 1e9, 3),
-                "x flower": round(timings["flower aggregate_arrayrecords"] / seconds, 2),
+                "threads": t,
+                "seconds": round(seconds, 4),
+                "GB/s": round(nbytes / seconds / 1e9, 2),
+                "x flower": round(flower_s / seconds, 2),
             }
         )
         print(f"  throughput: {rows[-1]}", flush=True)
+    for t in threads:  # the wait after the last reply: Flower's whole batch vs one fold
+        torch.set_num_threads(t)
+        setup, run = last_reply("float64")
+        seconds = timed(run, setup)
+        rows.append(
+            {
+                "aggregator": "ours: after the last reply (fold it + finalize), float64",
+                "threads": t,
+                "seconds": round(seconds, 4),
+                "GB/s": None,
+                "x flower": round(flower_s / seconds, 2),
+            }
+        )
+        print(f"  throughput: {rows[-1]}", flush=True)
+    torch.set_num_threads(1)
     return rows
 
 
@@ -501,7 +552,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             _table(
                 results["throughput"],
-                "3. aggregation throughput, 10 × 10M float32 (best of repeats, 1 thread)",
+                "3. aggregation throughput, 10 × 10M float32 (best of repeats; Flower row = 1.0)",
             )
         )
     if "memory" in results:

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 
 from fedcommons import __version__
 from fedcommons.coordinator import observability as observe
+from fedcommons.coordinator.arrays import record_tensors
 from fedcommons.coordinator.card import render_card
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.patches import diff_weights
@@ -366,13 +367,8 @@ def decode_reply(
 
 
 def _as_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    # Array.numpy() (np.load from the message bytes) already returns a fresh writable
-    # array: no second copy (it halved decode throughput).
-    return {k: torch.from_numpy(_writable(v.numpy())) for k, v in record.items()}
-
-
-def _writable(array: np.ndarray) -> np.ndarray:
-    return array if array.flags.writeable else np.array(array, copy=True)
+    # Zero-copy, read-only views of the message's bytes (coordinator/arrays.py).
+    return record_tensors(record)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

@@ -256,6 +256,30 @@ def check_does_not_alias_inputs(factory: Factory, *, seed: int = 7) -> None:
     )
 
 
+def check_leaves_inputs_untouched(factory: Factory, *, seed: int = 9) -> None:
+    """``fold`` and ``finalize`` never write into an update's tensors.
+
+    The coordinator hands aggregators zero-copy, read-only views of the reply bytes
+    (:mod:`fedcommons.coordinator.arrays`): an in-place op on ``update.delta``, its mask
+    or its Fisher would corrupt a message, so every input must be bit-identical after a
+    round.
+    """
+    base = make_base(seed)
+    updates = make_updates(base, 4, seed=seed)
+    before = copy.deepcopy(updates)
+    base_before = {k: v.clone() for k, v in base.items()}
+    run_round(factory, base, updates)
+    for i, (now, then) in enumerate(zip(updates, before, strict=True)):
+        for what in ("delta", "mask", "fisher"):
+            got, want = getattr(now, what), getattr(then, what)
+            for name in want or {}:
+                if not torch.equal(got[name], want[name]):
+                    raise AssertionError(f"update {i}: {what}[{name!r}] was modified in place")
+    for name, value in base_before.items():
+        if not torch.equal(base[name], value):
+            raise AssertionError(f"base[{name!r}] was modified in place")
+
+
 def state_nbytes(obj: object, _seen: set[int] | None = None) -> int:
     """Bytes of every tensor reachable from ``obj``'s attributes (dicts, lists, tuples)."""
     seen = _seen if _seen is not None else set()
@@ -304,6 +328,7 @@ def run_conformance(factory: Factory, *, reference: Reference | None = None) -> 
         check_permutation_invariance,
         check_begin_resets,
         check_does_not_alias_inputs,
+        check_leaves_inputs_untouched,
         check_state_is_o_model,
     ]
     if getattr(instantiate(factory), "single_update_identity", True):
