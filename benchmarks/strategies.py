@@ -262,12 +262,16 @@ def part_throughput(clients: int, params: int, tensors: int, repeats: int) -> li
         out = aggregate_arrayrecords(records, "num-examples")
         return {k: torch.from_numpy(v.numpy()) for k, v in out.items()}
 
+    # One aggregator per row, reused across repeats as the coordinator reuses its
+    # strategy round after round (the sum is zeroed, not reallocated, at each begin).
     def fold(accumulate: str) -> Any:
-        return lambda: FedAvg(accumulate=accumulate).aggregate(base, updates)
+        agg = FedAvg(accumulate=accumulate)
+        return lambda: agg.aggregate(base, updates)
 
     def from_records(accumulate: str) -> Any:
+        agg = FedAvg(accumulate=accumulate)
+
         def run() -> dict[str, torch.Tensor]:
-            agg = FedAvg(accumulate=accumulate)
             agg.begin(base)
             for rec, n in zip(records, counts, strict=True):
                 delta = decode_dense_delta(record_tensors(rec["delta"]), base)

@@ -66,3 +66,29 @@ def test_unknown_strategy_lists_the_available_ones() -> None:
     """Input tried: strategy 'fedsgd'."""
     with pytest.raises(UnknownStrategyError, match=r"available: .*\bfedavg\b"):
         create_strategy("fedsgd")
+
+
+@pytest.mark.parametrize("accumulate", ["float64", "float32"])
+def test_next_round_reuses_the_sum_without_touching_the_returned_step(accumulate: str) -> None:
+    agg = FedAvg(accumulate=accumulate)
+    agg.begin(BASE)
+    agg.fold(_update(2.0, 1))
+    first = agg.finalize()
+    kept = {k: v.clone() for k, v in first.items()}
+    agg.begin(BASE)  # zeroes the round's sum: must not zero the step handed out
+    agg.fold(_update(6.0, 3))
+    second = agg.finalize()
+    assert all(torch.equal(first[k], kept[k]) for k in BASE)
+    assert torch.allclose(second["w"], torch.full((3, 2), 6.0))
+
+
+def test_float64_sum_is_allocated_once_across_rounds() -> None:
+    agg = FedAvg()
+    agg.begin(BASE)
+    pointers = {k: v.data_ptr() for k, v in agg._sum.items()}
+    agg.fold(_update(1.0, 1))
+    agg.finalize()
+    agg.begin(BASE)
+    assert {k: v.data_ptr() for k, v in agg._sum.items()} == pointers
+    agg.begin({"other": torch.zeros(4)})  # new architecture: new sum
+    assert list(agg._sum) == ["other"]
