@@ -430,7 +430,13 @@ class SqliteIndexStore:
             return int(db.execute("PRAGMA user_version").fetchone()[0])
 
     def migrate(self) -> None:
-        """Bring the schema to :data:`INDEX_SCHEMA_VERSION`, one step per transaction."""
+        """Bring the schema to :data:`INDEX_SCHEMA_VERSION`, one step per transaction.
+
+        An index already at the current version is only read: opening a registry never
+        waits for a writer's transaction (a round being committed, a publish).
+        """
+        if self.path.exists() and self.schema_version() == INDEX_SCHEMA_VERSION:
+            return
         while True:
             with self._transaction() as db:
                 current = int(db.execute("PRAGMA user_version").fetchone()[0])

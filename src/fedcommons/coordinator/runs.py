@@ -310,9 +310,16 @@ class RunStore:
                     f"run {name!r} finished already (release {record.line} "
                     f"{record.release_version}); start a new run under another run-name"
                 )
-            if record.state == "cancelled" or record.cancel_requested:
+            if record.state == "cancelled":
                 raise RunStateError(f"run {name!r} was cancelled; it cannot be started again")
+            cancelled = record.cancel_requested
+            if cancelled:  # cancelled before this start: record it, then refuse
+                db.execute(
+                    "UPDATE runs SET state='cancelled', updated=? WHERE name=?", (now(), name)
+                )
             stored, given = comparable_config(record.config), comparable_config(config.to_flat())
+            if cancelled:
+                stored = given = {}
             if stored != given:
                 diff = sorted(
                     k for k in stored.keys() | given.keys() if stored.get(k) != given.get(k)
@@ -323,12 +330,23 @@ class RunStore:
                     "new run-name"
                 )
             stamp = now()
-            db.execute(
-                "UPDATE runs SET state='running', starts=starts+1, flower_run_id=?, updated=?,"
-                " heartbeat=?, error='' WHERE name=?",
-                (int(flower_run_id), stamp, stamp, name),
-            )
+            if not cancelled:
+                db.execute(
+                    "UPDATE runs SET state='running', starts=starts+1, flower_run_id=?,"
+                    " updated=?, heartbeat=?, error='' WHERE name=?",
+                    (int(flower_run_id), stamp, stamp, name),
+                )
+        if cancelled:
+            raise RunStateError(f"run {name!r} was cancelled before it started again")
         return self.get(name)
+
+    def mark_submitted(self, name: str, flower_run_id: int) -> None:
+        """A scheduler submitted the run as Flower run ``flower_run_id``: it is running."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE runs SET state='running', flower_run_id=?, updated=? WHERE name=?",
+                (int(flower_run_id), now(), name),
+            )
 
     def commit_round(
         self,
