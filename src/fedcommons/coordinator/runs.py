@@ -340,12 +340,13 @@ class RunStore:
             raise RunStateError(f"run {name!r} was cancelled before it started again")
         return self.get(name)
 
-    def mark_submitted(self, name: str, flower_run_id: int) -> None:
-        """A scheduler submitted the run as Flower run ``flower_run_id``: it is running."""
+    def claim(self, name: str) -> None:
+        """A scheduler is about to submit the run: ``running``, no Flower run id yet."""
         with self._transaction() as db:
             db.execute(
-                "UPDATE runs SET state='running', flower_run_id=?, updated=? WHERE name=?",
-                (int(flower_run_id), now(), name),
+                "UPDATE runs SET state='running', flower_run_id=0, updated=? "
+                "WHERE name=? AND state IN ('scheduled', 'running')",
+                (now(), name),
             )
 
     def commit_round(
@@ -429,13 +430,16 @@ class RunStore:
                 (state, error[:2000], release_version, now(), name),
             )
 
-    def set_flower_run(self, name: str, flower_run_id: int) -> None:
-        """Record the Flower run a scheduler submitted for ``name``."""
+    def set_flower_run(self, name: str, flower_run_id: int, *, only_if_unset: bool = False) -> None:
+        """Record the Flower run a scheduler submitted for ``name``.
+
+        ``only_if_unset``: leave the id the ServerApp recorded itself when it started.
+        """
+        query = "UPDATE runs SET flower_run_id=?, updated=? WHERE name=?"
+        if only_if_unset:
+            query += " AND flower_run_id=0"
         with self._transaction() as db:
-            db.execute(
-                "UPDATE runs SET flower_run_id=?, updated=? WHERE name=?",
-                (int(flower_run_id), now(), name),
-            )
+            db.execute(query, (int(flower_run_id), now(), name))
 
 
 @dataclass

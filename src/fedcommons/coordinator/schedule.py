@@ -53,7 +53,7 @@ class Action:
     """What one scheduler tick did to one run."""
 
     run: str
-    action: str  # submitted | resubmitted | gave-up | cancelled
+    action: str  # submitted | resubmitted | submit-failed | gave-up | cancelled
     flower_run_id: int = 0
     detail: str = ""
 
@@ -83,6 +83,7 @@ class Scheduler:
         self.max_starts = max_starts
         self.clock = clock
         self._submitted: dict[str, int] = {}  # run -> submissions by this scheduler
+        self._flower_ids: dict[str, int] = {}  # run -> the Flower run it submitted last
 
     def _audit(self, action: str, outcome: str, record: RunRecord, **details: Any) -> None:
         audit_log.AuditLog(audit_log.default_path(self.registry)).record(
@@ -105,13 +106,13 @@ class Scheduler:
                     continue
                 actions.append(self._submit(store, record, "submitted"))
                 continue
-            if not record.flower_run_id:
-                continue
-            try:
-                status = self.submitter.status(record.flower_run_id)
-            except FedcommonsError as exc:
-                log.warning("scheduler.status_failed", run_name=record.name, error=str(exc))
-                status = UNKNOWN
+            status = UNKNOWN  # no Flower run: its submission failed
+            flower_run_id = self._flower_ids.get(record.name) or record.flower_run_id
+            if flower_run_id:
+                try:
+                    status = self.submitter.status(flower_run_id)
+                except FedcommonsError as exc:
+                    log.warning("scheduler.status_failed", run_name=record.name, error=str(exc))
             if not (status.startswith("finished") or status == UNKNOWN):
                 continue
             fresh = store.get(record.name)  # the ServerApp may have just finished it
@@ -120,26 +121,34 @@ class Scheduler:
             if fresh.cancel_requested:  # died after the operator cancelled: it stays stopped
                 store.set_state(record.name, "cancelled", error="cancelled by the operator")
                 self._audit("run.end", "cancelled", fresh)
-                actions.append(Action(record.name, "cancelled", record.flower_run_id))
+                actions.append(Action(record.name, "cancelled", flower_run_id))
                 continue
             starts = max(fresh.starts, self._submitted.get(record.name, 0))
             if starts >= self.max_starts:
                 detail = (
                     f"the coordinator ended {starts} time(s) without finishing the run "
-                    f"(last Flower run {record.flower_run_id}: {status}); giving up"
+                    f"(last Flower run {flower_run_id}: {status}); giving up"
                 )
                 store.set_state(record.name, "failed", error=detail)
                 self._audit("run.end", "failed", fresh, detail=detail)
                 log.error("scheduler.gave_up", run_name=record.name, detail=detail)
-                actions.append(Action(record.name, "gave-up", record.flower_run_id, detail))
+                actions.append(Action(record.name, "gave-up", flower_run_id, detail))
                 continue
             actions.append(self._submit(store, fresh, "resubmitted", previous=status))
         return actions
 
     def _submit(self, store: RunStore, record: RunRecord, what: str, previous: str = "") -> Action:
-        run_id = self.submitter.submit(record)
+        store.claim(record.name)  # running, no Flower run yet
         self._submitted[record.name] = self._submitted.get(record.name, 0) + 1
-        store.mark_submitted(record.name, run_id)
+        try:
+            run_id = self.submitter.submit(record)
+        except FedcommonsError as exc:  # retried on the next tick, up to max_starts
+            self._audit("run.submit", "failed", record, error=str(exc))
+            log.error("scheduler.submit_failed", run_name=record.name, error=str(exc))
+            self._flower_ids.pop(record.name, None)
+            return Action(record.name, "submit-failed", 0, str(exc))
+        self._flower_ids[record.name] = run_id
+        store.set_flower_run(record.name, run_id, only_if_unset=True)
         details = {"flower_run_id": run_id, "committed_round": record.committed_round}
         if previous:
             details["previous_status"] = previous
