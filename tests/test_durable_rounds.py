@@ -297,3 +297,25 @@ def test_status_json_round_trips_through_the_store(tmp_path: Path) -> None:
     data = json.loads(json.dumps(record.to_dict()))
     assert (data["name"], data["state"], data["progress"]) == ("nightly", "scheduled", "scheduled")
     assert data["config"]["rounds"] == 3
+
+
+def test_a_second_coordinator_on_the_same_run_fences_off_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash
+) -> None:
+    """Input tried: the run started again while its first coordinator still runs."""
+    from fedcommons.coordinator.federation import RoundReport, prepare_run
+    from fedcommons.coordinator.runs import DurableRun
+
+    crash("committed:1")
+    with pytest.raises(faults.InjectedFault):
+        run_in_process(_config(tmp_path / "r"), [fedcommons_client] * 2)
+    monkeypatch.delenv(faults.ENV)
+    config = _config(tmp_path / "r", **{"task.num-partitions": 2})
+    first, second = prepare_run(config), prepare_run(config)
+    old = DurableRun(first, flower_run_id=7)
+    old.open()
+    DurableRun(second, flower_run_id=8).open()
+    report = RoundReport(2, 2, 2, {}, 0, 10, 0.1, 0.1, 0.5, 1.0)
+    with pytest.raises(RunStateError, match="started again by another coordinator"):
+        old.commit(2, first.weights, report, {1000})
+    assert RunStore(tmp_path / "r").get("r1").committed_round == 1

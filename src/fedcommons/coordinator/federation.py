@@ -604,9 +604,11 @@ def run_federation(
                     weights, report, nodes, attempts = _run_round_with_policy(
                         grid, prepared, weights, round_no
                     )
+                    commit_started = time.monotonic()
                     durable.commit(round_no, weights, report, nodes, attempts)
+                    commit_seconds = time.monotonic() - commit_started
                 observe.round_finished(report)
-                observe.round_committed(durable.name, round_no)
+                observe.round_committed(durable.name, round_no, commit_seconds)
                 reports.append(report)
                 contributors |= nodes
                 if observer:

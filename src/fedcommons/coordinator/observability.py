@@ -101,10 +101,15 @@ def run_aborted(round_no: int, error: Exception, attempts: int) -> None:
     )
 
 
-def round_committed(run_name: str, round_no: int) -> None:
-    """Count and audit a durably committed round."""
+def round_committed(run_name: str, round_no: int, seconds: float = 0.0) -> None:
+    """Count and audit a durably committed round (``seconds``: the commit's wall time)."""
     metrics.ROUNDS_COMMITTED.inc()
-    _audit("round.commit", "committed", round=round_no, details={"run_name": run_name})
+    _audit(
+        "round.commit",
+        "committed",
+        round=round_no,
+        details={"run_name": run_name, "seconds": round(seconds, 4)},
+    )
 
 
 def run_resumed(run_name: str, committed_round: int) -> None:

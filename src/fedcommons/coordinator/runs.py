@@ -356,12 +356,28 @@ class RunStore:
         config: RunConfig,
         run_tag: str,
         commit: RoundCommit,
+        starts: int = 1,
     ) -> None:
-        """The commit point of a round: one transaction (creates the run row if needed)."""
+        """The commit point of a round: one transaction (creates the run row if needed).
+
+        ``starts`` is the start count this coordinator process was given: if another
+        process has started the run since (a second coordinator on the same run), this
+        one is fenced off with :class:`RunStateError` and commits nothing.
+        """
         stamp = now()
         with self._transaction() as db:
-            row = db.execute("SELECT state, cancel_requested FROM runs WHERE name=?", (name,))
+            row = db.execute("SELECT starts FROM runs WHERE name=?", (name,))
             found = row.fetchone()
+            if found is not None and int(found[0]) != starts:
+                raise RunStateError(
+                    f"run {name!r} was started again by another coordinator (start "
+                    f"{found[0]}, this one is start {starts}): this one stops, committing nothing"
+                )
+            exists = db.execute(
+                "SELECT 1 FROM run_rounds WHERE run=? AND round=?", (name, commit.round)
+            ).fetchone()
+            if exists:
+                raise RunStateError(f"round {commit.round} of run {name!r} is committed already")
             if found is None:
                 db.execute(
                     "INSERT INTO runs (name, line, state, config_json, run_tag, rounds, created,"
@@ -591,7 +607,11 @@ class DurableRun:
                 attempts=attempts,
             )
             store.commit_round(
-                name=self.name, config=self.config, run_tag=prepared.run_tag, commit=commit
+                name=self.name,
+                config=self.config,
+                run_tag=prepared.run_tag,
+                commit=commit,
+                starts=self.record.starts if self.record else 1,
             )
             committed.append(commit)
             faults.reached("committed", round_no)  # committed; ledger line not yet written
