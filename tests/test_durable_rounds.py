@@ -319,3 +319,12 @@ def test_a_second_coordinator_on_the_same_run_fences_off_the_first(
     with pytest.raises(RunStateError, match="started again by another coordinator"):
         old.commit(2, first.weights, report, {1000})
     assert RunStore(tmp_path / "r").get("r1").committed_round == 1
+
+
+def test_flower_run_ids_beyond_int64_are_stored_exactly(tmp_path: Path) -> None:
+    """Input tried: a Flower run id of 2**64 - 1 (Flower's run ids are unsigned 64-bit)."""
+    store = RunStore(tmp_path / "r", create=True)
+    store.schedule(_config(tmp_path / "r"))
+    store.claim("r1")
+    store.set_flower_run("r1", 2**64 - 1, only_if_unset=True)
+    assert store.get("r1").flower_run_id == 2**64 - 1

@@ -131,7 +131,7 @@ CREATE TABLE runs (
     created TEXT NOT NULL,
     updated TEXT NOT NULL,
     heartbeat TEXT NOT NULL DEFAULT '',
-    flower_run_id INTEGER NOT NULL DEFAULT 0,
+    flower_run_id TEXT NOT NULL DEFAULT '0',  -- Flower run ids are unsigned 64-bit
     starts INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     release_version TEXT NOT NULL DEFAULT '',
@@ -149,7 +149,7 @@ CREATE TABLE run_rounds (
     ledger_seq INTEGER,
     ledger_sha256 TEXT,
     ledger_entry_json TEXT,
-    flower_run_id INTEGER NOT NULL,
+    flower_run_id TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (run, round)
 );

@@ -159,6 +159,7 @@ _ROUND_COLUMNS = (
 def _run(row: tuple) -> RunRecord:
     values = list(row)
     values[3] = json.loads(values[3])
+    values[11] = int(values[11] or 0)  # stored as text: Flower run ids are unsigned 64-bit
     values[13] = bool(values[13])
     return RunRecord(*values)
 
@@ -169,6 +170,7 @@ def _round(row: tuple) -> RoundCommit:
     values[6] = json.loads(values[6])
     values[7] = json.loads(values[7])
     values[10] = json.loads(values[10]) if values[10] else None
+    values[11] = int(values[11] or 0)
     return RoundCommit(*values)
 
 
@@ -334,7 +336,7 @@ class RunStore:
                 db.execute(
                     "UPDATE runs SET state='running', starts=starts+1, flower_run_id=?,"
                     " updated=?, heartbeat=?, error='' WHERE name=?",
-                    (int(flower_run_id), stamp, stamp, name),
+                    (str(int(flower_run_id)), stamp, stamp, name),
                 )
         if cancelled:
             raise RunStateError(f"run {name!r} was cancelled before it started again")
@@ -344,7 +346,7 @@ class RunStore:
         """A scheduler is about to submit the run: ``running``, no Flower run id yet."""
         with self._transaction() as db:
             db.execute(
-                "UPDATE runs SET state='running', flower_run_id=0, updated=? "
+                "UPDATE runs SET state='running', flower_run_id='0', updated=? "
                 "WHERE name=? AND state IN ('scheduled', 'running')",
                 (now(), name),
             )
@@ -392,7 +394,7 @@ class RunStore:
                         stamp,
                         stamp,
                         stamp,
-                        commit.flower_run_id,
+                        str(int(commit.flower_run_id)),
                     ),
                 )
             db.execute(
@@ -409,7 +411,7 @@ class RunStore:
                     commit.ledger_seq,
                     commit.ledger_sha256,
                     json.dumps(commit.ledger_entry) if commit.ledger_entry is not None else None,
-                    commit.flower_run_id,
+                    str(int(commit.flower_run_id)),
                     commit.attempts,
                 ),
             )
@@ -453,9 +455,9 @@ class RunStore:
         """
         query = "UPDATE runs SET flower_run_id=?, updated=? WHERE name=?"
         if only_if_unset:
-            query += " AND flower_run_id=0"
+            query += " AND flower_run_id='0'"
         with self._transaction() as db:
-            db.execute(query, (int(flower_run_id), now(), name))
+            db.execute(query, (str(int(flower_run_id)), now(), name))
 
 
 @dataclass

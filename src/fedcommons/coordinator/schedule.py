@@ -111,8 +111,9 @@ class Scheduler:
             if flower_run_id:
                 try:
                     status = self.submitter.status(flower_run_id)
-                except FedcommonsError as exc:
+                except FedcommonsError as exc:  # SuperLink unreachable: ask again next tick
                     log.warning("scheduler.status_failed", run_name=record.name, error=str(exc))
+                    continue
             if not (status.startswith("finished") or status == UNKNOWN):
                 continue
             fresh = store.get(record.name)  # the ServerApp may have just finished it
