@@ -98,7 +98,7 @@ def schedule(
         OutputFormat.table
     ),
 ) -> None:
-    """Schedule a run in the registry; ``coordinator start --registry`` submits it when due.
+    """Schedule a run in the registry; `coordinator start --registry` submits it when due.
 
     Everything is checked now (task, strategy and its parameters, base release, DP
     budget, signing key), before anything is stored.
@@ -200,7 +200,7 @@ def cancel(
     """Cancel a run: a scheduled one at once; a running one after its current round commits.
 
     A cancelled run publishes nothing and cannot be resumed; its committed rounds stay
-    in ``round status --rounds`` and the privacy ledger.
+    in `round status --rounds` and the privacy ledger.
     """
     from fedcommons.coordinator.runs import RunStore
 
