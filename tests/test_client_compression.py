@@ -187,3 +187,18 @@ def test_a_new_run_prunes_run_dirs_untouched_for_30_days(tmp_path: Path) -> None
     send(new, deltas(1)[0], "topk:0.05", 1)
     assert not old.directory.parent.exists()
     assert recent.residual_path.exists() and new.residual_path.exists()
+
+
+def test_a_round_run_again_starts_from_the_residual_held_before_it(tmp_path: Path) -> None:
+    """The coordinator lost round 2 and runs it again: the client replays it exactly."""
+    ds = deltas(3)
+    state = ClientState(tmp_path / "s")
+    sent1 = send(state, ds[0], "topk:0.05", 1)
+    lost = send(state, ds[1], "topk:0.05", 2)
+    again = send(state, ds[1], "topk:0.05", 2)  # same round, same delta: the same upload
+    np.testing.assert_array_equal(lost, again)
+    sent3 = send(state, ds[2], "topk:0.05", 3)
+    # round 2 counted once: what was sent plus what is kept is what was trained
+    residual = state.load_flat(state.residual_path, 1230, "residual")
+    total = flatten(ds[0]) + flatten(ds[1]) + flatten(ds[2])
+    np.testing.assert_allclose(sent1 + again + sent3 + residual, total, atol=1e-5)

@@ -109,7 +109,11 @@ def test_rejected_updates_are_counted_by_reason_and_failed_rounds_by_outcome(
     records = list(audit_log.read(tmp_path / "r" / audit_log.FILE_NAME))
     actions = [(r["action"], r["outcome"]) for r in records]
     assert actions[0] == ("run.start", "started")
-    assert actions[-1] == ("round.finish", "failed")
+    assert actions[-3:] == [
+        ("round.finish", "failed"),
+        ("run.abort", "aborted"),
+        ("run.end", "failed"),
+    ]
     reject = next(r for r in records if r["action"] == "update.reject")
     assert reject["actor"].startswith("node:") and reject["round"] == 1
     assert audit_log.verify(tmp_path / "r" / audit_log.FILE_NAME) == len(records)
@@ -123,10 +127,13 @@ def test_audit_log_records_each_round_and_the_release_in_order(tmp_path: Path) -
     assert [(r["action"], r["round"]) for r in records] == [
         ("run.start", None),
         ("round.finish", 1),
+        ("round.commit", 1),
         ("round.finish", 2),
+        ("round.commit", 2),
         ("release.publish", None),
+        ("run.end", None),
     ]
-    assert records[-1]["release"] == f"{result.release.name} {result.release.version}"
+    assert records[-2]["release"] == f"{result.release.name} {result.release.version}"
     assert all(r["run_id"] == result.run_id for r in records)
     for record in records:
         assert {"timestamp", "actor", "action", "outcome"} <= record.keys()
@@ -145,7 +152,7 @@ def test_audit_log_env_var_chooses_the_file_and_appends_across_runs(
         )
     assert not (tmp_path / "reg" / audit_log.FILE_NAME).exists()
     assert [r["action"] for r in audit_log.read(target)].count("run.start") == 2
-    assert audit_log.verify(target) == 6
+    assert audit_log.verify(target) == 10  # per run: start, finish, commit, publish, end
 
 
 def test_audit_log_verify_names_the_line_after_an_edited_record(tmp_path: Path) -> None:

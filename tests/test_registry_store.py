@@ -55,7 +55,7 @@ def test_schema_1_registry_is_migrated_forward_keeping_its_releases(tmp_path: Pa
     root = tmp_path / "reg"
     _v1_registry(root)
     reg = Registry(root, create=False)
-    assert SqliteIndexStore(root / "index.sqlite").schema_version() == INDEX_SCHEMA_VERSION == 2
+    assert SqliteIndexStore(root / "index.sqlite").schema_version() == INDEX_SCHEMA_VERSION == 3
     (rel,) = reg.releases()
     assert (rel.name, rel.version, rel.metrics) == ("digits", "1.0.0", {"test_accuracy": 0.9})
     assert rel.bump == "" and rel.aliases == ()

@@ -153,3 +153,23 @@ class CertificateError(FedcommonsError):
 
 class AuditLogError(FedcommonsError):
     """The audit log cannot be written or is not a valid JSON-lines log."""
+
+
+class CheckpointError(RegistryError):
+    """A round checkpoint is missing or does not match the hash its commit recorded."""
+
+
+class RunStateError(FedcommonsError):
+    """A durable run cannot do what was asked in its state.
+
+    It finished, was cancelled, does not exist, or was started again with another
+    configuration.
+    """
+
+
+class RunCancelledError(RunStateError):
+    """The operator cancelled the run; it stopped after its last committed round."""
+
+
+class FaultSpecError(ConfigError):
+    """``FEDCOMMONS_FAULT`` does not name a known fault point, round and action."""

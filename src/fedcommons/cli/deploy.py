@@ -89,6 +89,10 @@ def coordinator_start(
     audit_log: Annotated[
         Path | None, typer.Option(help="Audit log file (default: <registry>/audit.jsonl).")
     ] = None,
+    registry: Annotated[
+        Path | None,
+        typer.Option(help="Registry whose scheduled runs to submit (`fedcommons round`)."),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Check the settings, print the command, exit.")
     ] = False,
@@ -120,6 +124,7 @@ def coordinator_start(
         metrics_host=metrics_host,
         metrics_port=metrics_port,
         audit_log=audit_log,
+        registry=registry,
     )
     configure_logging()
     logger = get_logger("fedcommons.cli")

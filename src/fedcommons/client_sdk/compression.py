@@ -12,6 +12,12 @@ variable ``FEDCOMMONS_STATE_DIR``, else ``$XDG_STATE_HOME/fedcommons`` (default
 ``residual.safetensors`` and, for ``fish`` specs, ``fish-mask.safetensors``; ``<site>``
 is ``partition-<id>`` when the node config names a partition (simulated institutions
 share one machine), else ``site``.
+
+The residual file records the round it was computed in (safetensors metadata), and the
+residual it replaced is kept as ``residual.prev.safetensors``: when the coordinator runs a
+round again (it crashed before committing the round, or retries it), the client starts
+from the residual it held *before* that round, so the re-run reproduces the first attempt
+exactly instead of counting the lost round's residual twice.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file
 from safetensors.numpy import save as st_save
 
@@ -68,6 +75,45 @@ class ClientState:
         return self.directory / "residual.safetensors"
 
     @property
+    def previous_residual_path(self) -> Path:
+        """The residual the current one replaced (the state before the latest round)."""
+        return self.directory / "residual.prev.safetensors"
+
+    @staticmethod
+    def residual_round(path: Path) -> int | None:
+        """The round a residual file was computed in (None: unknown or unreadable)."""
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                value = (fh.metadata() or {}).get("round")
+            return int(value) if value is not None else None
+        except Exception:  # absent, torn or foreign: the caller treats it as unknown
+            return None
+
+    def load_residual(self, round_no: int, size: int) -> np.ndarray | None:
+        """The residual to add in round ``round_no``: the newest one from an earlier round.
+
+        A residual computed in ``round_no`` itself or later belongs to an attempt the
+        coordinator lost (it runs the round again): the previous residual is used instead.
+        """
+        for path in (self.residual_path, self.previous_residual_path):
+            if not path.exists():
+                continue
+            made_in = self.residual_round(path)
+            if made_in is None or made_in < round_no:
+                return self.load_flat(path, size, "residual")
+        return None
+
+    def save_residual(self, round_no: int, value: np.ndarray) -> None:
+        """Store the residual left after ``round_no``, keeping the one it replaces."""
+        current = self.residual_round(self.residual_path)
+        if self.residual_path.exists() and (current is None or current < round_no):
+            try:
+                self.residual_path.replace(self.previous_residual_path)
+            except OSError as exc:
+                raise ClientStateError(f"cannot keep residual {self.residual_path}: {exc}") from exc
+        self.save_flat(self.residual_path, "residual", value, {"round": str(int(round_no))})
+
+    @property
     def mask_path(self) -> Path:
         """Where the FISH mask lives."""
         return self.directory / "fish-mask.safetensors"
@@ -86,13 +132,15 @@ class ClientState:
             return None
         return value.reshape(-1)
 
-    def save_flat(self, path: Path, key: str, value: np.ndarray) -> None:
+    def save_flat(
+        self, path: Path, key: str, value: np.ndarray, metadata: dict[str, str] | None = None
+    ) -> None:
         """Write ``{key: value}`` atomically (temporary file, fsync, rename)."""
         try:
             if not self.directory.exists():
                 self.directory.mkdir(parents=True, exist_ok=True)
                 prune_stale_runs(self.directory.parent.parent, keep=self.directory.parent)
-            atomic_write(path, st_save({key: np.ascontiguousarray(value)}))
+            atomic_write(path, st_save({key: np.ascontiguousarray(value)}, metadata=metadata))
         except OSError as exc:
             raise ClientStateError(f"cannot write client state {path}: {exc}") from exc
 
@@ -169,7 +217,7 @@ def compress_delta(
         mask = load_or_compute_mask(state, flat.size, mask_fn).astype(bool)
     use_ef = error_feedback and spec.lossy
     if use_ef:
-        residual = state.load_flat(state.residual_path, flat.size, "residual")
+        residual = state.load_residual(round_no, flat.size)
         if residual is not None:
             flat = flat + residual
     encoded = encode_flat(
@@ -187,9 +235,8 @@ def compress_delta(
         assert encoded.reconstruction is not None
         new_residual = flat - encoded.reconstruction
         norm = float(np.linalg.norm(new_residual))
-        if np.isfinite(norm):
-            state.save_flat(state.residual_path, "residual", new_residual.astype(np.float32))
-        else:  # a diverged round must not poison every later one
+        if not np.isfinite(norm):  # a diverged round must not poison every later one
             log.warning("client.residual_dropped", reason="non-finite delta")
-            state.residual_path.unlink(missing_ok=True)
+            new_residual = np.zeros_like(flat)
+        state.save_residual(round_no, new_residual.astype(np.float32))
     return CompressionResult(encoded, norm, use_ef)

@@ -54,6 +54,10 @@ class RunConfig:
     signing_key: str = ""  # Ed25519 PEM; empty: $FEDCOMMONS_SIGNING_KEY or <registry>/private/
     #: Central (user-level) DP of the line, "dp.<key>" options; any key turns it on (#6).
     dp_params: dict[str, Any] = field(default_factory=dict)
+    # -- durable rounds (#8) --
+    run_name: str = ""  # durable identity: a run started again under it resumes; "": new name
+    on_round_failure: str = "abort"  # a round short of min-clients at its deadline: abort|retry
+    round_retries: int = 2  # with on-round-failure = retry: re-sampled attempts per round
 
     @property
     def central_dp(self) -> CentralDPConfig | None:
@@ -95,6 +99,23 @@ class RunConfig:
             raise ConfigError(f"fish-mask must be 'site' or 'public', got {self.fish_mask!r}")
         _ = self.central_dp  # DP budget and mechanism errors surface at configuration time
         self._validate_release_options()
+        self._validate_round_policy()
+
+    def _validate_round_policy(self) -> None:
+        """Durable-round keys (#8): deadline policy and the run's name."""
+        import re
+
+        if self.on_round_failure not in {"abort", "retry"}:
+            raise ConfigError(
+                f"on-round-failure must be abort or retry, got {self.on_round_failure!r}"
+            )
+        if not 0 <= self.round_retries <= 100:
+            raise ConfigError(f"round-retries must lie in 0..100, got {self.round_retries}")
+        if self.run_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.run_name):
+            raise ConfigError(
+                f"run-name {self.run_name!r} must be 1-100 letters, digits, '.', '_' or '-' "
+                "and start with a letter or digit"
+            )
 
     def _validate_release_options(self) -> None:
         """Release keys (#5): gate policy, patch fraction, version override."""

@@ -222,6 +222,10 @@ class CoordinatorSettings(BaseSettings):
     metrics_port: int = Field(9095, ge=0, le=65535)
     audit_log: Path | None = None
     startup_timeout: float = Field(60.0, gt=0)
+    #: Registry whose scheduled runs this coordinator submits (``fedcommons round
+    #: schedule``) and restarts when their ServerApp dies (#8); None: no scheduler.
+    registry: Path | None = None
+    schedule_poll: float = Field(5.0, gt=0)
 
     @classmethod
     def settings_customise_sources(
@@ -318,7 +322,14 @@ def load_coordinator_settings(
         _TOML_FILE.reset(token)
 
 
-_PATH_FIELDS = ("database", "ssl_certfile", "ssl_keyfile", "ssl_ca_certfile", "audit_log")
+_PATH_FIELDS = (
+    "database",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_ca_certfile",
+    "audit_log",
+    "registry",
+)
 
 
 def _paths_relative_to(
@@ -507,7 +518,12 @@ def run_coordinator(
             )
         if on_ready:
             on_ready(sync)
-        return proc.wait()
+        stop_scheduler = _start_scheduler(settings)
+        try:
+            return proc.wait()
+        finally:
+            if stop_scheduler is not None:
+                stop_scheduler.set()
     except BaseException:
         if proc.poll() is None:
             proc.terminate()
@@ -520,3 +536,19 @@ def run_coordinator(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _start_scheduler(settings: CoordinatorSettings) -> Any:
+    """Start the run scheduler on ``settings.registry`` (#8); return its stop event."""
+    if settings.registry is None:
+        return None
+    from fedcommons.coordinator.schedule import FlowerSubmitter, start_scheduler_thread
+
+    submitter = FlowerSubmitter(
+        settings.local_address,
+        root_cert=None if settings.insecure else settings.ssl_ca_certfile,
+        insecure=settings.insecure,
+    )
+    registry = Path(settings.registry).expanduser().resolve()
+    _, stop = start_scheduler_thread(registry, submitter, poll=settings.schedule_poll)
+    return stop

@@ -29,12 +29,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcommons import __version__
+from fedcommons.coordinator import faults
 from fedcommons.coordinator import observability as observe
 from fedcommons.coordinator.arrays import record_tensors
 from fedcommons.coordinator.card import render_card
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.patches import diff_weights
 from fedcommons.coordinator.registry import Registry, Release, check_writable
+from fedcommons.coordinator.runs import DurableRun, committed_rounds
 from fedcommons.coordinator.signing import Signer
 from fedcommons.coordinator.validation import (
     ValidationSuite,
@@ -47,6 +49,7 @@ from fedcommons.errors import (
     CandidateRejectedError,
     ConfigError,
     RoundFailedError,
+    RunCancelledError,
     SigningKeyError,
     UpdateRejectedError,
 )
@@ -128,6 +131,8 @@ class PreparedRun:
     privacy: LinePrivacy | None = field(default=None, repr=False)
     #: Names this run to clients, which key their error-feedback state by it (#3).
     run_tag: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    #: Attempt of the current round (0: first; retries re-sample nodes) (#8).
+    attempt: int = 0
 
     @property
     def max_update_bytes(self) -> int:
@@ -177,7 +182,10 @@ def prepare_run(config: RunConfig) -> PreparedRun:
             )
         registry.publish_key(signer)  # raises unless the key is the registry's
     privacy = LinePrivacy(config.registry_path, config.line, config.central_dp)
-    privacy.check_plan(config.rounds)
+    remaining = config.rounds - committed_rounds(config)  # a resumed run plans what is left
+    if remaining > 0:
+        privacy.check_plan(remaining)
+    faults.check_environment()
     check_dp_compatible(strategy, config)
     return PreparedRun(config, task, strategy, weights, parent, registry, suite, signer, privacy)
 
@@ -385,11 +393,15 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def sample_nodes(nodes: list[int], k: int, seed: int, round_no: int) -> list[int]:
-    """Sample ``k`` nodes without replacement (all when ``k`` is 0 or too large)."""
+def sample_nodes(nodes: list[int], k: int, seed: int, round_no: int, attempt: int = 0) -> list[int]:
+    """Sample ``k`` nodes without replacement (all when ``k`` is 0 or too large).
+
+    A retried round (``attempt`` > 0) draws a new sample; attempt 0 is the sample a
+    resumed run draws again.
+    """
     if k <= 0 or k >= len(nodes):
         return list(nodes)
-    rng = np.random.default_rng([seed, round_no])
+    rng = np.random.default_rng([seed, round_no] if attempt == 0 else [seed, round_no, attempt])
     return sorted(int(n) for n in rng.choice(nodes, size=k, replace=False))
 
 
@@ -404,7 +416,9 @@ def run_round(
     if privacy.central is not None:  # DP-FedAvg: secret Poisson or fixed-size sampling
         sampled, rate, expected = privacy.sample(nodes, config.clients_per_round)
     else:
-        sampled = sample_nodes(nodes, config.clients_per_round, config.seed, round_no)
+        sampled = sample_nodes(
+            nodes, config.clients_per_round, config.seed, round_no, prepared.attempt
+        )
         rate, expected = 1.0, float(len(sampled))
     strategy = privacy.start_round(  # refuses a round past the line's budget
         round_no,
@@ -483,12 +497,14 @@ def run_round(
             examples += update.num_examples
             loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
             del update  # the aggregate is all we keep
+            faults.reached("collecting", round_no)
     timed_out = len(pending)
     if len(contributors) < config.min_clients:
         raise RoundFailedError(
             f"round {round_no}: {len(contributors)} valid update(s), need {config.min_clients} "
             f"(rejected: {dict(rejected) or 0}, no reply: {timed_out})"
         )
+    faults.reached("aggregating", round_no)
     step = guarded_finalize(strategy, weights)
     privacy.commit_round(
         accepted=len(contributors),
@@ -539,11 +555,21 @@ def run_federation(
     observer: RunObserver | None = None,
     prepared: PreparedRun | None = None,
 ) -> FederationResult:
-    """Run every round of ``config`` on ``grid`` and publish the release."""
+    """Run every round of ``config`` on ``grid`` and publish the release.
+
+    Each finished round is committed (:class:`~fedcommons.coordinator.runs.DurableRun`);
+    a run started again under the same ``run-name`` resumes after its last committed
+    round. A round short of ``min-clients`` at its deadline is retried or aborts the run
+    (``on-round-failure``); a cancelled run stops before its next round. A run that
+    does not finish publishes nothing.
+    """
     with structlog.contextvars.bound_contextvars(run_id=run_id):
         prepared = prepared or prepare_run(config)
+        config = prepared.config
         if prepared.privacy is not None:
             prepared.privacy.run_id = run_id
+        durable = DurableRun(prepared, run_id)
+        resumed = durable.open()
         if observer:
             observer.on_start(config, run_id)
         log.info(
@@ -552,34 +578,97 @@ def run_federation(
             strategy=config.strategy,
             rounds=config.rounds,
             line=config.line,
+            run_name=durable.name,
+            resume_after=resumed.next_round - 1,
         )
-        observe.run_started(config.registry_path, run_id, {"config": config.to_flat()})
-        weights = prepared.weights
-        reports: list[RoundReport] = []
-        contributors: set[int] = set()
-        for round_no in range(1, config.rounds + 1):
-            with structlog.contextvars.bound_contextvars(round=round_no):
-                try:
-                    weights, report, nodes = run_round(grid, prepared, weights, round_no)
-                except RoundFailedError as exc:
-                    observe.round_failed(round_no, exc)
-                    raise
-            observe.round_finished(report)
-            reports.append(report)
-            contributors |= nodes
-            if observer:
-                observer.on_round(report)
-        test = evaluate(prepared.task, weights, prepared.task.test_loader())
-        release = publish(prepared, weights, reports, test, len(contributors), run_id)
-        observe.release_published(release)
+        observe.run_started(
+            config.registry_path, run_id, {"config": config.to_flat(), "run_name": durable.name}
+        )
+        if resumed.next_round > 1:
+            observe.run_resumed(durable.name, resumed.next_round - 1)
+        weights = resumed.weights
+        reports = [RoundReport(**r) for r in resumed.reports]
+        contributors: set[int] = set(resumed.contributors)
+        try:
+            for round_no in range(resumed.next_round, config.rounds + 1):
+                if durable.cancel_requested():
+                    raise RunCancelledError(
+                        f"run {durable.name!r} cancelled by the operator after round "
+                        f"{round_no - 1}; nothing was published"
+                    )
+                with structlog.contextvars.bound_contextvars(round=round_no):
+                    weights, report, nodes, attempts = _run_round_with_policy(
+                        grid, prepared, weights, round_no
+                    )
+                    commit_started = time.monotonic()
+                    durable.commit(round_no, weights, report, nodes, attempts)
+                    commit_seconds = time.monotonic() - commit_started
+                observe.round_finished(report)
+                observe.round_committed(durable.name, round_no, commit_seconds)
+                reports.append(report)
+                contributors |= nodes
+                if observer:
+                    observer.on_round(report)
+            test = evaluate(prepared.task, weights, prepared.task.test_loader())
+            release = durable.published()  # a crash after publishing, before finishing
+            if release is None:
+                release = publish(prepared, weights, reports, test, len(contributors), run_id)
+                observe.release_published(release)
+            durable.finish(release)
+        except RunCancelledError as exc:
+            durable.fail("cancelled", str(exc))
+            observe.run_ended(durable.name, "cancelled", str(exc))
+            log.warning("run.cancelled", run_name=durable.name)
+            raise
+        except faults.InjectedFault:
+            raise  # a simulated crash: like SIGKILL, it records nothing
+        except BaseException as exc:
+            durable.fail("failed", f"{type(exc).__name__}: {exc}")
+            observe.run_ended(durable.name, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        observe.run_ended(durable.name, "finished", release.version)
         log.info(
             "release.published",
             name=release.name,
             version=release.version,
             sha256=release.weights_sha256,
             test_accuracy=test.get("accuracy"),
+            run_name=durable.name,
         )
         return FederationResult(release, reports, test, run_id)
+
+
+def _run_round_with_policy(
+    grid: Grid, prepared: PreparedRun, weights: dict[str, torch.Tensor], round_no: int
+) -> tuple[dict[str, torch.Tensor], RoundReport, set[int], int]:
+    """:func:`run_round`, retried per ``on-round-failure`` / ``round-retries``.
+
+    Returns the round's result and the number of attempts it took. Each failed attempt
+    is logged, counted and audited; the last one re-raises (the run aborts).
+    """
+    config = prepared.config
+    attempt = 0
+    while True:
+        prepared.attempt = attempt
+        if prepared.privacy is not None:
+            prepared.privacy.staged.clear()  # a failed attempt releases nothing
+        try:
+            new_weights, report, nodes = run_round(grid, prepared, weights, round_no)
+            return new_weights, report, nodes, attempt + 1
+        except RoundFailedError as exc:
+            retry = config.on_round_failure == "retry" and attempt < config.round_retries
+            observe.round_failed(round_no, exc)
+            if not retry:
+                observe.run_aborted(round_no, exc, attempt + 1)
+                log.error("round.aborted", attempts=attempt + 1, error=str(exc))
+                raise
+            attempt += 1
+            observe.round_retried(round_no, attempt, exc)
+            log.warning(
+                "round.retry", attempt=attempt + 1, of=config.round_retries + 1, error=str(exc)
+            )
+        finally:
+            prepared.attempt = 0
 
 
 def publish(

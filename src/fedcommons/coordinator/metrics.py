@@ -68,6 +68,28 @@ VALIDATION_DURATION = Histogram(
     registry=REGISTRY,
 )
 
+ROUND_RETRIES = Counter(
+    "fedcommons_round_retries",
+    "Round attempts that fell short of min-clients and were retried (on-round-failure=retry).",
+    registry=REGISTRY,
+)
+ROUNDS_COMMITTED = Counter(
+    "fedcommons_rounds_committed",
+    "Rounds committed durably (checkpoint, round record, ledger).",
+    registry=REGISTRY,
+)
+RUNS = Counter(
+    "fedcommons_runs",
+    "Runs ended, by outcome (finished, failed, cancelled).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+RUNS_RESUMED = Counter(
+    "fedcommons_runs_resumed",
+    "Runs resumed from a committed round after a restart.",
+    registry=REGISTRY,
+)
+
 _server_lock = threading.Lock()
 _server: tuple[str, int] | None = None
 

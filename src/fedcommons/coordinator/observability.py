@@ -83,6 +83,52 @@ def round_failed(round_no: int, error: Exception) -> None:
     _audit("round.finish", "failed", round=round_no, details={"error": str(error)})
 
 
+def round_retried(round_no: int, attempt: int, error: Exception) -> None:
+    """Count and audit a round started again after a failed attempt (#8)."""
+    metrics.ROUND_RETRIES.inc()
+    _audit(
+        "round.retry",
+        "retrying",
+        round=round_no,
+        details={"attempt": attempt + 1, "error": str(error)},
+    )
+
+
+def run_aborted(round_no: int, error: Exception, attempts: int) -> None:
+    """Audit a run aborted because a round failed ``attempts`` times."""
+    _audit(
+        "run.abort", "aborted", round=round_no, details={"attempts": attempts, "error": str(error)}
+    )
+
+
+def round_committed(run_name: str, round_no: int, seconds: float = 0.0) -> None:
+    """Count and audit a durably committed round (``seconds``: the commit's wall time)."""
+    metrics.ROUNDS_COMMITTED.inc()
+    _audit(
+        "round.commit",
+        "committed",
+        round=round_no,
+        details={"run_name": run_name, "seconds": round(seconds, 4)},
+    )
+
+
+def run_resumed(run_name: str, committed_round: int) -> None:
+    """Count and audit a run resumed after its last committed round."""
+    metrics.RUNS_RESUMED.inc()
+    _audit(
+        "run.resume",
+        "resumed",
+        round=committed_round,
+        details={"run_name": run_name, "resume_after_round": committed_round},
+    )
+
+
+def run_ended(run_name: str, outcome: str, detail: str) -> None:
+    """Count and audit the end of a run: finished, failed or cancelled."""
+    metrics.RUNS.labels(outcome=outcome).inc()
+    _audit("run.end", outcome, details={"run_name": run_name, "detail": detail})
+
+
 def release_published(release: Any) -> None:
     """Count and audit a published release."""
     metrics.RELEASES_PUBLISHED.inc()

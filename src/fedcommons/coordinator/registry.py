@@ -61,7 +61,7 @@ from fedcommons.errors import (
 from fedcommons.fileio import atomic_write, fsync_dir
 from fedcommons.wire.manifest import ReleaseManifest
 
-INDEX_SCHEMA_VERSION = 2
+INDEX_SCHEMA_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 CARD_FILE = "README.md"
@@ -116,7 +116,46 @@ CREATE TABLE rejected (
     report_json TEXT NOT NULL
 );
 """
-MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1, 1: _MIGRATE_V1_TO_V2}
+# Schema 3 (#8): durable runs. ``runs`` holds scheduled and started runs, ``run_rounds``
+# one row per committed round (see fedcommons.coordinator.runs).
+_MIGRATE_V2_TO_V3 = """
+CREATE TABLE runs (
+    name TEXT PRIMARY KEY,
+    line TEXT NOT NULL,
+    state TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    run_tag TEXT NOT NULL,
+    rounds INTEGER NOT NULL,
+    committed_round INTEGER NOT NULL DEFAULT 0,
+    not_before TEXT NOT NULL DEFAULT '',
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    heartbeat TEXT NOT NULL DEFAULT '',
+    flower_run_id TEXT NOT NULL DEFAULT '0',  -- Flower run ids are unsigned 64-bit
+    starts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    release_version TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE run_rounds (
+    run TEXT NOT NULL REFERENCES runs (name),
+    round INTEGER NOT NULL,
+    committed TEXT NOT NULL,
+    checkpoint_path TEXT NOT NULL,
+    checkpoint_sha256 TEXT NOT NULL,
+    report_json TEXT NOT NULL,
+    contributors_json TEXT NOT NULL,
+    state_json TEXT NOT NULL,
+    ledger_seq INTEGER,
+    ledger_sha256 TEXT,
+    ledger_entry_json TEXT,
+    flower_run_id TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (run, round)
+);
+CREATE INDEX runs_by_state ON runs (state);
+"""
+MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1, 1: _MIGRATE_V1_TO_V2, 2: _MIGRATE_V2_TO_V3}
 
 
 # -- records ------------------------------------------------------------------------------
@@ -391,7 +430,13 @@ class SqliteIndexStore:
             return int(db.execute("PRAGMA user_version").fetchone()[0])
 
     def migrate(self) -> None:
-        """Bring the schema to :data:`INDEX_SCHEMA_VERSION`, one step per transaction."""
+        """Bring the schema to :data:`INDEX_SCHEMA_VERSION`, one step per transaction.
+
+        An index already at the current version is only read: opening a registry never
+        waits for a writer's transaction (a round being committed, a publish).
+        """
+        if self.path.exists() and self.schema_version() == INDEX_SCHEMA_VERSION:
+            return
         while True:
             with self._transaction() as db:
                 current = int(db.execute("PRAGMA user_version").fetchone()[0])

@@ -172,13 +172,19 @@ class PrivacyLedger:
             yield fh
 
     def append(
-        self, entry: Mapping[str, Any] | Callable[[list[LedgerRecord]], Mapping[str, Any]]
+        self,
+        entry: Mapping[str, Any] | Callable[[list[LedgerRecord]], Mapping[str, Any]],
+        *,
+        before_write: Callable[[LedgerRecord], None] | None = None,
     ) -> LedgerRecord:
         """Verify the chain, then append ``entry`` durably; return its record.
 
         ``entry`` may be a function of the verified records, called under the lock: an
         entry whose content depends on the ledger (a cumulative ε) stays correct when
         another coordinator appended in between, and the function may raise to refuse.
+        ``before_write`` receives the finished record under the lock before the line is
+        written; if it raises, nothing is written (the coordinator commits its round
+        there, so a round is committed before its ledger line exists, never after).
         """
         with self._locked() as fh:
             records = self.verify()
@@ -187,6 +193,8 @@ class PrivacyLedger:
             prev = records[-1].sha256 if records else GENESIS
             seq = len(records)
             digest = entry_hash(prev, entry)
+            if before_write is not None:
+                before_write(LedgerRecord(seq, prev, digest, entry))
             line = json.dumps(
                 {"seq": seq, "prev_sha256": prev, "entry": entry, "sha256": digest},
                 sort_keys=True,

@@ -15,6 +15,7 @@ published release is an output computed from the same users' data).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ from fedcommons.privacy.accounting import RDP_ORDERS, Step, runtime_epsilon
 from fedcommons.privacy.central import DPFedAvg, poisson_sample, secret_rng
 from fedcommons.privacy.client_spend import ClientSpend
 from fedcommons.privacy.config import CentralDPConfig
-from fedcommons.privacy.ledger import LEDGER_DIR, LEDGER_FILE, PrivacyLedger, ledger_path
+from fedcommons.privacy.ledger import (
+    GENESIS,
+    LEDGER_DIR,
+    LEDGER_FILE,
+    LedgerRecord,
+    PrivacyLedger,
+    ledger_path,
+)
 from fedcommons.strategies.base import Aggregator
 
 LEDGER_SCHEMA = 1
@@ -77,6 +85,55 @@ class LinePrivacy:
         self.run_entries = 0
         #: Flower run id recorded in ledger entries (set by the coordinator).
         self.run_id = 0
+        #: Durable runs (#8): ledger entries wait in :attr:`staged` until the coordinator
+        #: commits the round (:meth:`append_staged`), so a round lost in a crash never
+        #: leaves a ledger entry behind (its re-run would count ε twice).
+        self.defer_ledger = False
+        self.staged: list[Mapping[str, Any] | Callable[[list[LedgerRecord]], Mapping[str, Any]]]
+        self.staged = []
+        #: Name of the durable run, recorded in each ledger entry (set by the coordinator).
+        self.run_name = ""
+
+    def _append(
+        self, entry: Mapping[str, Any] | Callable[[list[LedgerRecord]], Mapping[str, Any]]
+    ) -> LedgerRecord:
+        """Append now, or with :attr:`defer_ledger` stage the entry and return a preview."""
+        if not self.defer_ledger:
+            return self.ledger.append(entry)
+        self.staged.append(entry)
+        records = self.ledger.verify()
+        content = dict(entry(records) if callable(entry) else entry)
+        prev = records[-1].sha256 if records else GENESIS
+        return LedgerRecord(len(records), prev, "", content)
+
+    def append_staged(
+        self, before_write: Callable[[LedgerRecord | None], None]
+    ) -> LedgerRecord | None:
+        """Append the staged entry (at most one per round), committing inside the lock.
+
+        ``before_write`` gets the record about to be written (``None`` when the round has
+        no ledger entry) and is where the coordinator commits the round; if it raises,
+        nothing is appended. The ε of the entry is recomputed under the ledger's lock.
+        """
+        staged, self.staged = self.staged, []
+        if len(staged) > 1:
+            raise RuntimeError("more than one staged ledger entry for one round")
+        if not staged:
+            before_write(None)
+            return None
+        return self.ledger.append(staged[0], before_write=before_write)
+
+    def resume_state(self) -> dict[str, int]:
+        """What a durable run checkpoints of this object (ledger entries of the run)."""
+        return {"run_entries": self.run_entries}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`resume_state` after a restart (the ledger itself is on disk).
+
+        The whole-run budget check of the first :meth:`start_round` runs again, for the
+        rounds that remain (:meth:`check_plan` is given those).
+        """
+        self.run_entries = int(state.get("run_entries", 0))
 
     # -- accounting -----------------------------------------------------------------
     def history(self) -> list[Step]:
@@ -238,9 +295,11 @@ class LinePrivacy:
             "timed_out": timed_out,
             "client_spends": current.client_spends,
         }
+        if self.run_name:
+            entry["run_name"] = self.run_name
         if current.aggregator is None or self.central is None:
             entry["mechanism"] = "none"
-            record = self.ledger.append(entry)
+            record = self._append(entry)
             self.run_entries += 1
             return record.entry
         cfg = self.central
@@ -277,7 +336,7 @@ class LinePrivacy:
                 )
             return {**entry, "epsilon": eps}
 
-        record = self.ledger.append(with_epsilon)
+        record = self._append(with_epsilon)
         self.run_entries += 1
         get_logger("fedcommons.privacy").info(  # looked up now: honours the current level
             "privacy.round",

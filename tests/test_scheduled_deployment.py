@@ -1,0 +1,110 @@
+"""A scheduled run executed by `fedcommons coordinator start --registry` (deployment engine).
+
+Loopback only: the coordinator (SuperLink + scheduler) and two SuperNodes; every process
+is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fedcommons.coordinator.registry import Registry
+from fedcommons.coordinator.runs import RunStore
+from tests.conftest import BIN
+from tests.processes import ProcessGroup, free_port, tail, wait_for_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_coordinator_start_submits_a_scheduled_run_that_publishes(
+    tmp_path: Path, flower_env: dict[str, str]
+) -> None:
+    registry = tmp_path / "registry"
+    scheduled = subprocess.run(
+        [
+            str(BIN / "fedcommons"),
+            "round",
+            "schedule",
+            "--registry",
+            str(registry),
+            "--name",
+            "e2e",
+            "--rounds",
+            "2",
+            "--min-clients",
+            "2",
+            "--deadline",
+            "120",
+            "-c",
+            "local-epochs=1",
+            "-c",
+            "task.num-partitions=2",
+            "-c",
+            "node-wait-timeout=90",
+        ],
+        env=flower_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert scheduled.returncode == 0, scheduled.stderr
+    env = {**flower_env, "FEDCOMMONS_SCHEDULE_POLL": "1", "FEDCOMMONS_METRICS_PORT": "0"}
+    group = ProcessGroup(tmp_path, env)
+    link_port = free_port()
+    try:
+        link, link_log = group.start(
+            "coordinator",
+            [
+                str(BIN / "fedcommons"),
+                "coordinator",
+                "start",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+                "--database",
+                str(tmp_path / "link.db"),
+                "--registry",
+                str(registry),
+            ],
+        )
+        wait_for_port(link_port, link, link_log)
+        for pid in (0, 1):
+            node_port = free_port()
+            node, node_log = group.start(
+                f"supernode{pid}",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(node_port),
+                    "--node-config",
+                    f"partition-id={pid} num-partitions=2",
+                ],
+            )
+            wait_for_port(node_port, node, node_log)
+        deadline = time.monotonic() + 400
+        record = RunStore(registry).get("e2e")
+        while record.state in ("scheduled", "running") and time.monotonic() < deadline:
+            time.sleep(1.0)
+            record = RunStore(registry).get("e2e")
+        logs = "\n".join(tail(p) for p in sorted(tmp_path.glob("*.log")))
+        assert record.state == "finished", f"{record}\n{logs}"
+        assert record.flower_run_id > 0 and record.starts == 1
+        (release,) = Registry(registry, create=False).releases()
+        assert release.version == record.release_version
+        assert release.manifest().config["run-name"] == "e2e"
+        assert [c.round for c in RunStore(registry).rounds("e2e")] == [1, 2]
+    finally:
+        group.stop_all()
+    assert group.alive() == []
