@@ -92,3 +92,19 @@ def test_float64_sum_is_allocated_once_across_rounds() -> None:
     assert {k: v.data_ptr() for k, v in agg._sum.items()} == pointers
     agg.begin({"other": torch.zeros(4)})  # new architecture: new sum
     assert list(agg._sum) == ["other"]
+
+
+def test_fedadam_checkpoint_restores_both_moments_and_not_the_round_sum() -> None:
+    agg = create_strategy("fedadam", {"server_lr": 0.1})
+    agg.begin(BASE)
+    agg.fold(_update(1.0, 2))
+    agg.finalize()
+    tensors, meta = agg.checkpoint_state()
+    assert {name.split("/")[0] for name in tensors} == {"momentum", "second_moment"}
+    resumed = create_strategy("fedadam", {"server_lr": 0.1})
+    resumed.load_checkpoint_state(tensors, meta)
+    for a in (agg, resumed):
+        a.begin(BASE)
+        a.fold(_update(-3.0, 1))
+    expected, got = agg.finalize(), resumed.finalize()
+    assert all(torch.equal(expected[k], got[k]) for k in BASE)

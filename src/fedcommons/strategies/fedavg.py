@@ -126,6 +126,26 @@ class FedAvg(Aggregator):
         if {k: tuple(v.shape) for k, v in self._momentum.items()} != shapes:
             self._momentum = {}  # new architecture: server optimiser state starts over
 
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The server optimiser's cross-round tensors (empty without momentum).
+
+        The round's sum is not state: ``begin`` zeroes it, so a checkpoint leaves it out.
+        """
+        tensors = {f"momentum/{k}": v for k, v in self._momentum.items()}
+        tensors.update({f"second_moment/{k}": v for k, v in getattr(self, "_v", {}).items()})
+        return tensors, {}
+
+    def load_checkpoint_state(self, tensors: Mapping[str, torch.Tensor], meta: Any) -> None:
+        """Restore what :meth:`checkpoint_state` saved."""
+        del meta
+        groups: dict[str, dict[str, torch.Tensor]] = {"momentum": {}, "second_moment": {}}
+        for name, tensor in tensors.items():
+            group, _, key = name.partition("/")
+            groups[group][key] = tensor.clone()
+        self._momentum = groups["momentum"]
+        if isinstance(self, FedAdam):
+            self._v = groups["second_moment"]
+
     def _reusable(self, base: Mapping[str, torch.Tensor]) -> bool:
         if self._sum.keys() != base.keys():
             return False
