@@ -153,3 +153,22 @@ class CertificateError(FedcommonsError):
 
 class AuditLogError(FedcommonsError):
     """The audit log cannot be written or is not a valid JSON-lines log."""
+
+
+class SecAggProtocolError(FedcommonsError):
+    """A secure-aggregation message is malformed, out of order or fails authentication.
+
+    Also raised for requests the protocol forbids (e.g. both secrets of one client).
+    """
+
+
+class SecAggAbortedError(RoundFailedError):
+    """A secure-aggregation round cannot unmask its sum; it is aborted, nothing is published.
+
+    Raised when fewer participants than the threshold remain, or a secret fails to
+    reconstruct.
+    """
+
+
+class SecAggIncompatibleError(ConfigError):
+    """Secure aggregation was combined with something that needs individual updates."""

@@ -54,6 +54,14 @@ class RunConfig:
     signing_key: str = ""  # Ed25519 PEM; empty: $FEDCOMMONS_SIGNING_KEY or <registry>/private/
     #: Central (user-level) DP of the line, "dp.<key>" options; any key turns it on (#6).
     dp_params: dict[str, Any] = field(default_factory=dict)
+    # -- secure aggregation (#7), see docs/secure-aggregation.md --
+    secagg: bool = False  # SecAgg+: the coordinator sees only the sum of the updates
+    secagg_num_shares: int = 0  # shares per secret = neighbours + 1; 0: all sampled (SecAgg)
+    secagg_threshold: int = 0  # shares that reconstruct a secret; 0: floor(2/3 shares) + 1
+    secagg_bits: int = 0  # ring Z_2^bits; 0: the smallest that cannot overflow
+    secagg_clip: float = 1.0  # per-coordinate range [-clip, clip] of quantized deltas
+    secagg_max_weight: int = 1024  # cap on a client's weight (examples) in the masked sum
+    secagg_stage_timeout: float = 120.0  # seconds per key/unmask stage (training: round-timeout)
 
     @property
     def central_dp(self) -> CentralDPConfig | None:
@@ -94,7 +102,34 @@ class RunConfig:
         if self.fish_mask not in {"site", "public"}:
             raise ConfigError(f"fish-mask must be 'site' or 'public', got {self.fish_mask!r}")
         _ = self.central_dp  # DP budget and mechanism errors surface at configuration time
+        self._validate_secagg()
         self._validate_release_options()
+
+    def _validate_secagg(self) -> None:
+        """Secure-aggregation keys (#7): ranges, and a threshold that is safe."""
+        from fedcommons.errors import SecAggProtocolError
+        from fedcommons.privacy.secagg.protocol import check_threshold
+
+        if self.secagg_num_shares < 0 or self.secagg_num_shares in (1, 2):
+            raise ConfigError(
+                f"secagg-num-shares must be 0 (all) or >= 3, got {self.secagg_num_shares}"
+            )
+        if self.secagg_threshold < 0:
+            raise ConfigError(f"secagg-threshold must be >= 0, got {self.secagg_threshold}")
+        if self.secagg_bits and not 2 <= self.secagg_bits <= 64:
+            raise ConfigError(f"secagg-bits must be 0 (auto) or 2..64, got {self.secagg_bits}")
+        if not self.secagg_clip > 0 or self.secagg_clip == float("inf"):
+            raise ConfigError(f"secagg-clip must be a finite number > 0, got {self.secagg_clip}")
+        if self.secagg_max_weight < 1:
+            raise ConfigError(f"secagg-max-weight must be >= 1, got {self.secagg_max_weight}")
+        if not self.secagg_stage_timeout > 0:
+            raise ConfigError("secagg-stage-timeout must be > 0")
+        if self.secagg_num_shares and self.secagg_threshold:
+            shares = self.secagg_num_shares + (self.secagg_num_shares + 1) % 2  # even degree
+            try:
+                check_threshold(self.secagg_threshold, shares)
+            except SecAggProtocolError as exc:
+                raise ConfigError(f"secagg-threshold: {exc}") from None
 
     def _validate_release_options(self) -> None:
         """Release keys (#5): gate policy, patch fraction, version override."""
