@@ -124,18 +124,31 @@ def dequantize(total: np.ndarray, spec: RingSpec) -> tuple[np.ndarray, np.ndarra
 
 
 def pack(ring: np.ndarray, bits: int) -> bytes:
-    """Bit-pack ring elements, ``bits`` each, little-endian bit order."""
-    r = np.ascontiguousarray(ring, dtype="<u8")
+    """Bit-pack ring elements, ``bits`` each, little-endian bit order.
+
+    Works on groups of 8 elements (exactly ``bits`` bytes each): 8 × ≤ 9 vector
+    operations over n/8 rows, no per-bit temporaries.
+    """
+    r = np.ascontiguousarray(ring, dtype="<u8").reshape(-1)
     if bits % 8 == 0:
         return r.view(np.uint8).reshape(-1, 8)[:, : bits // 8].tobytes()
-    out = []
-    for start in range(0, r.size, 1 << 16):  # bounded temporaries: 64 bools per element
-        chunk = np.unpackbits(
-            r[start : start + (1 << 16)].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little"
-        )[:, :bits]
-        out.append(chunk.reshape(-1))
-    bits_all = np.concatenate(out) if out else np.zeros(0, dtype=np.uint8)
-    return np.packbits(bits_all, bitorder="little").tobytes()
+    n = r.size
+    groups = -(-n // 8)
+    padded = np.zeros(groups * 8, dtype=np.uint64)
+    padded[:n] = r
+    m = padded.reshape(groups, 8)
+    out = np.zeros((groups, bits + 1), dtype=np.uint8)
+    byte = np.uint64(0xFF)
+    for j in range(8):
+        off, shift = divmod(j * bits, 8)
+        col = m[:, j]
+        low = col << np.uint64(shift)
+        span = (bits + shift + 7) // 8
+        for k in range(min(span, 8)):
+            out[:, off + k] |= ((low >> np.uint64(8 * k)) & byte).astype(np.uint8)
+        if span == 9:  # the top bits shifted out of the 64-bit word
+            out[:, off + 8] |= (col >> np.uint64(64 - shift)).astype(np.uint8)
+    return out[:, :bits].tobytes()[: (n * bits + 7) // 8]
 
 
 def unpack(data: bytes, count: int, bits: int) -> np.ndarray:
@@ -149,17 +162,24 @@ def unpack(data: bytes, count: int, bits: int) -> np.ndarray:
         wide = np.zeros((count, 8), dtype=np.uint8)
         wide[:, : bits // 8] = np.frombuffer(data, dtype=np.uint8).reshape(count, bits // 8)
         return wide.view("<u8").reshape(-1).astype(np.uint64)
-    flat_bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
-    flat_bits = flat_bits[: count * bits].reshape(count, bits)
-    out = np.empty(count, dtype=np.uint64)
-    for start in range(0, count, 1 << 16):
-        block = flat_bits[start : start + (1 << 16)]
-        wide = np.zeros((block.shape[0], 64), dtype=np.uint8)
-        wide[:, :bits] = block
-        out[start : start + block.shape[0]] = (
-            np.packbits(wide, axis=1, bitorder="little").view("<u8").reshape(-1)
-        )
-    return out
+    groups = -(-count // 8)
+    rows = np.zeros((groups, bits + 1), dtype=np.uint8)
+    flat = np.zeros(groups * bits, dtype=np.uint8)
+    flat[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    rows[:, :bits] = flat.reshape(groups, bits)
+    out = np.empty((groups, 8), dtype=np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    for j in range(8):
+        off, shift = divmod(j * bits, 8)
+        span = (bits + shift + 7) // 8
+        acc = np.zeros(groups, dtype=np.uint64)
+        for k in range(min(span, 8)):
+            acc |= rows[:, off + k].astype(np.uint64) << np.uint64(8 * k)
+        value = acc >> np.uint64(shift)
+        if span == 9:
+            value |= rows[:, off + 8].astype(np.uint64) << np.uint64(64 - shift)
+        out[:, j] = value & mask
+    return out.reshape(-1)[:count]
 
 
 def support(sparsifier: str, density: float, seed: int, size: int) -> np.ndarray | None:

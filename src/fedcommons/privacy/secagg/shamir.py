@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 from fedcommons.errors import SecAggProtocolError
 
@@ -55,14 +56,25 @@ def reconstruct(shares: Iterable[tuple[int, bytes]], threshold: int) -> bytes:
     if len(points) < threshold:
         raise SecAggProtocolError(f"{len(points)} share(s), {threshold} needed")
     chosen = sorted(points.items())[:threshold]
-    secret = 0
-    for i, (xi, yi) in enumerate(chosen):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(chosen):
-            if i != j:
-                num = num * (-xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    coeffs = lagrange_at_zero(tuple(x for x, _ in chosen))
+    secret = sum(y * c for (_, y), c in zip(chosen, coeffs, strict=True)) % PRIME
     if secret >> 256:
         raise SecAggProtocolError("inconsistent shares: the reconstruction is not 256 bits")
     return secret.to_bytes(32, "big")
+
+
+@lru_cache(maxsize=4096)
+def lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """Lagrange basis coefficients at 0 for the points ``xs``.
+
+    Cached: within a round, many secrets are reconstructed from the same survivors.
+    """
+    out = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * (-xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
