@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -187,9 +187,20 @@ class _Stages:
         log.warning("secagg.rejected", node=node, stage=stage, reason=reason, detail=detail)
 
     def exchange(
-        self, stage: str, requests: Mapping[int, RecordDict], timeout: float
-    ) -> dict[int, Message]:
-        """Send ``requests`` (participant -> content); return the valid replies by participant."""
+        self,
+        stage: str,
+        requests: Mapping[int, RecordDict],
+        timeout: float,
+        add: Callable[[int, dict[str, Any]], None],
+        on_accepted: Callable[[int, Message], None] | None = None,
+    ) -> None:
+        """Send ``requests`` (participant -> content); hand each reply to ``add`` on arrival.
+
+        Replies are not kept: a masked vector is folded into the server's running sum as
+        soon as it arrives (memory O(model), whatever the number of clients). Error
+        replies, foreign or malformed records and replies ``add`` refuses are rejected
+        and counted; ``on_accepted`` sees each accepted reply.
+        """
         order = list(requests)
         messages = [
             Message(
@@ -202,7 +213,7 @@ class _Stages:
             for i in order
         ]
         pending = dict(zip(self.grid.push_messages(messages), order, strict=True))
-        replies: dict[int, Message] = {}
+        del messages
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
             got = list(self.grid.pull_messages(list(pending)))
@@ -221,20 +232,18 @@ class _Stages:
                 if record is None or record.get(keys.SECAGG_STAGE) != stage:
                     self.reject(index, "secagg-malformed", f"no {stage} reply record", stage)
                     continue
+                try:
+                    add(index, dict(record))
+                except SecAggProtocolError as exc:
+                    self.reject(index, "secagg-malformed", str(exc), stage)
+                    continue
                 self.upload[index] += _reply_bytes(reply)
-                replies[index] = reply
+                if on_accepted is not None:
+                    on_accepted(index, reply)
+            del got
         if pending:
             self.timed_out[stage] += len(pending)
             log.warning("secagg.stage_timeout", stage=stage, missing=len(pending))
-        return replies
-
-    def feed(self, stage: str, replies: Mapping[int, Message], add: Any) -> None:
-        """Hand each reply's record to the server session; malformed ones are rejected."""
-        for index, reply in replies.items():
-            try:
-                add(index, dict(reply.content[keys.SECAGG_RECORD]))
-            except SecAggProtocolError as exc:
-                self.reject(index, "secagg-malformed", str(exc), stage)
 
 
 def _request(stage: str, payload: Mapping[str, Any], round_no: int) -> RecordDict:
@@ -306,23 +315,23 @@ def run_secure_round(
     stage_timeout = config.secagg_stage_timeout
     base_record = params.to_record()
     # 1. advertise keys
-    replies = stages.exchange(
+    stages.exchange(
         STAGE_ADVERTISE,
         {
             i: _request(STAGE_ADVERTISE, {**base_record, keys.SECAGG_INDEX: i}, round_no)
             for i in node_of
         },
         stage_timeout,
+        server.add_advertise,
     )
-    stages.feed(STAGE_ADVERTISE, replies, server.add_advertise)
     # 2. share keys
     requests = server.share_keys_requests()
-    replies = stages.exchange(
+    stages.exchange(
         STAGE_SHARE,
         {i: _request(STAGE_SHARE, r, round_no) for i, r in requests.items()},
         stage_timeout,
+        server.add_shares,
     )
-    stages.feed(STAGE_SHARE, replies, server.add_shares)
     # 3. masked input: train, quantize, mask (clients get the base weights here)
     requests = server.masked_input_requests()
     content = round_content(config, weights, round_no, prepared.run_tag)
@@ -333,23 +342,24 @@ def run_secure_round(
         rd[keys.BASE_ARRAYS] = content[keys.BASE_ARRAYS]
         rd[keys.TRAIN_CONFIG] = content[keys.TRAIN_CONFIG]
         masked_requests[i] = rd
-    replies = stages.exchange(STAGE_MASKED, masked_requests, config.round_timeout)
+    spends: dict[int, Any] = {}
+
+    def keep_spend(index: int, reply: Message) -> None:
+        if keys.DP_SPEND in reply.content.config_records:
+            spends[index] = reply.content.config_records[keys.DP_SPEND]
+
+    stages.exchange(
+        STAGE_MASKED, masked_requests, config.round_timeout, server.add_masked, keep_spend
+    )
     del masked_requests, content
-    stages.feed(STAGE_MASKED, replies, server.add_masked)
-    spends = {
-        i: reply.content.config_records[keys.DP_SPEND]
-        for i, reply in replies.items()
-        if i in server.u3 and keys.DP_SPEND in reply.content.config_records
-    }
-    del replies
     # 4. unmask
     requests = server.unmask_requests()
-    replies = stages.exchange(
+    stages.exchange(
         STAGE_UNMASK,
         {i: _request(STAGE_UNMASK, r, round_no) for i, r in requests.items()},
         stage_timeout,
+        server.add_unmask,
     )
-    stages.feed(STAGE_UNMASK, replies, server.add_unmask)
     outcome = server.finish()
     survivors = outcome.survivors
     if len(survivors) < config.min_clients:
