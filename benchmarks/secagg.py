@@ -131,7 +131,11 @@ def secure(
     n, d = len(updates), updates[0].size
     levels = LEVELS["fp32"]
     ring = RingSpec(
-        bits=ring_bits(n, MAX_WEIGHT, levels), levels=levels, clip=1.0, max_weight=MAX_WEIGHT
+        bits=ring_bits(n, MAX_WEIGHT, levels),
+        levels=levels,
+        clip=4.0,
+        max_weight=MAX_WEIGHT,
+        aux=2,  # the weight and the clipped flag, as the coordinator's rounds have
     )
     shares = graph.degree(n, num_shares) + 1
     params = RoundParams("bench", 1, n, num_shares, (2 * shares) // 3 + 1, 7, ring, d)
@@ -174,8 +178,8 @@ def secure(
             continue
         t = time.perf_counter()
         clients[i].receive_shares(r)
-        codes, _ = quantize(updates[i - 1], ring)
-        inputs[i] = to_ring(codes, weights[i - 1], [weights[i - 1]], ring)
+        codes, clipped = quantize(updates[i - 1], ring)
+        inputs[i] = to_ring(codes, weights[i - 1], [weights[i - 1], int(clipped > 0)], ring)
         wire = _wire(_reply(STAGE_MASKED, clients[i].mask(inputs[i])))
         client_s += time.perf_counter() - t
         up[i] += len(wire)
@@ -215,7 +219,7 @@ def secure(
 def bonawitz_setting(n: int = 1 << 10, d: int = 1 << 20) -> dict[str, Any]:
     """Bytes one client sends and receives at n clients, d 16-bit inputs, complete graph."""
     levels = LEVELS["fp16"]  # 16-bit inputs
-    ring = RingSpec(bits=ring_bits(n, 1, levels), levels=levels, clip=1.0, max_weight=1)
+    ring = RingSpec(bits=ring_bits(n, 1, levels), levels=levels, clip=1.0, max_weight=1, aux=2)
     params = RoundParams("bonawitz", 1, n, 0, (2 * n) // 3 + 1, 1, ring, d)
     me = ClientSession(params, 1)
     up = down = 0
@@ -234,7 +238,7 @@ def bonawitz_setting(n: int = 1 << 10, d: int = 1 << 20) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     routed = {"src": list(range(2, n + 1)), "ct": [os.urandom(len(c)) for c in shares["ct"]]}
     down += _size(_request(STAGE_MASKED, {**routed, keys.SECAGG_DP_CLIP: 0.0}, 1))
-    masked_len = math.ceil((d + 1) * ring.bits / 8)
+    masked_len = math.ceil((d + ring.aux) * ring.bits / 8)
     up += _size(_reply(STAGE_MASKED, {"masked": rng.bytes(masked_len)}))
     down += _size(_request(STAGE_UNMASK, {"survivors": list(range(2, n + 1)), "dropped": []}, 1))
     share = bytes(33)

@@ -141,7 +141,7 @@ def test_fedavg_under_secagg_matches_plaintext_fedavg(tmp_path: Path) -> None:
     )
     w_s = Registry(tmp_path / "s" / "registry").load_weights(secure.release)
     w_p = Registry(tmp_path / "p" / "registry").load_weights(plain.release)
-    step = 1.0 / ((1 << 23) - 1)
+    step = 4.0 / ((1 << 23) - 1)  # default secagg-clip over the fp32 coding's levels
     worst = max(float((w_s[k] - w_p[k]).abs().max()) for k in w_p)
     assert 0 < worst < 8 * step
     manifest = secure.release.manifest()

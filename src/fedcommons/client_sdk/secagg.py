@@ -121,7 +121,7 @@ def encode_input(
     (fp32: 24 bits, fp16/bf16: 16, int8, int4) sets the fixed-point levels; error
     feedback (the part compression and quantization dropped) stays on the client as in
     plaintext rounds. Weight ``w`` = examples capped at the ring's ``max_weight``; under
-    central DP ``w`` = 1, the L2 clip applies here and the aux slots are ``[1, clipped]``.
+    central DP ``w`` = 1 and the L2 clip applies here. The aux slots are ``[w, clipped]``.
     """
     cfg, spec, result = trained.cfg, trained.spec, trained.result
     ring = params.ring
@@ -150,7 +150,7 @@ def encode_input(
             log.info("client.secagg-weight-capped", examples=result.num_examples, cap=weight)
         if n_clipped:
             log.info("client.secagg-clipped", coordinates=n_clipped, clip=ring.clip)
-        aux = [weight]
+        aux = [weight, int(n_clipped > 0)]
     if use_ef:
         sent = codes.astype(np.float64) * ring.step
         recon = sent if idx is None else np.zeros_like(flat)

@@ -59,7 +59,7 @@ class RunConfig:
     secagg_num_shares: int = 0  # shares per secret = neighbours + 1; 0: all sampled (SecAgg)
     secagg_threshold: int = 0  # shares that reconstruct a secret; 0: floor(2/3 shares) + 1
     secagg_bits: int = 0  # ring Z_2^bits; 0: the smallest that cannot overflow
-    secagg_clip: float = 1.0  # per-coordinate range [-clip, clip] of quantized deltas
+    secagg_clip: float = 4.0  # per-coordinate range [-clip, clip] of quantized deltas
     secagg_max_weight: int = 1024  # cap on a client's weight (examples) in the masked sum
     secagg_stage_timeout: float = 120.0  # seconds per key/unmask stage (training: round-timeout)
 

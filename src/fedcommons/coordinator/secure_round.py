@@ -132,15 +132,16 @@ def ring_for_round(config: Any, spec: CompressionSpec, n: int) -> RingSpec:
     Levels follow the value coding (fp32: 2^23 − 1, fp16/bf16: 2^15 − 1, int8: 127, int4:
     7). Without central DP the range is ``±secagg-clip`` per coordinate and weights go up
     to ``secagg-max-weight``; with it the range is the DP clip norm C and every weight is
-    1 (DP-FedAvg's uniform user weights), with a second aux slot counting clipped clients.
+    1 (DP-FedAvg's uniform user weights). Two aux slots follow the values: the weight,
+    and 1 if the client clipped its update (the coordinator learns how many did).
     The ring is the smallest with no possible overflow, or ``secagg-bits`` if that fits.
     """
     levels = LEVELS[spec.values]
     dp = config.central_dp
     if dp is not None:
-        clip, max_weight, aux = float(dp.clip_norm), 1, 2
+        clip, max_weight = float(dp.clip_norm), 1
     else:
-        clip, max_weight, aux = float(config.secagg_clip), int(config.secagg_max_weight), 1
+        clip, max_weight = float(config.secagg_clip), int(config.secagg_max_weight)
     need = ring_bits(n, max_weight, levels)
     bits = int(config.secagg_bits) or need
     if need > 64 or bits < need:
@@ -149,7 +150,94 @@ def ring_for_round(config: Any, spec: CompressionSpec, n: int) -> RingSpec:
             + (f"; secagg-bits is {bits}" if config.secagg_bits else "")
             + ": lower secagg-max-weight or clients-per-round, or use a coarser value coding"
         )
-    return RingSpec(bits=bits, levels=levels, clip=clip, max_weight=max_weight, aux=aux)
+    # aux slots: the weight, and whether the client clipped (the sum counts clipped clients)
+    return RingSpec(bits=bits, levels=levels, clip=clip, max_weight=max_weight, aux=2)
+
+
+def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
+    """Graph, threshold, ring, quantization step and bytes of one planned round.
+
+    For ``clients`` participants and a model of ``num_params`` parameters; the bytes are
+    the exact serialized sizes one client sends and receives (base weights excluded).
+
+    Raises :class:`~fedcommons.errors.ConfigError` (or its
+    :class:`~fedcommons.errors.SecAggIncompatibleError` subclass) when the round would
+    be refused.
+    """
+    from fedcommons.privacy.secagg.primitives import NONCE_BYTES
+    from fedcommons.privacy.secagg.protocol import _SHARE_PLAIN
+    from fedcommons.privacy.secagg.shamir import SHARE_BYTES
+    from fedcommons.strategies import create_strategy
+
+    if clients < 2 or num_params < 1:
+        raise ConfigError("a secure round needs >= 2 clients and >= 1 parameter")
+    check_secagg_compatible(create_strategy(config.strategy, config.strategy_params), config)
+    spec = CompressionSpec.parse(config.compression)
+    shares = graph.degree(clients, config.secagg_num_shares) + 1
+    threshold = round_threshold(config, shares)
+    try:
+        check_threshold(threshold, shares)
+    except SecAggProtocolError as exc:
+        raise ConfigError(f"{clients} clients: {exc}") from None
+    try:
+        ring = ring_for_round(config, spec, clients)
+    except SecAggAbortedError as exc:
+        raise ConfigError(str(exc)) from None
+    if spec.sparsifier == "randk":
+        length = min(num_params, max(1, round(spec.density * num_params)))
+    else:
+        length = num_params
+    k = shares - 1
+    ct = bytes(NONCE_BYTES + _SHARE_PLAIN.size + 16)
+    share = bytes(SHARE_BYTES)
+    key = bytes(32)
+    nbrs = list(range(2, k + 2))
+    params = RoundParams("x" * 16, 1, clients, config.secagg_num_shares, threshold, 0, ring, length)
+
+    def size(stage: str, payload: Mapping[str, Any]) -> int:  # a request
+        return int(recorddict_to_proto(_request(stage, payload, 1)).ByteSize())
+
+    def reply_size(stage: str, payload: Mapping[str, Any]) -> int:  # as the ClientApp replies
+        record = ConfigRecord({keys.SECAGG_STAGE: stage, **payload})
+        return int(recorddict_to_proto(RecordDict({keys.SECAGG_RECORD: record})).ByteSize())
+
+    masked = bytes(((length + ring.aux) * ring.bits + 7) // 8)
+    up = {
+        STAGE_ADVERTISE: reply_size(STAGE_ADVERTISE, {"c-pk": key, "s-pk": key}),
+        STAGE_SHARE: reply_size(STAGE_SHARE, {"dst": nbrs, "ct": [ct] * k, "b-commit": key}),
+        STAGE_MASKED: reply_size(STAGE_MASKED, {"masked": masked}),
+        STAGE_UNMASK: reply_size(
+            STAGE_UNMASK,
+            {"b-idx": [1, *nbrs], "b-share": [share] * (k + 1), "s-idx": [], "s-share": []},
+        ),
+    }
+    down = {
+        STAGE_ADVERTISE: size(STAGE_ADVERTISE, {**params.to_record(), keys.SECAGG_INDEX: 1}),
+        STAGE_SHARE: size(STAGE_SHARE, {"idx": nbrs, "c-pk": [key] * k, "s-pk": [key] * k}),
+        STAGE_MASKED: size(STAGE_MASKED, {"src": nbrs, "ct": [ct] * k, keys.SECAGG_DP_CLIP: 0.0}),
+        STAGE_UNMASK: size(STAGE_UNMASK, {"survivors": nbrs, "dropped": []}),
+    }
+    dense = 4 * num_params
+    return {
+        "clients": clients,
+        "parameters": num_params,
+        "coordinates_sent": length,
+        "neighbours": k,
+        "shares": shares,
+        "threshold": threshold,
+        "tolerated_dropouts_per_neighbourhood": shares - threshold,
+        "ring_bits": ring.bits,
+        "levels": ring.levels,
+        "clip": ring.clip,
+        "max_weight": ring.max_weight,
+        "quantization_step": ring.step,
+        "upload_bytes": up,
+        "download_bytes": down,
+        "upload_total": sum(up.values()),
+        "download_total": sum(down.values()),
+        "dense_fp32_bytes": dense,
+        "upload_vs_dense_fp32": sum(up.values()) / dense,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,6 +478,13 @@ def run_secure_round(
                 f"{len(survivors)} survivor(s)"
             )
         examples = total_weight
+        if int(aux[1]):
+            log.warning(
+                "secagg.clipped",
+                clients=int(aux[1]),
+                clip=ring.clip,
+                hint="some coordinates exceeded secagg-clip and were clipped; raise it",
+            )
         mean = _unflatten64(full / total_weight, weights)
         guarded_fold(strategy, ClientUpdate(mean, total_weight, node_id=0))
     for i, record in spends.items():
