@@ -312,7 +312,8 @@ class _Stages:
                 index = pending.pop(reply.metadata.reply_to_message_id, None)
                 if index is None:
                     continue
-                observe.reply_received(reply)
+                if stage == STAGE_MASKED:  # the stage that carries the update
+                    observe.reply_received(reply)
                 if reply.has_error():
                     self.reject(index, _error_reason(reply), str(reply.error.reason), stage)
                     continue
