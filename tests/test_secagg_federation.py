@@ -252,3 +252,43 @@ def test_tampered_ciphertext_in_a_round_is_refused_by_its_receiver(
     report = run_in_process(_config(tmp_path), [client_app] * 7).reports[0]
     assert report.rejected == {"secagg-refused": 1}
     assert report.accepted == 6
+
+
+@pytest.mark.slow
+def test_demo_with_secagg_on_the_simulation_engine(
+    tmp_path: Path, flower_env: dict[str, str]
+) -> None:
+    """`fedcommons demo --secagg` on Flower's simulation engine (Ray): sessions persist in
+    each SuperNode's Context between the four stages, and the release records secagg."""
+    import subprocess
+
+    from tests.conftest import BIN
+
+    registry = tmp_path / "registry"
+    run = subprocess.run(
+        [
+            str(BIN / "fedcommons"),
+            "demo",
+            "--secagg",
+            "--institutions",
+            "5",
+            "--rounds",
+            "2",
+            "--local-epochs",
+            "1",
+            "--registry",
+            str(registry),
+        ],
+        env={**flower_env, "FEDCOMMONS_STATE_DIR": str(tmp_path / "state")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "secure aggregation (SecAgg+)" in run.stdout
+    assert "clients 5/5" in run.stdout
+    release = Registry(registry).get("1.0.0", name="digits")
+    manifest = release.manifest()
+    assert manifest.config["secagg"] is True and manifest.contributors == 5

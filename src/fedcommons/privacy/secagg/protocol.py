@@ -78,6 +78,11 @@ class RoundParams:
         if self.n < 1 or self.length < 0:
             raise SecAggProtocolError("a round needs n >= 1 participants and length >= 0")
         check_threshold(self.threshold, self.shares_per_client)
+        if self.ring.capacity() < self.n:
+            raise SecAggProtocolError(
+                f"a {self.ring.bits}-bit ring holds the sum of {self.ring.capacity()} maximal "
+                f"inputs, the round has {self.n} participants: the sum could wrap around"
+            )
 
     @property
     def shares_per_client(self) -> int:
