@@ -224,6 +224,41 @@ def test_site_requiring_secagg_refuses_plaintext_and_joins_secure_rounds(tmp_pat
     assert secure.accepted == 3 and secure.rejected == {}
 
 
+def _truncating(partition: int) -> ClientApp:
+    """The real ClientApp, except that one site's masked vector loses its last byte."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = client_app(msg, context)
+        record = None if reply.has_error() else reply.content.config_records.get("secagg")
+        if (
+            record is not None
+            and record[keys.SECAGG_STAGE] == "masked-input"
+            and int(context.node_config["partition-id"]) == partition
+        ):
+            record["masked"] = record["masked"][:-1]
+        return reply
+
+    return app
+
+
+def test_truncated_masked_vector_rejected_and_sum_stays_exact(
+    tmp_path: Path, captured: dict[str, object]
+) -> None:
+    """Input: one site's masked vector one byte short. It is rejected as secagg-malformed,
+    treated as a dropout (its masks removed via shares), and the others' sum is exact."""
+    report = run_in_process(_config(tmp_path), [_truncating(3)] * 8).reports[0]
+    assert report.rejected == {"secagg-malformed": 1}
+    assert report.accepted == 7
+    total, ring = captured["totals"][0]
+    expected = np.zeros_like(total)
+    for node in range(1000, 1008):
+        if node != 1003:
+            expected += captured["inputs"][1, node]
+    assert np.array_equal(total, expected & ring.modulus_mask)
+
+
 class _TamperingGrid(InProcessGrid):
     """Flips one bit of every share ciphertext routed to node 1000."""
 

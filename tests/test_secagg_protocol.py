@@ -310,3 +310,27 @@ def test_quantization_is_unbiased() -> None:
     ring = RingSpec(bits=32, levels=7, clip=1.0, max_weight=1)
     codes, _ = quantize(np.full(200_000, 0.3 * ring.step), ring, np.random.default_rng(1))
     assert abs(codes.mean() - 0.3) < 0.01
+
+
+def test_server_rejects_a_short_public_key() -> None:
+    """Input: an advertise reply whose c key has 31 bytes. Typed error, nothing recorded."""
+    server = ServerSession(_params(n=5, num_shares=0, threshold=3))
+    with pytest.raises(SecAggProtocolError, match="32-byte"):
+        server.add_advertise(1, {"c-pk": bytes(31), "s-pk": bytes(32)})
+    assert server.keys == {}
+
+
+def test_server_rejects_shares_for_clients_it_did_not_ask_about() -> None:
+    """Input: an unmask reply that returns b-shares for a neighbour it was told dropped."""
+    params = _params(n=5, num_shares=0, threshold=3)
+    clients, server, requests = _through_share_keys(params)
+    inputs = _inputs(params)
+    for i, req in requests.items():
+        if i != 2:
+            server.add_masked(i, clients[i].masked_input(req, inputs[i]))
+    unmask = server.unmask_requests()
+    reply = clients[1].unmask(unmask[1])
+    reply["b-idx"] = [1, 2, 3, 4, 5]
+    reply["b-share"] = [*reply["b-share"], reply["b-share"][0]]
+    with pytest.raises(SecAggProtocolError, match="other clients"):
+        server.add_unmask(1, reply)
