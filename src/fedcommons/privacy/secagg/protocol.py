@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -464,8 +465,8 @@ class ServerSession:
 
     def share_keys_requests(self) -> dict[int, dict[str, Any]]:
         """Stage 2 requests: each client's advertised neighbours' keys."""
-        seen = [k for pair in self.keys.values() for k in pair]
-        dup = {k for k in seen if seen.count(k) > 1}
+        seen = Counter(k for pair in self.keys.values() for k in pair)
+        dup = {k for k, count in seen.items() if count > 1}
         alive = {u for u, pair in self.keys.items() if not set(pair) & dup}
         self.u1 = self._prune(alive)
         self._need(self.u1, STAGE_ADVERTISE)
