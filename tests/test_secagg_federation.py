@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -125,12 +126,18 @@ def test_round_beyond_threshold_aborts_and_publishes_nothing(tmp_path: Path) -> 
 
 
 def test_fedavg_under_secagg_matches_plaintext_fedavg(tmp_path: Path) -> None:
-    """Same seeds, 2 rounds, 5 sites: released weights within a few quantization steps."""
-    secure = run_in_process(_config(tmp_path / "s", rounds=2, seed=3), [client_app] * 5)
+    """Same seeds, 5 sites: the released weights differ from plaintext FedAvg's by at most
+    one quantization step (plus float32 rounding of the weights).
+
+    One round: the weighted mean of values each within one step of the plaintext delta is
+    within one step of the plaintext mean. (Over several rounds local training amplifies
+    these differences, so no per-weight bound holds there.)
+    """
+    secure = run_in_process(_config(tmp_path / "s", seed=3), [client_app] * 5)
     plain = run_in_process(
         RunConfig.from_flat(
             {
-                "rounds": 2,
+                "rounds": 1,
                 "local-epochs": 1,
                 "batch-size": 64,
                 "seed": 3,
@@ -142,11 +149,17 @@ def test_fedavg_under_secagg_matches_plaintext_fedavg(tmp_path: Path) -> None:
     w_s = Registry(tmp_path / "s" / "registry").load_weights(secure.release)
     w_p = Registry(tmp_path / "p" / "registry").load_weights(plain.release)
     step = 4.0 / ((1 << 23) - 1)  # default secagg-clip over the fp32 coding's levels
-    worst = max(float((w_s[k] - w_p[k]).abs().max()) for k in w_p)
-    assert 0 < worst < 8 * step
+    for name, plain_w in w_p.items():
+        ulp = 2 * float(torch.finfo(torch.float32).eps) * float(plain_w.abs().max())
+        assert float((w_s[name] - plain_w).abs().max()) <= step + ulp, name
+    assert any(not torch.equal(w_s[k], w_p[k]) for k in w_p)  # quantized, not a copy
     manifest = secure.release.manifest()
     assert manifest.config["secagg"] is True
-    assert all(r["accepted"] == 5 for r in manifest.round_metrics)
+    assert manifest.round_metrics[0]["accepted"] == 5
+    assert (
+        manifest.round_metrics[0]["examples"]
+        == plain.release.manifest().round_metrics[0]["examples"]
+    )
 
 
 def test_central_dp_with_secagg_publishes_with_its_guarantee(tmp_path: Path) -> None:

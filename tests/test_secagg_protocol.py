@@ -288,7 +288,7 @@ def test_one_clients_masked_vector_looks_uniform() -> None:
     clients, _, requests = _through_share_keys(params)
     masked = unpack(clients[1].masked_input(requests[1], plain)["masked"], 50_001, 16)
     counts = np.bincount((masked >> np.uint64(8)).astype(np.int64), minlength=256)
-    assert stats.chisquare(counts).pvalue > 1e-4
+    assert stats.chisquare(counts).pvalue > 1e-6  # false alarm: 1 run in a million
     equal = int((masked == plain).sum())  # expected 50001 / 65536 ≈ 0.76
     assert equal <= stats.binom.ppf(1 - 1e-6, 50_001, 2**-16)
     plain_counts = np.bincount((plain >> np.uint64(8)).astype(np.int64), minlength=256)
