@@ -272,6 +272,15 @@ def test_truncated_masked_vector_rejected_and_sum_stays_exact(
     assert np.array_equal(total, expected & ring.modulus_mask)
 
 
+def test_site_refuses_a_round_below_its_minimum_threshold(tmp_path: Path) -> None:
+    """Input: a site with secagg-min-threshold 5 in a round with threshold 4: it refuses
+    at the first stage (counted as secagg-refused), the others aggregate without it."""
+    sites = [{keys.SECAGG_MIN_THRESHOLD: 5}] + [{}] * 6
+    report = run_in_process(_config(tmp_path), [client_app] * 7, node_configs=sites).reports[0]
+    assert report.rejected == {"secagg-refused": 1}
+    assert report.accepted == 6
+
+
 class _TamperingGrid(InProcessGrid):
     """Flips one bit of every share ciphertext routed to node 1000."""
 

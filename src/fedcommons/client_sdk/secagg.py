@@ -59,6 +59,24 @@ def refuse_plaintext(msg: Message) -> Message:
     )
 
 
+def check_site_minimum(params: RoundParams, node_config: Mapping[str, Any]) -> None:
+    """Refuse a round whose threshold is below the site's ``secagg-min-threshold``.
+
+    The threshold is how many colluding neighbours (with the coordinator) it takes to
+    unmask this site's update; an institution may insist on a floor.
+    """
+    raw = node_config.get(keys.SECAGG_MIN_THRESHOLD, 0)
+    try:
+        minimum = int(raw)
+    except (TypeError, ValueError):
+        raise SecAggProtocolError(f"secagg-min-threshold {raw!r} is not an integer") from None
+    if params.threshold < minimum:
+        raise SecAggProtocolError(
+            f"round threshold {params.threshold} is below this institution's "
+            f"secagg-min-threshold {minimum}"
+        )
+
+
 def handle_secagg(
     msg: Message, context: Context, local_round: Callable[[Message, Context], Any]
 ) -> Message:
@@ -72,6 +90,7 @@ def handle_secagg(
     try:
         if stage == STAGE_ADVERTISE:
             params = RoundParams.from_record(record)
+            check_site_minimum(params, context.node_config)
             session = ClientSession(params, int(record[keys.SECAGG_INDEX]))
             payload = session.advertise()
             extra: dict[str, Any] = {}

@@ -48,6 +48,7 @@ SECAGG_STAGE = (
 SECAGG_INDEX = "index"  # int inside SECAGG_RECORD: the node's participant number (1..n)
 SECAGG_DP_CLIP = "dp-clip-norm"  # float inside SECAGG_RECORD: clients L2-clip (central DP), 0: off
 SECAGG_REQUIRED = "secagg-required"  # node config: the institution refuses plaintext rounds
+SECAGG_MIN_THRESHOLD = "secagg-min-threshold"  # node config: refuse rounds with a lower threshold
 #: Error code of a plaintext train message refused by an institution that requires secagg.
 SECAGG_REQUIRED_CODE = 6002
 #: Error code of a secure-aggregation message the client refused (protocol violation).
