@@ -173,3 +173,22 @@ class RunCancelledError(RunStateError):
 
 class FaultSpecError(ConfigError):
     """``FEDCOMMONS_FAULT`` does not name a known fault point, round and action."""
+
+
+class SecAggProtocolError(FedcommonsError):
+    """A secure-aggregation message is malformed, out of order or fails authentication.
+
+    Also raised for requests the protocol forbids (e.g. both secrets of one client).
+    """
+
+
+class SecAggAbortedError(RoundFailedError):
+    """A secure-aggregation round cannot unmask its sum; it is aborted, nothing is published.
+
+    Raised when fewer participants than the threshold remain, or a secret fails to
+    reconstruct.
+    """
+
+
+class SecAggIncompatibleError(ConfigError):
+    """Secure aggregation was combined with something that needs individual updates."""

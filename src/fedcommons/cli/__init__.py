@@ -18,6 +18,7 @@ from fedcommons.cli.demo import demo
 from fedcommons.cli.deploy import client_app, coordinator_app
 from fedcommons.cli.release import release_app
 from fedcommons.cli.rounds import round_app
+from fedcommons.cli.secagg import secagg_app
 from fedcommons.cli.strategies import merge, strategies_app
 from fedcommons.errors import FedcommonsError
 
@@ -36,6 +37,7 @@ app.add_typer(strategies_app, name="strategies")
 app.command("merge")(merge)
 app.add_typer(certs_app, name="certs")
 app.add_typer(round_app, name="round")
+app.add_typer(secagg_app, name="secagg")
 
 
 @app.callback()

@@ -69,6 +69,13 @@ def demo(
     error_feedback: Annotated[
         bool, typer.Option(help="Clients carry what compression dropped into the next round.")
     ] = True,
+    secagg: Annotated[
+        bool,
+        typer.Option(
+            help="Secure aggregation (SecAgg+): the coordinator sees only the sum of the "
+            "updates. See docs/secure-aggregation.md."
+        ),
+    ] = False,
     log_level: LogLevelOpt = "WARNING",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
@@ -92,12 +99,14 @@ def demo(
         dp_params=parse_settings(dp),
         compression=compression,
         error_feedback=error_feedback,
+        secagg=secagg,
     )
     split = "IID" if iid else f"Dirichlet α={alpha}"
     console.print(
         f"[bold]fedcommons demo[/]: {institutions} institutions, {rounds} rounds of "
         f"{strategy} on {task} ({split}), Flower simulation engine"
         + (f", updates {config.compression}" if config.compression != "dense" else "")
+        + (", secure aggregation (SecAgg+)" if secagg else "")
     )
     columns = (
         TextColumn("{task.description}"),

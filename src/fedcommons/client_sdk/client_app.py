@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from flwr.clientapp import ClientApp
 
 from fedcommons.client_sdk.compression import ClientState, compress_delta, load_or_compute_mask
 from fedcommons.client_sdk.fisher import DEFAULT_SAMPLES, estimate_fisher
+from fedcommons.client_sdk.secagg import handle_secagg, refuse_plaintext, secagg_required
 from fedcommons.client_sdk.training import LocalResult, train_local
 from fedcommons.errors import EncodingError, PrivacyBudgetExceededError
 from fedcommons.logs import get_logger
@@ -67,9 +69,8 @@ def resolve_task(round_config: Mapping[str, Any], context: Context) -> Task:
     return _TASK_CACHE[cache_key]
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train from the received base weights; reply with delta, example count, metrics."""
+def local_round(msg: Message, context: Context) -> LocalRound | Message:
+    """Local training for a train message: a :class:`LocalRound`, or an error reply."""
     _configure_threads()
     cfg = msg.content[keys.TRAIN_CONFIG]
     round_no = int(cfg[keys.ROUND])
@@ -112,6 +113,41 @@ def train(msg: Message, context: Context) -> Message:
             return Message(error, reply_to=msg)
     else:
         result = train_local(task, base, **schedule, grad_mask=grad_mask)
+    return LocalRound(task, base, cfg, spec, seed, dp, result)
+
+
+@dataclass
+class LocalRound:
+    """What local training produced for one train message (before encoding the reply)."""
+
+    task: Task
+    base: dict[str, torch.Tensor]
+    cfg: Any
+    spec: CompressionSpec
+    seed: int
+    dp: ClientDPConfig | None
+    result: Any
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train from the received base weights; reply with delta, example count, metrics."""
+    if keys.SECAGG_RECORD in msg.content:  # a secure-aggregation stage (#7)
+        return handle_secagg(msg, context, local_round)
+    if secagg_required(context.node_config):  # this institution refuses plaintext rounds
+        return refuse_plaintext(msg)
+    trained = local_round(msg, context)
+    if isinstance(trained, Message):
+        return trained
+    task, base, cfg, spec, seed = (
+        trained.task,
+        trained.base,
+        trained.cfg,
+        trained.spec,
+        trained.seed,
+    )
+    dp, result = trained.dp, trained.result
+    round_no = int(cfg[keys.ROUND])
     log.debug(
         "client.trained",
         round=round_no,

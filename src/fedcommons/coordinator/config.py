@@ -58,6 +58,14 @@ class RunConfig:
     run_name: str = ""  # durable identity: a run started again under it resumes; "": new name
     on_round_failure: str = "abort"  # a round short of min-clients at its deadline: abort|retry
     round_retries: int = 2  # with on-round-failure = retry: re-sampled attempts per round
+    # -- secure aggregation (#7), see docs/secure-aggregation.md --
+    secagg: bool = False  # SecAgg+: the coordinator sees only the sum of the updates
+    secagg_num_shares: int = 0  # shares per secret = neighbours + 1; 0: all sampled (SecAgg)
+    secagg_threshold: int = 0  # shares that reconstruct a secret; 0: floor(2/3 shares) + 1
+    secagg_bits: int = 0  # ring Z_2^bits; 0: the smallest that cannot overflow
+    secagg_clip: float = 4.0  # per-coordinate range [-clip, clip] of quantized deltas
+    secagg_max_weight: int = 1024  # cap on a client's weight (examples) in the masked sum
+    secagg_stage_timeout: float = 120.0  # seconds per key/unmask stage (training: round-timeout)
 
     @property
     def central_dp(self) -> CentralDPConfig | None:
@@ -98,6 +106,7 @@ class RunConfig:
         if self.fish_mask not in {"site", "public"}:
             raise ConfigError(f"fish-mask must be 'site' or 'public', got {self.fish_mask!r}")
         _ = self.central_dp  # DP budget and mechanism errors surface at configuration time
+        self._validate_secagg()
         self._validate_release_options()
         self._validate_round_policy()
 
@@ -116,6 +125,32 @@ class RunConfig:
                 f"run-name {self.run_name!r} must be 1-100 letters, digits, '.', '_' or '-' "
                 "and start with a letter or digit"
             )
+
+    def _validate_secagg(self) -> None:
+        """Secure-aggregation keys (#7): ranges, and a threshold that is safe."""
+        from fedcommons.errors import SecAggProtocolError
+        from fedcommons.privacy.secagg.protocol import check_threshold
+
+        if self.secagg_num_shares < 0 or self.secagg_num_shares in (1, 2):
+            raise ConfigError(
+                f"secagg-num-shares must be 0 (all) or >= 3, got {self.secagg_num_shares}"
+            )
+        if self.secagg_threshold < 0:
+            raise ConfigError(f"secagg-threshold must be >= 0, got {self.secagg_threshold}")
+        if self.secagg_bits and not 2 <= self.secagg_bits <= 64:
+            raise ConfigError(f"secagg-bits must be 0 (auto) or 2..64, got {self.secagg_bits}")
+        if not self.secagg_clip > 0 or self.secagg_clip == float("inf"):
+            raise ConfigError(f"secagg-clip must be a finite number > 0, got {self.secagg_clip}")
+        if self.secagg_max_weight < 1:
+            raise ConfigError(f"secagg-max-weight must be >= 1, got {self.secagg_max_weight}")
+        if not self.secagg_stage_timeout > 0:
+            raise ConfigError("secagg-stage-timeout must be > 0")
+        if self.secagg_num_shares and self.secagg_threshold:
+            shares = self.secagg_num_shares + (self.secagg_num_shares + 1) % 2  # even degree
+            try:
+                check_threshold(self.secagg_threshold, shares)
+            except SecAggProtocolError as exc:
+                raise ConfigError(f"secagg-threshold: {exc}") from None
 
     def _validate_release_options(self) -> None:
         """Release keys (#5): gate policy, patch fraction, version override."""

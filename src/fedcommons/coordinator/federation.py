@@ -187,6 +187,9 @@ def prepare_run(config: RunConfig) -> PreparedRun:
         privacy.check_plan(remaining)
     faults.check_environment()
     check_dp_compatible(strategy, config)
+    from fedcommons.coordinator.secure_round import check_secagg_compatible
+
+    check_secagg_compatible(strategy, config)  # refuses what would leak individual updates (#7)
     return PreparedRun(config, task, strategy, weights, parent, registry, suite, signer, privacy)
 
 
@@ -297,6 +300,8 @@ def decode_reply(
     if reply.has_error():
         if reply.error.code == keys.DP_BUDGET_EXHAUSTED_CODE:
             raise UpdateRejectedError("dp-budget-exhausted", str(reply.error.reason))
+        if reply.error.code == keys.SECAGG_REQUIRED_CODE:  # the site requires secagg (#7)
+            raise UpdateRejectedError("secagg-required", str(reply.error.reason))
         raise UpdateRejectedError("client-error", f"{reply.error.code}: {reply.error.reason}")
     group = reply.metadata.group_id
     if group and group != str(round_no):
@@ -410,6 +415,10 @@ def run_round(
 ) -> tuple[dict[str, torch.Tensor], RoundReport, set[int]]:
     """Run one round; return the new weights, the report and the contributing nodes."""
     config, strategy = prepared.config, prepared.strategy
+    if config.secagg:  # secure aggregation (#7): the coordinator sees only the sum
+        from fedcommons.coordinator.secure_round import run_secure_round
+
+        return run_secure_round(grid, prepared, weights, round_no)
     started = time.monotonic()
     nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout)
     privacy = prepared.privacy or LinePrivacy(config.registry_path, config.line, None)

@@ -178,6 +178,25 @@ class DPFedAvg(Aggregator):
         self._clipped += int(was_clipped)
         self.num_folded += 1
 
+    def fold_sum(
+        self, clipped_sum: Mapping[str, torch.Tensor], participants: int, clipped: int
+    ) -> None:
+        """Fold a sum of deltas each already clipped to C by its client (secure aggregation).
+
+        Under secure aggregation the coordinator sees only ``Σ clip(Δᵢ)``; the clients
+        clip (and round within C) themselves, so the sensitivity is unchanged and the
+        noise is added here, after unmasking, exactly as for plaintext rounds.
+        """
+        if participants < 0 or not 0 <= clipped <= max(participants, 0):
+            raise RoundFailedError(
+                f"dp-fedavg: inconsistent secure sum ({participants} participants, "
+                f"{clipped} clipped)"
+            )
+        for name, acc in self._sum.items():
+            acc.add_(clipped_sum[name].to(device=acc.device, dtype=torch.float64))
+        self._clipped += int(clipped)
+        self.num_folded += int(participants)
+
     def noisy_mean(self) -> dict[str, torch.Tensor]:
         """Release the noisy mean of this round (float64) and set :attr:`stats`."""
         if self.denominator == "expected":

@@ -39,3 +39,17 @@ DP_CLAIM = "dp-sgd"  # reply metric: 1 when the update was trained with record-l
 DP_SPEND = "dp-spend"  # ConfigRecord: the institution's cumulative DP spend (privacy.client_spend)
 #: Error code of a reply refused because the round would exceed the institution's budget.
 DP_BUDGET_EXHAUSTED_CODE = 6001
+
+# Secure aggregation (#7)
+SECAGG_RECORD = "secagg"  # ConfigRecord: one SecAgg+ stage's request or reply (privacy.secagg)
+SECAGG_STAGE = (
+    "stage"  # str inside SECAGG_RECORD: advertise-keys | share-keys | masked-input | unmask
+)
+SECAGG_INDEX = "index"  # int inside SECAGG_RECORD: the node's participant number (1..n)
+SECAGG_DP_CLIP = "dp-clip-norm"  # float inside SECAGG_RECORD: clients L2-clip (central DP), 0: off
+SECAGG_REQUIRED = "secagg-required"  # node config: the institution refuses plaintext rounds
+SECAGG_MIN_THRESHOLD = "secagg-min-threshold"  # node config: refuse rounds with a lower threshold
+#: Error code of a plaintext train message refused by an institution that requires secagg.
+SECAGG_REQUIRED_CODE = 6002
+#: Error code of a secure-aggregation message the client refused (protocol violation).
+SECAGG_PROTOCOL_ERROR_CODE = 6003
