@@ -328,3 +328,26 @@ def test_flower_run_ids_beyond_int64_are_stored_exactly(tmp_path: Path) -> None:
     store.claim("r1")
     store.set_flower_run("r1", 2**64 - 1, only_if_unset=True)
     assert store.get("r1").flower_run_id == 2**64 - 1
+
+
+@pytest.mark.parametrize("spec", ["collecting:2", "aggregating:2"])
+def test_secure_aggregation_run_resumes_after_a_crash_with_each_round_once_in_the_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash, spec: str
+) -> None:
+    """Input tried: a SecAgg+ round with central DP interrupted mid-round, then restarted."""
+    over = {
+        "secagg": True,
+        "compression": "dense",
+        "strategy": "fedavg",
+        "strategy.server_momentum": 0.0,
+        "dp.noise-multiplier": 0.5,
+        "dp.clip-norm": 0.05,
+        "dp.epsilon": 1000.0,
+        "dp.delta": 1e-5,
+        "dp.sampling": "fixed",
+    }
+    committed, resumed = _interrupted_then_resumed(tmp_path, spec, crash, monkeypatch, **over)
+    assert committed == 1
+    entries = PrivacyLedger(ledger_path(tmp_path, "digits")).entries()
+    assert [(e["round"], e["run_name"]) for e in entries] == [(1, "r1"), (2, "r1"), (3, "r1")]
+    assert resumed.release.manifest().privacy["rounds_this_run"] == 3
