@@ -36,7 +36,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "partition-id": int(context.node_config["partition-id"]),
             "num-partitions": int(context.node_config["num-partitions"]),
-            "hidden": str(context.run_config["hidden"]),
+            "hidden": str(context.run_config.get("hidden", "64")),
         }
     )
     model = task.build_model()
@@ -51,7 +51,7 @@ def train(msg: Message, context: Context) -> Message:
             loss = torch.nn.functional.cross_entropy(model(inputs), targets)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss) * len(targets)
+            loss_sum += float(loss.detach()) * len(targets)
             seen += len(targets)
     content = RecordDict(
         {
