@@ -172,7 +172,10 @@ class WarmWorker:
                     continue
                 waiting_since, warned = time.monotonic(), False
                 if response.HasField("task") and response.token:
-                    self.run_task(response.token, response.task.task_id)
+                    try:
+                        self.run_task(response.token, response.task.task_id)
+                    except Exception as exc:  # the Runtime API failed us: serve on
+                        log.error("warm.task-aborted", detail=f"{type(exc).__name__}: {exc}")
                     served += 1
                     continue  # the next message may already wait
                 stop.wait(self.poll_interval)
@@ -227,7 +230,8 @@ class WarmWorker:
                     log.error("warm.push-failed", task_id=task_id, detail=str(exc)[:300])
                     sub_status, details = SubStatus.FAILED, f"push failed: {exc}"
             push_task_output(client, context, sub_status, details)
-            heartbeat.stop()
+            if heartbeat.is_running:
+                heartbeat.stop()
             client.close()
             outcome.seconds["push"] = time.perf_counter() - ran
             outcome.seconds["total"] = time.perf_counter() - clock
@@ -305,7 +309,8 @@ def _heartbeat_fn(client: Any, cancelled: threading.Event) -> Callable[[], bool]
         except httpx.HTTPStatusError as err:
             if err.response.status_code in (503, 504):
                 return False
-            raise
+            cancelled.set()  # the SuperNode no longer knows this task
+            return True
         if not response.success:
             cancelled.set()
         return True
