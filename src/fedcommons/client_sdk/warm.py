@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +138,8 @@ class WarmWorker:
         self.root_certificates = root_certificates
         self.poll_interval = poll_interval
         self.preload = preload
-        self.outcomes: list[TaskOutcome] = []
+        #: The most recent tasks' outcomes (bounded: the worker runs for months).
+        self.outcomes: deque[TaskOutcome] = deque(maxlen=1000)
         self._apps: dict[str, Any] = {}
 
     # -- the loop -------------------------------------------------------------------
