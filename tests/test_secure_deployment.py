@@ -1,15 +1,20 @@
 """The coordinator as a service over loopback: TLS, SuperNode authentication, audit log.
 
 `fedcommons coordinator start` (SuperLink with TLS and an allowlist of three node keys),
-three `fedcommons client join` SuperNodes, three rounds submitted with
-`fedcommons coordinator submit`; a node with an unlisted key and a node that does not
-trust the coordinator's CA are turned away. Every process is stopped by PID.
+three `fedcommons client join` SuperNodes (warm ClientApp workers, the default mode),
+three rounds submitted with `fedcommons coordinator submit`; a node with an unlisted key
+and a node that does not trust the coordinator's CA are turned away; one SuperNode is
+SIGKILLed mid-round 3, which closes at its deadline with the other two (min-clients 2)
+and the release is published. Every process is stopped by PID.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -18,9 +23,13 @@ import pytest
 from fedcommons.coordinator import audit_log, certs
 from fedcommons.coordinator.registry import Registry
 from tests.conftest import BIN
-from tests.processes import ProcessGroup, free_port, tail, wait_for_port
+from tests.processes import ProcessGroup, _descendants, free_port, tail, wait_for_port
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+#: Seconds the doomed site's training waits: the kill lands inside this window.
+TRAIN_DELAY = 4
+ROUND_TIMEOUT = 30
 
 
 def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -57,6 +66,30 @@ def _scrape_while_running(proc: subprocess.Popen, port: int, timeout: float) -> 
         }
         time.sleep(0.3)
     return last
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _kill_supernode_in_round(
+    join: subprocess.Popen, log: Path, round_no: int, timeout: float, killed: dict
+) -> None:
+    """SIGKILL (by PID) the SuperNode of ``join`` once it received round ``round_no``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and join.poll() is None:
+        if f"ROUND {round_no}]" in log.read_text(errors="replace"):
+            for pid in _descendants(join.pid):
+                if "flower-supernode" in _cmdline(pid):
+                    os.kill(pid, signal.SIGKILL)
+                    killed["supernode"] = pid
+                elif "fedcommons.client_sdk.warm" in _cmdline(pid):
+                    killed["worker"] = pid
+            return
+        time.sleep(0.05)
 
 
 def _wait_exit(proc: subprocess.Popen, timeout: float) -> int:
@@ -99,8 +132,14 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
         + "\n"
     )
     fc = str(BIN / "fedcommons")
+    # the doomed site's Task (tests/slow_site.py) must be importable in its processes
+    flower_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), flower_env.get("PYTHONPATH", "")) if p
+    )
     group = ProcessGroup(tmp_path, flower_env)
     submit: subprocess.Popen | None = None
+    killer: threading.Thread | None = None
+    killed: dict[str, int] = {}
     try:
         coord, coord_log = group.start(
             "coordinator",
@@ -140,7 +179,9 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
 
         intruder, intruder_log, _ = join("intruder", rogue.private_key, pki / "ca.pem")
         stranger, stranger_log, _ = join("no-ca", pki / "allow" / "site-0.key", other / "ca.pem")
+        sites = []
         for i in range(3):
+            slow = ["--task", "tests.slow_site:SlowDigitsTask", "-n", f"train-delay={TRAIN_DELAY}"]
             proc, log, port = join(
                 f"site-{i}",
                 pki / "allow" / f"site-{i}.key",
@@ -149,8 +190,10 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
                 f"partition-id={i}",
                 "-n",
                 "num-partitions=3",
+                *(slow if i == 2 else []),
             )
             wait_for_port(port, proc, log)
+            sites.append((proc, log))
 
         assert _wait_exit(intruder, 60) not in (0, -999), tail(intruder_log)
         assert "Failed to activate SuperNode" in intruder_log.read_text()
@@ -171,7 +214,9 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
                 "-c",
                 "rounds=3",
                 "-c",
-                "min-clients=3",
+                "min-clients=2",
+                "-c",
+                f"round-timeout={ROUND_TIMEOUT}",
                 "-c",
                 "local-epochs=1",
                 "-c",
@@ -186,6 +231,11 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
             stderr=subprocess.PIPE,
             text=True,
         )
+        # site-2 dies (SIGKILL by PID) while round 3 waits for its reply
+        killer = threading.Thread(
+            target=_kill_supernode_in_round, args=(*sites[2], 3, 400, killed), daemon=True
+        )
+        killer.start()
         # The ServerApp process serves /metrics while the run lasts: scrape it meanwhile.
         scraped = _scrape_while_running(submit, metrics_port, timeout=480)
         out, err = submit.communicate(timeout=60)
@@ -193,6 +243,12 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
         assert submit.returncode == 0, f"{out}\n{err}\n{logs}"
         status = json.loads(out[out.index("{") :])
         assert status["status"] == "finished:completed"
+        killer.join(timeout=5)
+        assert "supernode" in killed, tail(sites[2][1])
+        # its `client join` noticed, stopped its warm worker and exited with an error
+        assert _wait_exit(sites[2][0], 30) not in (0, -999), tail(sites[2][1])
+        assert "worker" in killed and not _cmdline(killed["worker"])  # gone, not orphaned
+        assert all(proc.poll() is None for proc, _ in sites[:2])  # the others serve on
     finally:
         if submit is not None and submit.poll() is None:
             submit.kill()  # by PID; it started no server of its own
@@ -203,7 +259,11 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
     releases = Registry(registry, create=False).releases()
     assert [r.version for r in releases] == ["1.0.0"]
     manifest = releases[0].manifest()
-    assert [r["accepted"] for r in manifest.round_metrics] == [3, 3, 3]
+    # round 3 closed at its deadline with the two surviving sites; the kill shows as
+    # a missing reply
+    assert [r["accepted"] for r in manifest.round_metrics] == [3, 3, 2]
+    assert [r["timed_out"] for r in manifest.round_metrics] == [0, 0, 1]
+    assert manifest.round_metrics[2]["seconds"] >= ROUND_TIMEOUT - 1
     assert manifest.contributors == 3
 
     assert scraped.get("fedcommons_updates_received_total", 0) >= 3, scraped

@@ -262,11 +262,25 @@ def client_join(
     max_wait_time: Annotated[
         float | None, typer.Option(help="Give up connecting after this many seconds.")
     ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            envvar="FEDCOMMONS_CLIENT_MODE",
+            help="ClientApp processes: 'warm' (one long-lived worker, default) or "
+            "'subprocess' (Flower's default: a fresh process per message).",
+        ),
+    ] = "warm",
 ) -> None:
     """Join a federation: run a SuperNode with the fedcommons ClientApp.
 
-    TLS (--root-cert) and node authentication (--key) are on by default.
+    TLS (--root-cert) and node authentication (--key) are on by default. In the default
+    'warm' mode a long-lived worker serves every round (SuperNode --isolation process);
+    'subprocess' starts a fresh ClientApp process per message (see docs/operations.md).
     """
+    from fedcommons.client_sdk.node import check_mode
+
+    check_mode(mode)
     from fedcommons.coordinator.certs import check_node_private_key, check_pem_certificate
     from fedcommons.tasks import resolve_task_class
 
@@ -299,15 +313,26 @@ def client_join(
     if task:
         resolve_task_class(task)  # fail here, not in the first round
         settings["task"] = task
-    pairs = " ".join(
-        f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in settings.items()
+    from fedcommons.client_sdk.node import run_node, supernode_argv, worker_argv
+
+    argv = supernode_argv(
+        superlink,
+        mode=mode,
+        host=host,
+        port=port,
+        node_config=settings,
+        insecure=insecure,
+        root_cert=root_cert,
+        key=key,
+        max_wait_time=max_wait_time,
     )
-    argv = ["flower-supernode", "--superlink", superlink, "--host", host, "--port", str(port)]
-    if pairs:
-        argv += ["--node-config", pairs]
-    argv += ["--insecure"] if insecure else ["--root-certificates", str(root_cert)]
-    if key is not None:
-        argv += ["--auth-supernode-private-key", str(key)]
-    if max_wait_time is not None:
-        argv += ["--max-wait-time", str(max_wait_time)]
-    _exec(argv)
+    if mode == "subprocess":
+        _exec(argv)  # Flower's own process model: nothing of ours stays running
+        return
+    err_console.print("[dim]run " + " ".join(argv) + " + warm ClientApp worker[/]")
+    worker = worker_argv(
+        host=host, port=port, task=task, node_config=settings, parent_pid=os.getpid()
+    )
+    code = run_node(argv, worker)
+    if code not in (0, -2, -15, 130, 143):
+        raise FedcommonsError(f"flower-supernode exited with code {code}")

@@ -251,6 +251,7 @@ def round_content(
     """
     train_cfg: dict[str, Any] = {
         keys.ROUND: round_no,
+        keys.SERVER_ROUND: round_no,
         keys.TASK: config.task,
         keys.LOCAL_EPOCHS: config.local_epochs,
         keys.LEARNING_RATE: config.lr,

@@ -5,6 +5,7 @@ BASE_ARRAYS = "arrays"  # ArrayRecord: the base weights θ0 of the round
 TRAIN_CONFIG = "config"  # ConfigRecord: the round's instructions (keys below)
 
 ROUND = "round"
+SERVER_ROUND = "server-round"  # the same, under Flower strategies' name (quickstart apps)
 RUN_TAG = "run-tag"
 TASK = "task"
 TASK_OPTION_PREFIX = "task."  # task options travel as "task.<option>"
