@@ -522,9 +522,10 @@ def run_round(
         timed_out=timed_out,
     )
     new_weights = {k: weights[k] + step[k] for k in weights}
-    val = evaluate(prepared.task, new_weights, prepared.task.validation_loader())
-    dense_bytes = dense_fp32_bytes(weights)
-    report = RoundReport(
+    report = score_round(
+        prepared,
+        weights,
+        new_weights,
         round=round_no,
         sampled=len(sampled),
         accepted=len(contributors),
@@ -532,18 +533,47 @@ def run_round(
         timed_out=timed_out,
         examples=examples,
         train_loss=loss_sum / max(examples, 1),
-        val_loss=val.get("loss", float("nan")),
-        val_accuracy=val.get("accuracy", float("nan")),
-        seconds=time.monotonic() - started,
+        started=started,
         upload_bytes=upload,
-        dense_bytes=dense_bytes,
-        ratio_vs_dense=dense_bytes * len(upload) / max(sum(upload.values()), 1),
     )
-    summary = {k: v for k, v in asdict(report).items() if k not in {"round", "upload_bytes"}}
-    log.info("round.finished", **summary, upload_bytes_total=sum(upload.values()))
+    log.info("round.finished", **report_summary(report))
     if privacy.central is not None:  # released in the manifest: nothing outside the DP noise
         report.train_loss, report.examples = float("nan"), 0
     return new_weights, report, contributors
+
+
+def score_round(
+    prepared: PreparedRun,
+    weights: Mapping[str, torch.Tensor],
+    new_weights: Mapping[str, torch.Tensor],
+    *,
+    started: float,
+    upload_bytes: dict[str, int],
+    **counts: Any,
+) -> RoundReport:
+    """Score the round's candidate on the validation split and build its report.
+
+    ``counts`` are the report's round, sampled, accepted, rejected, timed_out, examples
+    and train_loss; the upload ratio is against dense fp32 copies of ``weights``.
+    """
+    val = evaluate(prepared.task, new_weights, prepared.task.validation_loader())
+    dense_bytes = dense_fp32_bytes(weights)
+    return RoundReport(
+        **counts,
+        val_loss=val.get("loss", float("nan")),
+        val_accuracy=val.get("accuracy", float("nan")),
+        seconds=time.monotonic() - started,
+        upload_bytes=upload_bytes,
+        dense_bytes=dense_bytes,
+        ratio_vs_dense=dense_bytes * len(upload_bytes) / max(sum(upload_bytes.values()), 1),
+    )
+
+
+def report_summary(report: RoundReport) -> dict[str, Any]:
+    """The report as log fields: per-node bytes summed into ``upload_bytes_total``."""
+    summary = {k: v for k, v in asdict(report).items() if k not in {"round", "upload_bytes"}}
+    summary["upload_bytes_total"] = sum(report.upload_bytes.values())
+    return summary
 
 
 def evaluate(task: Task, weights: Mapping[str, torch.Tensor], loader: Any) -> dict[str, float]:

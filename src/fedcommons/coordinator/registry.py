@@ -396,6 +396,31 @@ class _SqliteWriter:
         return int(cur.lastrowid or 0)
 
 
+@contextlib.contextmanager
+def sqlite_connect(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to the registry's SQLite index: WAL, full fsync, autocommit."""
+    db = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        yield db
+    finally:
+        db.close()
+
+
+@contextlib.contextmanager
+def sqlite_transaction(path: Path) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` on the index; rolled back on any exception."""
+    with sqlite_connect(path) as db:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
 class SqliteIndexStore:
     """The embedded index: one SQLite file in WAL mode, migrated on open."""
 
@@ -403,26 +428,11 @@ class SqliteIndexStore:
         self.path = path
         self.migrate()
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            yield db
-        finally:
-            db.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return sqlite_connect(self.path)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return sqlite_transaction(self.path)
 
     def schema_version(self) -> int:
         """The index's ``PRAGMA user_version``."""

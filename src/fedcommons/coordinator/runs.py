@@ -32,7 +32,7 @@ import contextlib
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +48,12 @@ from fedcommons.coordinator.checkpoint import (
     write_checkpoint,
 )
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.registry import Registry, Release
+from fedcommons.coordinator.registry import (
+    Registry,
+    Release,
+    sqlite_connect,
+    sqlite_transaction,
+)
 from fedcommons.errors import CheckpointError, RegistryError, RunStateError
 from fedcommons.logs import get_logger
 from fedcommons.privacy.ledger import LedgerRecord
@@ -189,26 +194,11 @@ class RunStore:
             return None
         return cls(registry_root)
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.db_path, timeout=60.0, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            yield db
-        finally:
-            db.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return sqlite_connect(self.db_path)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return sqlite_transaction(self.db_path)
 
     # -- reading ----------------------------------------------------------------------
     def find(self, name: str) -> RunRecord | None:

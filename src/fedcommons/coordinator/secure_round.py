@@ -20,7 +20,6 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -36,9 +35,10 @@ from fedcommons.coordinator.federation import (
     PreparedRun,
     RoundReport,
     compression_seed,
-    evaluate,
+    report_summary,
     round_content,
     sample_nodes,
+    score_round,
     wait_for_nodes,
 )
 from fedcommons.errors import (
@@ -66,7 +66,7 @@ from fedcommons.privacy.secagg.quantize import LEVELS, RingSpec, dequantize, rin
 from fedcommons.strategies import Aggregator, guarded_begin, guarded_finalize, guarded_fold
 from fedcommons.strategies.fedavg import FedAvg
 from fedcommons.wire import ClientUpdate, keys
-from fedcommons.wire.codec import CompressionSpec, dense_fp32_bytes
+from fedcommons.wire.codec import CompressionSpec
 
 log = get_logger("fedcommons.coordinator")
 
@@ -500,10 +500,10 @@ def run_secure_round(
     timed_out = sum(stages.timed_out.values())
     privacy.commit_round(accepted=len(survivors), rejected=rejected_total, timed_out=timed_out)
     new_weights = {k: weights[k] + step[k] for k in weights}
-    val = evaluate(prepared.task, new_weights, prepared.task.validation_loader())
-    dense_bytes = dense_fp32_bytes(weights)
-    upload = {str(node_of[i]): int(stages.upload[i]) for i in survivors}
-    report = RoundReport(
+    report = score_round(
+        prepared,
+        weights,
+        new_weights,
         round=round_no,
         sampled=n,
         accepted=len(survivors),
@@ -511,21 +511,15 @@ def run_secure_round(
         timed_out=timed_out,
         examples=examples,
         train_loss=math.nan,  # individual losses are not sent under secure aggregation
-        val_loss=val.get("loss", float("nan")),
-        val_accuracy=val.get("accuracy", float("nan")),
-        seconds=time.monotonic() - started,
-        upload_bytes=upload,
-        dense_bytes=dense_bytes,
-        ratio_vs_dense=dense_bytes * len(upload) / max(sum(upload.values()), 1),
+        started=started,
+        upload_bytes={str(node_of[i]): int(stages.upload[i]) for i in survivors},
     )
-    summary = {k: v for k, v in asdict(report).items() if k not in {"round", "upload_bytes"}}
     log.info(
         "secagg.round_finished",
-        **summary,
+        **report_summary(report),
         survivors=len(survivors),
         dropped={k: len(v) for k, v in outcome.dropped.items()},
         timed_out_by_stage=dict(stages.timed_out),
-        upload_bytes_total=sum(upload.values()),
     )
     if privacy.central is not None:
         report.examples = 0
