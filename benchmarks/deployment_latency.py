@@ -27,10 +27,7 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +36,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from tests.processes import ProcessGroup, free_port, wait_for_port
 
 from fedcommons.coordinator.deployment import submit_run, write_connection, write_flower_app
 from fedcommons.coordinator.registry import Registry
@@ -46,73 +44,6 @@ from fedcommons.coordinator.registry import Registry
 console = Console(width=150)
 BIN = Path(sys.executable).parent
 CONFIGS = ("plain-flower", "fedcommons-subprocess", "fedcommons-warm")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with code {proc.returncode}")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"port {port} not open after {timeout:.0f}s")
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-class Processes:
-    """The processes of one configuration; :meth:`stop` ends each by PID."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.log_dir, self.env = log_dir, env
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            argv,
-            stdout=(self.log_dir / f"{name}.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        pids = [pid for p in self.procs for pid in (*_descendants(p.pid), p.pid)]
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + wait
-            for proc in self.procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
 
 
 def _plain_app(directory: Path, settings: dict[str, Any]) -> Path:
@@ -173,11 +104,11 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
         }
     )
     os.environ["FLWR_HOME"] = env["FLWR_HOME"]  # for write_connection / flwr run / flwr ls
-    procs = Processes(work, env)
-    link_port = _free_port()
+    procs = ProcessGroup(work, env)
+    link_port = free_port()
     started = time.monotonic()
     try:
-        link = procs.start(
+        link, link_log = procs.start(
             "superlink",
             [
                 str(BIN / "flower-superlink"),
@@ -191,9 +122,9 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
                 "--disable-runtime-dependency-installation",
             ],
         )
-        _wait_port(link_port, link)
+        wait_for_port(link_port, link, link_log, timeout=90.0)
         for i in range(args.nodes):
-            port = _free_port()
+            port = free_port()
             node_cfg = f"partition-id={i} num-partitions={args.nodes}"
             if name == "plain-flower":
                 argv = [
@@ -225,7 +156,7 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
                     "-n",
                     f"num-partitions={args.nodes}",
                 ]
-            _wait_port(port, procs.start(f"node-{i}", argv))
+            wait_for_port(port, *procs.start(f"node-{i}", argv), timeout=90.0)
         write_connection("bench", f"127.0.0.1:{link_port}", insecure=True)
         timings = work / "timings.json"
         common = {"local-epochs": args.local_epochs, "lr": 0.05, "batch-size": 16}
@@ -265,7 +196,7 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
             seconds = [float(r["seconds"]) for r in manifest.round_metrics]
             accuracy = [float(r["val_accuracy"]) for r in manifest.round_metrics]
     finally:
-        procs.stop()
+        procs.stop_all()
     tasks = [t for i in range(args.nodes) for t in _worker_task_seconds(work / f"node-{i}.log")]
     steady = seconds[1:] or seconds
     return {

@@ -95,3 +95,30 @@ class ProcessGroup:
 
     def alive(self) -> list[int]:
         return [p.pid for p in self.procs if p.poll() is None]
+
+
+def start_insecure_supernodes(
+    group: ProcessGroup, bin_dir: Path, link_port: int, count: int
+) -> list[subprocess.Popen]:
+    """``count`` plain ``flower-supernode`` processes (insecure, partitions 0..count-1)."""
+    nodes = []
+    for pid in range(count):
+        node_port = free_port()
+        node, node_log = group.start(
+            f"supernode{pid}",
+            [
+                str(bin_dir / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{link_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(node_port),
+                "--node-config",
+                f"partition-id={pid} num-partitions={count}",
+            ],
+        )
+        wait_for_port(node_port, node, node_log)
+        nodes.append(node)
+    return nodes

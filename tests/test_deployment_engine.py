@@ -10,7 +10,13 @@ import pytest
 
 from fedcommons.coordinator.registry import Registry
 from tests.conftest import BIN
-from tests.processes import ProcessGroup, free_port, tail, wait_for_port
+from tests.processes import (
+    ProcessGroup,
+    free_port,
+    start_insecure_supernodes,
+    tail,
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,24 +44,7 @@ def test_superlink_and_two_supernodes_publish_a_release(
             ],
         )
         wait_for_port(link_port, link, link_log)
-        for pid in (0, 1):
-            node_port = free_port()
-            node, node_log = group.start(
-                f"supernode{pid}",
-                [
-                    str(BIN / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link_port}",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(node_port),
-                    "--node-config",
-                    f"partition-id={pid} num-partitions=2",
-                ],
-            )
-            wait_for_port(node_port, node, node_log)
+        start_insecure_supernodes(group, BIN, link_port, 2)
 
         submit = subprocess.run(
             [

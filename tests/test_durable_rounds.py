@@ -351,3 +351,19 @@ def test_secure_aggregation_run_resumes_after_a_crash_with_each_round_once_in_th
     entries = PrivacyLedger(ledger_path(tmp_path, "digits")).entries()
     assert [(e["round"], e["run_name"]) for e in entries] == [(1, "r1"), (2, "r1"), (3, "r1")]
     assert resumed.release.manifest().privacy["rounds_this_run"] == 3
+
+
+def test_fault_fires_once_per_marker_file_so_a_restarted_coordinator_goes_past_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "fault-reached"
+    monkeypatch.setenv(faults.ENV, "aggregating:2:raise")
+    monkeypatch.setenv(faults.ENV_MARKER, str(marker))
+    faults.reset()
+    faults.reached("aggregating", 1)  # another round: nothing
+    with pytest.raises(faults.InjectedFault):
+        faults.reached("aggregating", 2)
+    faults.reset()  # a new coordinator process, same marker file
+    faults.reached("aggregating", 2)
+    assert marker.read_text().count("point=aggregating round=2 ") == 1
+    faults.reset()

@@ -1,7 +1,9 @@
 """A scheduled run executed by `fedcommons coordinator start --registry` (deployment engine).
 
 Loopback only: the coordinator (SuperLink + scheduler) and two SuperNodes; every process
-is stopped by PID.
+is stopped by PID. The run's ServerApp SIGKILLs itself while collecting round 2
+(``FEDCOMMONS_FAULT``, once per marker file); Flower marks that run failed, the scheduler
+submits the run again, and the new ServerApp resumes after committed round 1.
 """
 
 from __future__ import annotations
@@ -12,15 +14,22 @@ from pathlib import Path
 
 import pytest
 
+from fedcommons.coordinator import audit_log
 from fedcommons.coordinator.registry import Registry
 from fedcommons.coordinator.runs import RunStore
 from tests.conftest import BIN
-from tests.processes import ProcessGroup, free_port, tail, wait_for_port
+from tests.processes import (
+    ProcessGroup,
+    free_port,
+    start_insecure_supernodes,
+    tail,
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def test_coordinator_start_submits_a_scheduled_run_that_publishes(
+def test_scheduled_run_killed_mid_round_is_resubmitted_and_resumes_to_a_release(
     tmp_path: Path, flower_env: dict[str, str]
 ) -> None:
     registry = tmp_path / "registry"
@@ -53,7 +62,14 @@ def test_coordinator_start_submits_a_scheduled_run_that_publishes(
         check=False,
     )
     assert scheduled.returncode == 0, scheduled.stderr
-    env = {**flower_env, "FEDCOMMONS_SCHEDULE_POLL": "1", "FEDCOMMONS_METRICS_PORT": "0"}
+    marker = tmp_path / "fault-reached"
+    env = {
+        **flower_env,
+        "FEDCOMMONS_SCHEDULE_POLL": "1",
+        "FEDCOMMONS_METRICS_PORT": "0",
+        "FEDCOMMONS_FAULT": "collecting:2:kill",  # the ServerApp process SIGKILLs itself
+        "FEDCOMMONS_FAULT_MARKER": str(marker),
+    }
     group = ProcessGroup(tmp_path, env)
     link_port = free_port()
     try:
@@ -75,24 +91,7 @@ def test_coordinator_start_submits_a_scheduled_run_that_publishes(
             ],
         )
         wait_for_port(link_port, link, link_log)
-        for pid in (0, 1):
-            node_port = free_port()
-            node, node_log = group.start(
-                f"supernode{pid}",
-                [
-                    str(BIN / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link_port}",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(node_port),
-                    "--node-config",
-                    f"partition-id={pid} num-partitions=2",
-                ],
-            )
-            wait_for_port(node_port, node, node_log)
+        start_insecure_supernodes(group, BIN, link_port, 2)
         deadline = time.monotonic() + 400
         record = RunStore(registry).get("e2e")
         while record.state in ("scheduled", "running") and time.monotonic() < deadline:
@@ -100,11 +99,16 @@ def test_coordinator_start_submits_a_scheduled_run_that_publishes(
             record = RunStore(registry).get("e2e")
         logs = "\n".join(tail(p) for p in sorted(tmp_path.glob("*.log")))
         assert record.state == "finished", f"{record}\n{logs}"
-        assert record.flower_run_id > 0 and record.starts == 1
+        assert "point=collecting round=2" in marker.read_text(), logs
+        assert record.flower_run_id > 0 and record.starts == 2, f"{record}\n{logs}"
         (release,) = Registry(registry, create=False).releases()
         assert release.version == record.release_version
         assert release.manifest().config["run-name"] == "e2e"
         assert [c.round for c in RunStore(registry).rounds("e2e")] == [1, 2]
+        resumed = [
+            r for r in audit_log.read(registry / "audit.jsonl") if r["action"] == "run.resume"
+        ]
+        assert [r["details"]["resume_after_round"] for r in resumed] == [1]
     finally:
         group.stop_all()
     assert group.alive() == []

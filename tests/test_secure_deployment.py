@@ -273,9 +273,13 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
     assert [(r["action"], r["round"]) for r in records] == [
         ("run.start", None),
         ("round.finish", 1),
+        ("round.commit", 1),
         ("round.finish", 2),
+        ("round.commit", 2),
         ("round.finish", 3),
+        ("round.commit", 3),
         ("release.publish", None),
+        ("run.end", None),
     ]
-    assert records[-1]["release"] == "digits 1.0.0"
-    assert audit_log.verify(audit) == 5
+    assert records[-2]["release"] == "digits 1.0.0"
+    assert audit_log.verify(audit) == 9

@@ -18,7 +18,10 @@ be killed by PID from outside (at most ``FEDCOMMONS_FAULT_PAUSE_S`` seconds, def
 transactions roll back, nothing after the point runs) for fast in-process tests. Before acting it
 writes one line, ``fedcommons-fault point=... round=... pid=...``, to stderr and, when
 ``FEDCOMMONS_FAULT_MARKER`` names a file, into that file, so a test knows the point was
-reached. Unset (the default), every hook is one dictionary lookup.
+reached. With a marker file the fault fires once per file, not once per process: a
+coordinator started again (by hand or by the scheduler) that finds the point already in
+the marker goes past it, so a resumed run is not killed again. Unset (the default),
+every hook is one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -98,10 +101,15 @@ def reached(point: str, round_no: int) -> None:
     if spec is None or spec.point != point or spec.round != round_no:
         return
     _fired = True
-    line = f"fedcommons-fault point={point} round={round_no} pid={os.getpid()} action={spec.action}"
+    marker = os.environ.get(ENV_MARKER, "").strip()
+    where = f"fedcommons-fault point={point} round={round_no} "
+    if marker and os.path.exists(marker):
+        with open(marker, encoding="utf-8") as fh:
+            if any(seen.startswith(where) for seen in fh):
+                return  # an earlier process of this run already failed here
+    line = f"{where}pid={os.getpid()} action={spec.action}"
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
-    marker = os.environ.get(ENV_MARKER, "").strip()
     if marker:
         with open(marker, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
