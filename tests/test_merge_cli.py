@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,13 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedcommons.cli import main
 from fedcommons.client_sdk.training import train_local
 from fedcommons.coordinator.registry import Registry
 from fedcommons.coordinator.signing import Signer
 from fedcommons.strategies import refresh_plugins
 from fedcommons.tasks import load_task
 from tests import release_helpers
+from tests.cli_helpers import run_cli
 from tests.plugin_env import install_example_plugin
 
 
@@ -27,20 +26,6 @@ def _fresh_plugins() -> Iterator[None]:
     refresh_plugins()
     yield
     refresh_plugins()
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["fedcommons", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from fedcommons.coordinator.registry import Registry
 from fedcommons.errors import PrivacyBudgetExceededError
 from fedcommons.privacy.client_dp import STATE_FILE
 from fedcommons.wire import keys
+from tests.cli_helpers import run_cli
 
 CENTRAL = {
     "dp.mechanism": "dp-fedavg",
@@ -47,20 +47,8 @@ def _sites(tmp_path: Path, n: int, epsilon: float = 20.0) -> list[dict[str, obje
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    from fedcommons.cli import main
-
-    capsys.readouterr()  # drop the run's own log lines
-    old = sys.argv
-    sys.argv = ["fedcommons", *argv]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    code, out, err = run_cli(argv, capsys)
+    return code, out + err
 
 
 def test_central_and_client_dp_run_publishes_a_guarantee_the_audit_reproduces(

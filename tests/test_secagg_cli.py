@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -16,27 +15,12 @@ from fedcommons.privacy.secagg import ClientSession, RoundParams, ServerSession
 from fedcommons.privacy.secagg.quantize import to_ring
 from fedcommons.wire import keys
 from fedcommons.wire.codec import CompressionSpec
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from fedcommons.cli import main
-
-    old = sys.argv
-    sys.argv = ["fedcommons", *argv]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.cli_helpers import run_cli
 
 
 def test_plan_reports_graph_threshold_and_ring(capsys: pytest.CaptureFixture[str]) -> None:
     """100 clients, num-shares 15: 14 neighbours, threshold 11, a 41-bit ring for fp32."""
-    code, out, _ = _cli(
+    code, out, _ = run_cli(
         [
             "secagg",
             "plan",
@@ -59,7 +43,7 @@ def test_plan_reports_graph_threshold_and_ring(capsys: pytest.CaptureFixture[str
 
 def test_plan_refuses_a_leaking_strategy(capsys: pytest.CaptureFixture[str]) -> None:
     """Input: -c strategy=median. Exit code 2 and the reason, on one line."""
-    code, _, err = _cli(
+    code, _, err = run_cli(
         ["secagg", "plan", "--clients", "10", "--params", "1000", "-c", "strategy=median"],
         capsys,
     )
