@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -82,7 +82,7 @@ class Aggregator(ABC):
 
 
 def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
-    """Global L2 norm of a delta over all tensors."""
+    """Global L2 norm of a delta (or a diagonal Fisher) over all tensors."""
     return math.sqrt(squared_norm(delta.values()))
 
 
@@ -118,6 +118,15 @@ def check_clip_norm(name: str, clip_norm: float | None) -> float | None:
     if not (isinstance(clip_norm, int | float) and math.isfinite(clip_norm) and clip_norm > 0):
         raise ConfigError(f"{name} clip_norm must be a finite number > 0, got {clip_norm!r}")
     return float(clip_norm)
+
+
+def check_server_lr(name: str, server_lr: float) -> float:
+    """Validate a ``server_lr`` parameter (a finite number > 0)."""
+    from fedcommons.errors import ConfigError
+
+    if not (math.isfinite(server_lr) and server_lr > 0):
+        raise ConfigError(f"{name} server_lr must be > 0, got {server_lr}")
+    return float(server_lr)
 
 
 def check_step(
@@ -160,41 +169,32 @@ def check_step(
 
 def guarded_begin(aggregator: Aggregator, base: Mapping[str, torch.Tensor]) -> None:
     """``aggregator.begin(base)``; any unexpected exception becomes a StrategyError."""
-    try:
-        aggregator.begin(base)
-    except FedcommonsError:
-        raise
-    except Exception as exc:
-        raise StrategyError(
-            _name(aggregator), aggregator.origin, f"begin raised {type(exc).__name__}: {exc}"
-        ) from exc
+    _guarded(aggregator, "begin", aggregator.begin, base)
 
 
 def guarded_fold(aggregator: Aggregator, update: ClientUpdate) -> None:
     """``aggregator.fold(update)``; any unexpected exception becomes a StrategyError."""
-    try:
-        aggregator.fold(update)
-    except FedcommonsError:
-        raise
-    except Exception as exc:
-        raise StrategyError(
-            _name(aggregator), aggregator.origin, f"fold raised {type(exc).__name__}: {exc}"
-        ) from exc
+    _guarded(aggregator, "fold", aggregator.fold, update)
 
 
 def guarded_finalize(
     aggregator: Aggregator, base: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """``aggregator.finalize()`` checked by :func:`check_step`; failures are StrategyErrors."""
+    step = _guarded(aggregator, "finalize", aggregator.finalize)
+    return check_step(step, base, _name(aggregator), aggregator.origin)
+
+
+def _guarded(aggregator: Aggregator, what: str, call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)``; a non-fedcommons exception becomes a StrategyError naming ``what``."""
     try:
-        step = aggregator.finalize()
+        return call(*args)
     except FedcommonsError:
         raise
     except Exception as exc:
         raise StrategyError(
-            _name(aggregator), aggregator.origin, f"finalize raised {type(exc).__name__}: {exc}"
+            _name(aggregator), aggregator.origin, f"{what} raised {type(exc).__name__}: {exc}"
         ) from exc
-    return check_step(step, base, _name(aggregator), aggregator.origin)
 
 
 def _name(aggregator: Aggregator) -> str:

@@ -11,14 +11,13 @@ average sparse updates inside their masks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from fedcommons.errors import ConfigError, RoundFailedError
-from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
+from fedcommons.strategies.base import Aggregator, check_clip_norm, check_server_lr, clip_update
 from fedcommons.wire.update import ClientUpdate
 
 SCRATCH_ELEMENTS = 1 << 18  # 2 MiB of float64
@@ -79,13 +78,11 @@ class FedAvg(Aggregator):
         self.accumulate = accumulate
         self._acc_dtype = torch.float64 if accumulate == "float64" else torch.float32
         self._scratch = torch.empty(0, dtype=torch.float64)
-        if not (math.isfinite(server_lr) and server_lr > 0):
-            raise ConfigError(f"{self.name} server_lr must be > 0, got {server_lr}")
+        self.server_lr = check_server_lr(self.name, server_lr)
         if not 0.0 <= server_momentum < 1.0:
             raise ConfigError(
                 f"{self.name} server_momentum must be in [0, 1), got {server_momentum}"
             )
-        self.server_lr = float(server_lr)
         self.server_momentum = float(server_momentum)
         self.cross_round_state = self.server_momentum > 0
         self.clip_norm = check_clip_norm(self.name, clip_norm)

@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 from fedcommons.errors import ConfigError, RoundFailedError
-from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
-from fedcommons.wire.update import CHUNK_ELEMENTS, ClientUpdate, squared_norm
-
-
-def fisher_norm(fisher: Mapping[str, torch.Tensor]) -> float:
-    """‖F‖₂ over all tensors of a diagonal Fisher."""
-    return math.sqrt(squared_norm(fisher.values()))
+from fedcommons.strategies.base import (
+    Aggregator,
+    check_clip_norm,
+    check_server_lr,
+    clip_update,
+    update_norm,
+)
+from fedcommons.wire.update import CHUNK_ELEMENTS, ClientUpdate
 
 
 class FisherMerge(Aggregator):
@@ -49,11 +50,9 @@ class FisherMerge(Aggregator):
         self.fisher_samples = int(fisher_samples)
         if not (math.isfinite(epsilon) and epsilon > 0):
             raise ConfigError(f"fisher epsilon must be > 0, got {epsilon}")
-        if not (math.isfinite(server_lr) and server_lr > 0):
-            raise ConfigError(f"fisher server_lr must be > 0, got {server_lr}")
         self.epsilon = float(epsilon)
         self.uniform = bool(uniform)
-        self.server_lr = float(server_lr)
+        self.server_lr = check_server_lr(self.name, server_lr)
         self.clip_norm = check_clip_norm(self.name, clip_norm)
         self._num: dict[str, torch.Tensor] = {}
         self._den: dict[str, torch.Tensor] = {}
@@ -82,7 +81,7 @@ class FisherMerge(Aggregator):
             raise ValueError(f"update from node {update.node_id} carries no Fisher")
         update = clip_update(update, self.clip_norm)
         lam = 1.0 if self.uniform else update.agg_weight
-        norm = fisher_norm(update.fisher)
+        norm = update_norm(update.fisher)  # ‖F‖₂ over all tensors
         for name, num in self._num.items():
             fisher = update.fisher[name].reshape(-1)
             delta = update.delta[name].reshape(-1)

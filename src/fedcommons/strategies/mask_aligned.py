@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fedcommons.errors import ConfigError, RoundFailedError
-from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
+from fedcommons.strategies.base import Aggregator, check_clip_norm, check_server_lr, clip_update
 from fedcommons.wire.update import CHUNK_ELEMENTS, ClientUpdate
 
 
@@ -78,14 +78,12 @@ class MaskAligned(Aggregator):
             raise ConfigError(f"mask-aligned min_votes must be >= 1, got {min_votes}")
         if not 0.0 < density <= 1.0:
             raise ConfigError(f"mask-aligned density must be in (0, 1], got {density}")
-        if not (math.isfinite(server_lr) and server_lr > 0):
-            raise ConfigError(f"mask-aligned server_lr must be > 0, got {server_lr}")
         self.sign_election = bool(sign_election)
         self.min_votes = int(min_votes)
         self.single_update_identity = self.min_votes == 1 and density == 1.0
         self.density = float(density)
         self.nonzero_mask = bool(nonzero_mask)
-        self.server_lr = float(server_lr)
+        self.server_lr = check_server_lr(self.name, server_lr)
         self.clip_norm = check_clip_norm(self.name, clip_norm)
         self._acc: dict[str, list[torch.Tensor]] = {}
         self._votes: dict[str, torch.Tensor] = {}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedcommons.errors import ConfigError, RoundFailedError
-from fedcommons.strategies.base import Aggregator, check_clip_norm, clip_update
+from fedcommons.strategies.base import Aggregator, check_clip_norm, check_server_lr, clip_update
 from fedcommons.wire.update import ClientUpdate
 
 
@@ -85,9 +85,7 @@ class BufferedAggregator(Aggregator):
 class _Coordinatewise(BufferedAggregator):
     def __init__(self, server_lr: float = 1.0, clip_norm: float | None = None) -> None:
         super().__init__(clip_norm=clip_norm)
-        if not (math.isfinite(server_lr) and server_lr > 0):
-            raise ConfigError(f"{self.name} server_lr must be > 0, got {server_lr}")
-        self.server_lr = float(server_lr)
+        self.server_lr = check_server_lr(self.name, server_lr)
 
     @abstractmethod
     def statistic(self, stacked: torch.Tensor) -> torch.Tensor:
