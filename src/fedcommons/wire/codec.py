@@ -359,15 +359,17 @@ def _index_section(idx: np.ndarray, total: int) -> tuple[int, bytes]:
     # Cheap size estimate before encoding: LEB128 length from the gap magnitudes.
     est = int(idx.size + (gaps >= 128).sum() + (gaps >= 1 << 14).sum() + (gaps >= 1 << 21).sum())
     if est > bitmap_len + 8:
-        bits = np.zeros(bitmap_len * 8, dtype=bool)
-        bits[idx] = True
-        return INDEX_BITMAP, np.packbits(bits, bitorder="little").tobytes()
+        return INDEX_BITMAP, _bitmap(idx, bitmap_len)
     coded = encode_varints(gaps)
     if len(coded) + len(_varint(len(coded))) > bitmap_len:
-        bits = np.zeros(bitmap_len * 8, dtype=bool)
-        bits[idx] = True
-        return INDEX_BITMAP, np.packbits(bits, bitorder="little").tobytes()
+        return INDEX_BITMAP, _bitmap(idx, bitmap_len)
     return INDEX_VARINT, _varint(len(coded)) + coded
+
+
+def _bitmap(idx: np.ndarray, nbytes: int) -> bytes:
+    bits = np.zeros(nbytes * 8, dtype=bool)
+    bits[idx] = True
+    return np.packbits(bits, bitorder="little").tobytes()
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,8 +495,12 @@ class EncodedUpdate:
         return len(self.payload)
 
 
-_INDEX_MODE_NAMES = {INDEX_ALL: "all", INDEX_VARINT: "varint", INDEX_BITMAP: "bitmap"}
-_INDEX_MODE_NAMES[INDEX_SEED] = "seed"
+_INDEX_MODE_NAMES = {
+    INDEX_ALL: "all",
+    INDEX_VARINT: "varint",
+    INDEX_BITMAP: "bitmap",
+    INDEX_SEED: "seed",
+}
 
 
 def encode_update(
@@ -543,7 +549,7 @@ def encode_flat(
 ) -> EncodedUpdate:
     """:func:`encode_update` on an already flattened float32 vector and its layout."""
     total = flat.size
-    if total != sum(t.numel for t in layout):
+    if total != layout_size(layout):
         raise EncodingError(f"flat vector has {total} values, layout {layout_size(layout)}")
     rng = rng or np.random.default_rng()
     if spec.sparsifier == "none":

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fedcommons.errors import UpdateRejectedError
+from fedcommons.wire.update import squared_norm
 
 ZERO_CODE = -128
 LEVELS = 254  # codes -127 .. 127
@@ -38,7 +39,7 @@ def encode_fisher(
     ``codes[name]`` is a 1-D int8 array (the masked entries, or all of them);
     ``ranges[name]`` is float32 ``[log_lo, log_hi]``.
     """
-    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in fisher.values()))
+    norm = math.sqrt(squared_norm(fisher.values()))
     floor = math.log(norm * floor_rel) if norm > 0 else 0.0
     codes: dict[str, np.ndarray] = {}
     ranges: dict[str, np.ndarray] = {}
