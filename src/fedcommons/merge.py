@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 from fedcommons.errors import FedcommonsError, MergeError, RegistryError
 from fedcommons.fileio import atomic_write
 from fedcommons.strategies import Aggregator, guarded_finalize, guarded_fold
-from fedcommons.wire.update import ClientUpdate
+from fedcommons.wire.update import ClientUpdate, all_finite
 
 Weights = dict[str, torch.Tensor]
 
@@ -86,7 +86,7 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
         for k, v in cp.weights.items():
             if not v.dtype.is_floating_point:
                 raise MergeError(f"{cp.ref}: tensor {k} has dtype {v.dtype}, not floating point")
-            if not bool(torch.isfinite(v).all()):
+            if not all_finite(v):
                 raise MergeError(f"{cp.ref}: tensor {k} contains NaN or Inf")
 
 
