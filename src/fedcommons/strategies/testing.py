@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fedcommons.strategies.base import Aggregator, check_step
+from fedcommons.strategies.base import Aggregator, _name, check_step
 from fedcommons.wire.update import ClientUpdate
 
 Weights = dict[str, torch.Tensor]
@@ -124,7 +124,7 @@ def run_round(
 
 def _checked(agg: Aggregator, step: object, base: Mapping[str, torch.Tensor]) -> Weights:
     try:
-        return check_step(step, base, getattr(agg, "name", type(agg).__name__), "under test")
+        return check_step(step, base, _name(agg), "under test")
     except Exception as exc:
         raise AssertionError(str(exc)) from exc
 
