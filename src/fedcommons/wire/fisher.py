@@ -103,12 +103,11 @@ def decode_fisher(
         values[code == ZERO_CODE] = 0.0
         if not np.all(np.isfinite(values)):
             raise UpdateRejectedError("bad-fisher", f"Fisher {name}: decodes to Inf")
-        dense = torch.zeros(ref.numel(), dtype=torch.float32)
-        vals = torch.from_numpy(values.astype(np.float32))
+        dense = torch.from_numpy(values.astype(np.float32))
         if selected is not None:
-            dense[selected] = vals
-        else:
-            dense = vals
+            full = torch.zeros(ref.numel(), dtype=torch.float32)
+            full[selected] = dense
+            dense = full
         out[name] = dense.reshape(ref.shape)
     return out
 
