@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
 
@@ -29,7 +30,8 @@ def run(alpha: float, shared: bool, rounds: int, density: float) -> tuple[list[f
 
     original = fm.fish_mask
 
-    def shared_mask(task, base, density, num_examples, seed=0):  # type: ignore[no-untyped-def]
+    def shared_mask(task, base, density, num_examples, seed=0, loader=None):  # type: ignore[no-untyped-def]
+        # The union of every institution's training data: an unpartitioned task's loader.
         return original(DigitsTask({"hidden": "64"}), base, density, num_examples, seed=0)
 
     registry = Path(tempfile.mkdtemp(prefix="fc-fish-reg-"))
@@ -41,11 +43,7 @@ def run(alpha: float, shared: bool, rounds: int, density: float) -> tuple[list[f
         base_release=pretrain(registry, "64", 0),
         compression=f"fish:{density:g}",
     )
-    patch = (
-        mock.patch.object(fm, "fish_mask", shared_mask)
-        if shared
-        else mock.patch.object(fm, "fish_mask", original)
-    )
+    patch = mock.patch.object(fm, "fish_mask", shared_mask) if shared else nullcontext()
     with patch:
         result = run_in_process(config, [app] * 10)
     return [r.val_accuracy for r in result.reports], result.test_metrics["accuracy"]
