@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedcommons.errors import FedcommonsError, StrategyError
+from fedcommons.errors import ConfigError, FedcommonsError, StrategyError
 from fedcommons.wire.update import ClientUpdate, all_finite, squared_norm
 
 
@@ -111,8 +111,6 @@ def clip_update(update: ClientUpdate, clip_norm: float | None) -> ClientUpdate:
 
 def check_clip_norm(name: str, clip_norm: float | None) -> float | None:
     """Validate a ``clip_norm`` parameter (None or > 0)."""
-    from fedcommons.errors import ConfigError
-
     if clip_norm is None:
         return None
     if not (isinstance(clip_norm, int | float) and math.isfinite(clip_norm) and clip_norm > 0):
@@ -122,8 +120,6 @@ def check_clip_norm(name: str, clip_norm: float | None) -> float | None:
 
 def check_server_lr(name: str, server_lr: float) -> float:
     """Validate a ``server_lr`` parameter (a finite number > 0)."""
-    from fedcommons.errors import ConfigError
-
     if not (math.isfinite(server_lr) and server_lr > 0):
         raise ConfigError(f"{name} server_lr must be > 0, got {server_lr}")
     return float(server_lr)
