@@ -461,10 +461,10 @@ def run_secure_round(
             f"{config.min_clients} (rejected: {dict(stages.rejected) or 0})"
         )
     values, aux = dequantize(outcome.total, ring)
-    full = np.zeros(total_size, dtype=np.float64)
     if idx is None:
         full = values
     else:
+        full = np.zeros(total_size, dtype=np.float64)
         full[idx] = values
     guarded_begin(strategy, weights)
     examples = 0
