@@ -61,11 +61,16 @@ def crash(monkeypatch: pytest.MonkeyPatch):
     faults.reset()
 
 
-def _interrupted_then_resumed(registry: Path, spec: str, crash, monkeypatch, **over: object):
+def _crash_run(crash, monkeypatch, spec: str, config: RunConfig, clients: list) -> None:
+    """Run ``config`` until the fault ``spec`` fires, then disarm it."""
     crash(spec)
     with pytest.raises(faults.InjectedFault):
-        run_in_process(_config(registry, **over), [fedcommons_client] * 3)
+        run_in_process(config, clients)
     monkeypatch.delenv(faults.ENV)
+
+
+def _interrupted_then_resumed(registry: Path, spec: str, crash, monkeypatch, **over: object):
+    _crash_run(crash, monkeypatch, spec, _config(registry, **over), [fedcommons_client] * 3)
     record = RunStore(registry).find("r1")
     committed = record.committed_round if record else 0
     return committed, run_in_process(_config(registry, **over), [fedcommons_client] * 3)
@@ -134,10 +139,7 @@ def test_resume_with_another_configuration_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash
 ) -> None:
     """Input tried: the same run-name restarted with a different learning rate."""
-    crash("committed:1")
-    with pytest.raises(faults.InjectedFault):
-        run_in_process(_config(tmp_path / "r"), [fedcommons_client] * 2)
-    monkeypatch.delenv(faults.ENV)
+    _crash_run(crash, monkeypatch, "committed:1", _config(tmp_path / "r"), [fedcommons_client] * 2)
     with pytest.raises(RunStateError, match="differs in: lr"):
         run_in_process(_config(tmp_path / "r", lr=0.5), [fedcommons_client] * 2)
     assert RunStore(tmp_path / "r").get("r1").committed_round == 1
@@ -147,10 +149,7 @@ def test_checkpoint_that_does_not_match_its_commit_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash
 ) -> None:
     """Input tried: a committed round's checkpoint file with one byte changed."""
-    crash("collecting:2")
-    with pytest.raises(faults.InjectedFault):
-        run_in_process(_config(tmp_path / "r"), [fedcommons_client] * 2)
-    monkeypatch.delenv(faults.ENV)
+    _crash_run(crash, monkeypatch, "collecting:2", _config(tmp_path / "r"), [fedcommons_client] * 2)
     (commit,) = RunStore(tmp_path / "r").rounds("r1")
     path = tmp_path / "r" / commit.checkpoint_path
     data = bytearray(path.read_bytes())
@@ -306,10 +305,7 @@ def test_a_second_coordinator_on_the_same_run_fences_off_the_first(
     from fedcommons.coordinator.federation import RoundReport, prepare_run
     from fedcommons.coordinator.runs import DurableRun
 
-    crash("committed:1")
-    with pytest.raises(faults.InjectedFault):
-        run_in_process(_config(tmp_path / "r"), [fedcommons_client] * 2)
-    monkeypatch.delenv(faults.ENV)
+    _crash_run(crash, monkeypatch, "committed:1", _config(tmp_path / "r"), [fedcommons_client] * 2)
     config = _config(tmp_path / "r", **{"task.num-partitions": 2})
     first, second = prepare_run(config), prepare_run(config)
     old = DurableRun(first, flower_run_id=7)

@@ -25,9 +25,8 @@ def signer(tmp_path: Path) -> Signer:
     return Signer.load_or_create(tmp_path / "key" / "ed25519.pem")
 
 
-def _v1_registry(root: Path) -> None:
-    """A registry index exactly as the foundation (schema 1) wrote it, with one row."""
-    root.mkdir(parents=True)
+def _v1_index(root: Path, weights_sha256: str, manifest_sha256: str, metrics_json: str) -> None:
+    """A registry index exactly as the foundation (schema 1) wrote it: one row, digits 1.0.0."""
     db = sqlite3.connect(root / "index.sqlite")
     db.executescript(_SCHEMA_V1)
     db.execute(
@@ -40,15 +39,21 @@ def _v1_registry(root: Path) -> None:
             0,
             None,
             "2026-01-01T00:00:00+00:00",
-            "ab" * 32,
-            "cd" * 32,
+            weights_sha256,
+            manifest_sha256,
             "releases/digits/1.0.0/manifest.json",
-            '{"test_accuracy": 0.9}',
+            metrics_json,
         ),
     )
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
+
+
+def _v1_registry(root: Path) -> None:
+    """A schema-1 registry whose one row points at no files."""
+    root.mkdir(parents=True)
+    _v1_index(root, "ab" * 32, "cd" * 32, '{"test_accuracy": 0.9}')
 
 
 def test_schema_1_registry_is_migrated_forward_keeping_its_releases(tmp_path: Path) -> None:
@@ -108,27 +113,7 @@ def test_schema_1_releases_can_be_signed_after_migration(tmp_path: Path, signer:
     path = root / "releases" / "digits" / "1.0.0" / "manifest.json"
     path.parent.mkdir(parents=True)
     path.write_bytes(manifest)
-    db = sqlite3.connect(root / "index.sqlite")
-    db.executescript(_SCHEMA_V1)
-    db.execute(
-        "INSERT INTO releases VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-        (
-            "digits",
-            "1.0.0",
-            1,
-            0,
-            0,
-            None,
-            "2026-01-01T00:00:00+00:00",
-            digest,
-            hashlib.sha256(manifest).hexdigest(),
-            "releases/digits/1.0.0/manifest.json",
-            "{}",
-        ),
-    )
-    db.execute("PRAGMA user_version = 1")
-    db.commit()
-    db.close()
+    _v1_index(root, digest, hashlib.sha256(manifest).hexdigest(), "{}")
     reg = Registry(root)
     reg.publish_key(signer)
     assert "missing" in Verifier(reg).verify(reg.get("1.0.0")).error

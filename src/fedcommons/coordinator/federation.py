@@ -411,6 +411,27 @@ def sample_nodes(nodes: list[int], k: int, seed: int, round_no: int, attempt: in
     return sorted(int(n) for n in rng.choice(nodes, size=k, replace=False))
 
 
+def sample_round(
+    grid: Grid, prepared: PreparedRun, round_no: int
+) -> tuple[LinePrivacy, list[int], list[int], float, float]:
+    """Wait for nodes and sample the round's clients.
+
+    Returns the line's privacy bookkeeping, the connected and the sampled nodes, the
+    sample rate and the expected sample size (what ``privacy.start_round`` records).
+    """
+    config = prepared.config
+    nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout)
+    privacy = prepared.privacy or LinePrivacy(config.registry_path, config.line, None)
+    if privacy.central is not None:  # DP-FedAvg: secret Poisson or fixed-size sampling
+        sampled, rate, expected = privacy.sample(nodes, config.clients_per_round)
+    else:
+        sampled = sample_nodes(
+            nodes, config.clients_per_round, config.seed, round_no, prepared.attempt
+        )
+        rate, expected = 1.0, float(len(sampled))
+    return privacy, nodes, sampled, rate, expected
+
+
 def run_round(
     grid: Grid, prepared: PreparedRun, weights: dict[str, torch.Tensor], round_no: int
 ) -> tuple[dict[str, torch.Tensor], RoundReport, set[int]]:
@@ -421,15 +442,7 @@ def run_round(
 
         return run_secure_round(grid, prepared, weights, round_no)
     started = time.monotonic()
-    nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout)
-    privacy = prepared.privacy or LinePrivacy(config.registry_path, config.line, None)
-    if privacy.central is not None:  # DP-FedAvg: secret Poisson or fixed-size sampling
-        sampled, rate, expected = privacy.sample(nodes, config.clients_per_round)
-    else:
-        sampled = sample_nodes(
-            nodes, config.clients_per_round, config.seed, round_no, prepared.attempt
-        )
-        rate, expected = 1.0, float(len(sampled))
+    privacy, nodes, sampled, rate, expected = sample_round(grid, prepared, round_no)
     strategy = privacy.start_round(  # refuses a round past the line's budget
         round_no,
         strategy,

@@ -95,11 +95,6 @@ class WeightsDiff:
         """Fraction of the shared entries that changed (1.0 when nothing is shared)."""
         return self.changed_entries / self.shared_entries if self.shared_entries else 1.0
 
-    @property
-    def same_architecture(self) -> bool:
-        """True when A and B have the same tensor names, shapes and dtypes."""
-        return not (self.added or self.removed or self.reshaped)
-
     def to_dict(self) -> dict:
         """JSON-friendly form."""
         doc = asdict(self)

@@ -794,13 +794,10 @@ class Registry:
         """Record a candidate the gate turned down (its weights are kept for inspection)."""
         digest, _ = self.store_weights(weights)
         created = _now()
+        parent_version = parent.version if parent else None
         with self.store.write() as writer:
-            rid = writer.insert_rejection(
-                name, created, parent.version if parent else None, digest, reasons, report
-            )
-        return Rejection(
-            rid, name, created, parent.version if parent else None, digest, reasons, dict(report)
-        )
+            rid = writer.insert_rejection(name, created, parent_version, digest, reasons, report)
+        return Rejection(rid, name, created, parent_version, digest, reasons, dict(report))
 
     def rejections(self, name: str | None = None) -> list[Rejection]:
         """Candidates the gate rejected."""
@@ -856,6 +853,10 @@ class Registry:
             aliases=aliases,
         )
 
+    def _release_of(self, row: ReleaseRow) -> Release:
+        """``row`` as a Release carrying its aliases."""
+        return self._release(row, self._alias_map(row.name).get((row.name, row.version), ()))
+
     def _alias_map(self, name: str | None = None) -> dict[tuple[str, str], tuple[str, ...]]:
         out: dict[tuple[str, str], list[str]] = {}
         for line, alias, version, _ in self.store.aliases(name):
@@ -904,7 +905,7 @@ class Registry:
                     f"several release lines: pass --name with 'latest' ({self._what_exists(None)})"
                 )
             row = max(candidates, key=lambda r: parse_version(r.version))
-            return self._release(row, self._alias_map(row.name).get((row.name, row.version), ()))
+            return self._release_of(row)
         if ref.startswith("@") or not is_version(ref):
             alias = ref.removeprefix("@")
             hits = [a for a in self.store.aliases(name) if a[1] == alias]
@@ -929,7 +930,7 @@ class Registry:
             lines = ", ".join(sorted(r.name for r in rows))
             raise ReleaseNotFoundError(f"version {ref!r} exists in lines {lines}: pass --name")
         row = rows[0]
-        return self._release(row, self._alias_map(row.name).get((row.name, row.version), ()))
+        return self._release_of(row)
 
     def weights_bytes(self, release: Release) -> bytes:
         """A release's weights file, checked against its SHA-256."""

@@ -179,6 +179,11 @@ def _round(row: tuple) -> RoundCommit:
     return RoundCommit(*values)
 
 
+def _select_run(db: sqlite3.Connection, name: str) -> RunRecord | None:
+    row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE name=?", (name,)).fetchone()
+    return _run(row) if row else None
+
+
 class RunStore:
     """The ``runs`` and ``run_rounds`` tables of a registry's index."""
 
@@ -204,8 +209,7 @@ class RunStore:
     def find(self, name: str) -> RunRecord | None:
         """The run called ``name``, or ``None``."""
         with self._connect() as db:
-            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE name=?", (name,)).fetchone()
-        return _run(row) if row else None
+            return _select_run(db, name)
 
     def get(self, name: str) -> RunRecord:
         """The run called ``name``; :class:`RunStateError` naming the known runs if none."""
@@ -265,10 +269,9 @@ class RunStore:
     def request_cancel(self, name: str) -> RunRecord:
         """Cancel a scheduled run now, or ask a running one to stop after its current round."""
         with self._transaction() as db:
-            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE name=?", (name,)).fetchone()
-            if row is None:
+            record = _select_run(db, name)
+            if record is None:
                 raise RunStateError(f"no run {name!r} in registry {str(self.root)!r}")
-            record = _run(row)
             if record.state == "scheduled":
                 db.execute(
                     "UPDATE runs SET state='cancelled', cancel_requested=1, updated=? WHERE name=?",
@@ -293,10 +296,9 @@ class RunStore:
         ``config`` differs from the stored one in anything but :data:`MUTABLE_KEYS`.
         """
         with self._transaction() as db:
-            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE name=?", (name,)).fetchone()
-            if row is None:
+            record = _select_run(db, name)
+            if record is None:
                 return None
-            record = _run(row)
             if record.state == "finished":
                 raise RunStateError(
                     f"run {name!r} finished already (release {record.line} "
@@ -309,20 +311,19 @@ class RunStore:
                 db.execute(
                     "UPDATE runs SET state='cancelled', updated=? WHERE name=?", (now(), name)
                 )
-            stored, given = comparable_config(record.config), comparable_config(config.to_flat())
-            if cancelled:
-                stored = given = {}
-            if stored != given:
-                diff = sorted(
-                    k for k in stored.keys() | given.keys() if stored.get(k) != given.get(k)
-                )
-                raise RunStateError(
-                    f"run {name!r} exists with another configuration (differs in: "
-                    f"{', '.join(diff[:8])}); resume it with the same settings or pick a "
-                    "new run-name"
-                )
-            stamp = now()
-            if not cancelled:
+            else:
+                stored = comparable_config(record.config)
+                given = comparable_config(config.to_flat())
+                if stored != given:
+                    diff = sorted(
+                        k for k in stored.keys() | given.keys() if stored.get(k) != given.get(k)
+                    )
+                    raise RunStateError(
+                        f"run {name!r} exists with another configuration (differs in: "
+                        f"{', '.join(diff[:8])}); resume it with the same settings or pick a "
+                        "new run-name"
+                    )
+                stamp = now()
                 db.execute(
                     "UPDATE runs SET state='running', starts=starts+1, flower_run_id=?,"
                     " updated=?, heartbeat=?, error='' WHERE name=?",

@@ -37,9 +37,8 @@ from fedcommons.coordinator.federation import (
     compression_seed,
     report_summary,
     round_content,
-    sample_nodes,
+    sample_round,
     score_round,
-    wait_for_nodes,
 )
 from fedcommons.errors import (
     ConfigError,
@@ -51,7 +50,6 @@ from fedcommons.errors import (
 from fedcommons.logs import get_logger
 from fedcommons.privacy.central import DPFedAvg
 from fedcommons.privacy.client_spend import parse_spend
-from fedcommons.privacy.line import LinePrivacy
 from fedcommons.privacy.secagg import graph
 from fedcommons.privacy.secagg.protocol import (
     STAGE_ADVERTISE,
@@ -353,15 +351,7 @@ def run_secure_round(
     """
     config, strategy = prepared.config, prepared.strategy
     started = time.monotonic()
-    nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout)
-    privacy = prepared.privacy or LinePrivacy(config.registry_path, config.line, None)
-    if privacy.central is not None:
-        sampled, rate, expected = privacy.sample(nodes, config.clients_per_round)
-    else:
-        sampled = sample_nodes(
-            nodes, config.clients_per_round, config.seed, round_no, prepared.attempt
-        )
-        rate, expected = 1.0, float(len(sampled))
+    privacy, nodes, sampled, rate, expected = sample_round(grid, prepared, round_no)
     n = len(sampled)
     if n < 2:
         raise SecAggAbortedError(
@@ -461,10 +451,10 @@ def run_secure_round(
             f"{config.min_clients} (rejected: {dict(stages.rejected) or 0})"
         )
     values, aux = dequantize(outcome.total, ring)
-    full = np.zeros(total_size, dtype=np.float64)
     if idx is None:
         full = values
     else:
+        full = np.zeros(total_size, dtype=np.float64)
         full[idx] = values
     guarded_begin(strategy, weights)
     examples = 0

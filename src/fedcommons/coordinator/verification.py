@@ -33,7 +33,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedcommons.coordinator.registry import HEAD_FORMAT, Registry, Release, head_body
-from fedcommons.coordinator.signing import load_public_key, verify_signature
+from fedcommons.coordinator.signing import key_id, load_public_key, verify_signature
 from fedcommons.errors import (
     SignatureError,
     SigningKeyError,
@@ -79,6 +79,15 @@ def _sha256_file(path: Path, what: str) -> tuple[bytes, str]:
     except FileNotFoundError as exc:
         raise VerificationError(f"{what} {path} is missing", str(path)) from exc
     return data, hashlib.sha256(data).hexdigest()
+
+
+def _check_file(path: Path, what: str, manifest_sha256: str) -> None:
+    """Raise unless ``path`` hashes to the sha256 its manifest records."""
+    _, sha = _sha256_file(path, what)
+    if sha != manifest_sha256:
+        raise VerificationError(
+            f"{what} {path} has sha256 {sha}, the manifest says {manifest_sha256}", str(path)
+        )
 
 
 class Verifier:
@@ -129,21 +138,9 @@ class Verifier:
             verify_signature(self.public_key, data, sig, where=str(sig_path))
         except SignatureError as exc:
             raise SignatureError(str(exc), str(sig_path)) from exc
-        _, weights_sha = _sha256_file(release.weights_path, "weights file")
-        if weights_sha != manifest.weights_sha256:
-            raise VerificationError(
-                f"weights file {release.weights_path} has sha256 {weights_sha}, the manifest "
-                f"says {manifest.weights_sha256}",
-                str(release.weights_path),
-            )
+        _check_file(release.weights_path, "weights file", manifest.weights_sha256)
         if manifest.card_sha256:
-            _, card_sha = _sha256_file(release.card_path, "model card")
-            if card_sha != manifest.card_sha256:
-                raise VerificationError(
-                    f"model card {release.card_path} has sha256 {card_sha}, the manifest "
-                    f"says {manifest.card_sha256}",
-                    str(release.card_path),
-                )
+            _check_file(release.card_path, "model card", manifest.card_sha256)
         return manifest
 
     def verify(self, release: Release) -> VerifyResult:
@@ -266,5 +263,5 @@ def verify_release(
     """Verify one release and its chain."""
     verifier = Verifier(registry, public_key)
     result = verifier.verify(release)
-    result.key_id = hashlib.sha256(verifier.public_key.public_bytes_raw()).hexdigest()
+    result.key_id = key_id(verifier.public_key)
     return result
