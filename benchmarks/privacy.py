@@ -122,22 +122,18 @@ def dropout_table(rounds: int, dropout: float, seed: int) -> Path:
         "rounds under-noised",
         title=f"{rounds} rounds, Poisson q=0.5 of 20 nodes, {dropout:.0%} of sampled drop",
     )
-    table.add_row(
-        "fedcommons DP-FedAvg (÷ expected W)",
-        str(len(ours)),
-        f"{dropped}/{sampled_total}",
-        f"{min(ours):.3f}",
-        f"{np.mean(ours):.3f}",
-        str(sum(z < 1.0 - 1e-12 for z in ours)),
-    )
-    table.add_row(
-        "baseline ÷ replies (Flower-style)",
-        str(len(flower)),
-        f"{dropped}/{sampled_total}",
-        f"{min(flower):.3f}",
-        f"{np.mean(flower):.3f}",
-        str(sum(z < 1.0 - 1e-12 for z in flower)),
-    )
+    for name, zs in (
+        ("fedcommons DP-FedAvg (÷ expected W)", ours),
+        ("baseline ÷ replies (Flower-style)", flower),
+    ):
+        table.add_row(
+            name,
+            str(len(zs)),
+            f"{dropped}/{sampled_total}",
+            f"{min(zs):.3f}",
+            f"{np.mean(zs):.3f}",
+            str(sum(z < 1.0 - 1e-12 for z in zs)),
+        )
     console.print(table)
     return root
 

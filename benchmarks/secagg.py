@@ -104,7 +104,7 @@ def plaintext(updates: list[np.ndarray], weights: list[int]) -> dict[str, float]
                 keys.REPLY_METRICS: MetricRecord({keys.NUM_EXAMPLES: n}),
             }
         )
-        wire = recorddict_to_proto(rd).SerializeToString()
+        wire = _wire(rd)
         client_s += time.perf_counter() - t
         up += len(wire)
         t = time.perf_counter()
@@ -151,46 +151,45 @@ def secure(
         server_s += time.perf_counter() - t
         return out
 
+    def exchange(stage, i, request, answer, add) -> None:
+        """One client's stage: its request down, its reply (client time) up, the server's add."""
+        nonlocal client_s
+        down[i] += _size(_request(stage, request, 1))
+        t = time.perf_counter()
+        wire = _wire(_reply(stage, answer()))
+        client_s += time.perf_counter() - t
+        up[i] += len(wire)
+        timed_server(lambda: add(i, _record(wire)))
+
     t = time.perf_counter()
     server = ServerSession(params)
     server_s += time.perf_counter() - t
     clients: dict[int, ClientSession] = {}
-    for i in range(1, n + 1):
-        req = _request(STAGE_ADVERTISE, {**params.to_record(), keys.SECAGG_INDEX: i}, 1)
-        down[i] += _size(req)
-        t = time.perf_counter()
+
+    def advertise(i: int) -> dict[str, Any]:
         clients[i] = ClientSession(params, i)
-        wire = _wire(_reply(STAGE_ADVERTISE, clients[i].advertise()))
-        client_s += time.perf_counter() - t
-        up[i] += len(wire)
-        timed_server(lambda i=i, w=wire: server.add_advertise(i, _record(w)))
-    for i, r in timed_server(server.share_keys_requests).items():
-        down[i] += _size(_request(STAGE_SHARE, r, 1))
-        t = time.perf_counter()
-        wire = _wire(_reply(STAGE_SHARE, clients[i].share_keys(r)))
-        client_s += time.perf_counter() - t
-        up[i] += len(wire)
-        timed_server(lambda i=i, w=wire: server.add_shares(i, _record(w)))
-    inputs = {}
-    for i, r in timed_server(server.masked_input_requests).items():
-        down[i] += _size(_request(STAGE_MASKED, {**r, keys.SECAGG_DP_CLIP: 0.0}, 1))
-        if i in dropped:
-            continue
-        t = time.perf_counter()
+        return clients[i].advertise()
+
+    def masked(i: int, r: dict[str, Any]) -> dict[str, Any]:
         clients[i].receive_shares(r)
         codes, clipped = quantize(updates[i - 1], ring)
         inputs[i] = to_ring(codes, weights[i - 1], [weights[i - 1], int(clipped > 0)], ring)
-        wire = _wire(_reply(STAGE_MASKED, clients[i].mask(inputs[i])))
-        client_s += time.perf_counter() - t
-        up[i] += len(wire)
-        timed_server(lambda i=i, w=wire: server.add_masked(i, _record(w)))
+        return clients[i].mask(inputs[i])
+
+    for i in range(1, n + 1):
+        request = {**params.to_record(), keys.SECAGG_INDEX: i}
+        exchange(STAGE_ADVERTISE, i, request, lambda i=i: advertise(i), server.add_advertise)
+    for i, r in timed_server(server.share_keys_requests).items():
+        exchange(STAGE_SHARE, i, r, lambda i=i, r=r: clients[i].share_keys(r), server.add_shares)
+    inputs: dict[int, np.ndarray] = {}
+    for i, r in timed_server(server.masked_input_requests).items():
+        request = {**r, keys.SECAGG_DP_CLIP: 0.0}
+        if i in dropped:  # it received its shares, then left
+            down[i] += _size(_request(STAGE_MASKED, request, 1))
+            continue
+        exchange(STAGE_MASKED, i, request, lambda i=i, r=r: masked(i, r), server.add_masked)
     for i, r in timed_server(server.unmask_requests).items():
-        down[i] += _size(_request(STAGE_UNMASK, r, 1))
-        t = time.perf_counter()
-        wire = _wire(_reply(STAGE_UNMASK, clients[i].unmask(r)))
-        client_s += time.perf_counter() - t
-        up[i] += len(wire)
-        timed_server(lambda i=i, w=wire: server.add_unmask(i, _record(w)))
+        exchange(STAGE_UNMASK, i, r, lambda i=i, r=r: clients[i].unmask(r), server.add_unmask)
     outcome = timed_server(server.finish)
     t = time.perf_counter()
     values, aux = dequantize(outcome.total, ring)

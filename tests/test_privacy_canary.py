@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedcommons.privacy.canary import epsilon_lower_bound, p_value, run_canary_audit
+from tests.cli_helpers import run_cli
 
 
 def test_correct_dp_fedavg_keeps_the_lower_bound_below_the_claim() -> None:
@@ -31,15 +32,10 @@ def test_lower_bound_is_zero_for_chance_guessing_and_grows_with_accuracy() -> No
 
 
 def test_audit_canary_cli_exits_2_when_a_seeded_bug_leaks(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import sys
-
-    from fedcommons.cli import main
-
-    argv = ["fedcommons", "audit", "canary", "--params", "5000", "--seeded-bug", "skip-clipping"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as info:
-        main()
-    assert info.value.code == 2
-    assert "exceeds the claimed" in capsys.readouterr().err
+    code, _, err = run_cli(
+        ["audit", "canary", "--params", "5000", "--seeded-bug", "skip-clipping"], capsys
+    )
+    assert code == 2
+    assert "exceeds the claimed" in err

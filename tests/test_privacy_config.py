@@ -7,6 +7,7 @@ import pytest
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.errors import PrivacyConfigError
 from fedcommons.privacy.client_dp import ClientDPConfig
+from tests.cli_helpers import run_cli
 
 GOOD = {
     "dp.mechanism": "dp-fedavg",
@@ -113,18 +114,11 @@ def test_client_dp_is_off_without_dp_keys_and_defaults_state_dir_per_node() -> N
 
 
 def test_client_join_rejects_a_bad_dp_budget_before_starting_a_supernode(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Tried: `fedcommons client join -n dp-epsilon=0 -n dp-delta=1e-5`."""
-    import sys
-
-    from fedcommons.cli import main
-
-    monkeypatch.setattr(
-        sys,
-        "argv",
+    code, _, err = run_cli(
         [
-            "fedcommons",
             "client",
             "join",
             "--superlink",
@@ -135,26 +129,18 @@ def test_client_join_rejects_a_bad_dp_budget_before_starting_a_supernode(
             "-n",
             "dp-delta=1e-5",
         ],
+        capsys,
     )
-    with pytest.raises(SystemExit) as info:
-        main()
-    assert info.value.code == 2
-    assert "PrivacyConfigError" in capsys.readouterr().err
+    assert code == 2
+    assert "PrivacyConfigError" in err
 
 
 def test_demo_rejects_bad_central_dp_options_before_any_simulation(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: object
+    capsys: pytest.CaptureFixture[str], tmp_path: object
 ) -> None:
     """Tried: `fedcommons demo --dp clip-norm=0 ...` (C ≤ 0)."""
-    import sys
-
-    from fedcommons.cli import main
-
-    monkeypatch.setattr(
-        sys,
-        "argv",
+    code, _, err = run_cli(
         [
-            "fedcommons",
             "demo",
             "-r",
             str(tmp_path),
@@ -167,8 +153,7 @@ def test_demo_rejects_bad_central_dp_options_before_any_simulation(
             "--dp",
             "delta=1e-5",
         ],
+        capsys,
     )
-    with pytest.raises(SystemExit) as info:
-        main()
-    assert info.value.code == 2
-    assert "dp.clip-norm" in capsys.readouterr().err
+    assert code == 2
+    assert "dp.clip-norm" in err

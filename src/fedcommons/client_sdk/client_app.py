@@ -29,7 +29,12 @@ from flwr.clientapp import ClientApp
 
 from fedcommons.client_sdk.compression import ClientState, compress_delta, load_or_compute_mask
 from fedcommons.client_sdk.fisher import DEFAULT_SAMPLES, estimate_fisher
-from fedcommons.client_sdk.secagg import handle_secagg, refuse_plaintext, secagg_required
+from fedcommons.client_sdk.secagg import (
+    error_feedback_on,
+    handle_secagg,
+    refuse_plaintext,
+    secagg_required,
+)
 from fedcommons.client_sdk.training import LocalResult, train_local
 from fedcommons.errors import EncodingError, PrivacyBudgetExceededError
 from fedcommons.logs import get_logger
@@ -259,14 +264,13 @@ def encode_reply(
     from fedcommons.client_sdk.fish_mask import fish_mask
 
     round_no = int(cfg[keys.ROUND])
-    ef = context.node_config.get(keys.ERROR_FEEDBACK, cfg.get(keys.ERROR_FEEDBACK, True))
     state = ClientState.for_run(context.node_config, str(cfg.get(keys.RUN_TAG, "")))
     compressed = compress_delta(
         result.delta,
         spec,
         round_no=round_no,
         state=state,
-        error_feedback=str(ef).lower() not in {"false", "0"},
+        error_feedback=error_feedback_on(context.node_config, cfg),
         rng=np.random.default_rng([seed, 0xC0DEC]),
         shared_seed=int(cfg.get(keys.COMPRESSION_SEED, 0)),
         mask_fn=lambda: fish_mask(task, base, spec.density, spec.fish_examples, seed=seed),

@@ -47,6 +47,12 @@ def secagg_required(node_config: Mapping[str, Any]) -> bool:
     return str(value).strip().lower() in {"true", "1", "yes"}
 
 
+def error_feedback_on(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> bool:
+    """Whether error feedback is on: the site's node config decides, else the round's config."""
+    value = node_config.get(keys.ERROR_FEEDBACK, cfg.get(keys.ERROR_FEEDBACK, True))
+    return str(value).lower() not in {"false", "0"}
+
+
 def refuse_plaintext(msg: Message) -> Message:
     """The error reply of a site that requires secure aggregation to a plaintext round."""
     log.warning("client.secagg-required", detail="plaintext round refused")
@@ -87,13 +93,13 @@ def handle_secagg(
     """
     record = msg.content[keys.SECAGG_RECORD]
     stage = str(record.get(keys.SECAGG_STAGE, ""))
+    extra: dict[str, Any] = {}
     try:
         if stage == STAGE_ADVERTISE:
             params = RoundParams.from_record(record)
             check_site_minimum(params, context.node_config)
             session = ClientSession(params, int(record[keys.SECAGG_INDEX]))
             payload = session.advertise()
-            extra: dict[str, Any] = {}
         else:
             session = _load(context)
             if int(record.get("round", -1)) != session.params.round_no:
@@ -101,7 +107,6 @@ def handle_secagg(
                     f"{stage} request for round {record.get('round')}, session is for round "
                     f"{session.params.round_no}"
                 )
-            extra = {}
             if stage == STAGE_SHARE:
                 payload = session.share_keys(record)
             elif stage == STAGE_MASKED:
@@ -145,8 +150,7 @@ def encode_input(
     cfg, spec, result = trained.cfg, trained.spec, trained.result
     ring = params.ring
     flat = flatten(result.delta).astype(np.float64)
-    ef_on = context.node_config.get(keys.ERROR_FEEDBACK, cfg.get(keys.ERROR_FEEDBACK, True))
-    use_ef = spec.lossy and str(ef_on).lower() not in {"false", "0"}
+    use_ef = spec.lossy and error_feedback_on(context.node_config, cfg)
     state = ClientState.for_run(context.node_config, str(cfg.get(keys.RUN_TAG, "")))
     if use_ef:
         residual = state.load_flat(state.residual_path, flat.size, "residual")

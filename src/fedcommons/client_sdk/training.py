@@ -45,6 +45,7 @@ def train_local(
     model.to(device).train()
     loader = task.train_loader(batch_size=batch_size, seed=seed)
     optimizer = task.optimizer(model.parameters(), lr)
+    masks = _param_masks(model, grad_mask or {})
     loss_sum, correct, seen = 0.0, 0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -55,8 +56,9 @@ def train_local(
                 outputs = model(inputs)
                 loss = task.loss(outputs, targets)
                 loss.backward()
-                if grad_mask:
-                    _mask_gradients(model, grad_mask)
+                for param, mask in masks:
+                    if param.grad is not None:
+                        param.grad.mul_(mask)
                 optimizer.step()
                 loss_sum += float(loss.detach()) * len(targets)
                 correct += int((outputs.detach().argmax(dim=1) == targets).sum())
@@ -73,8 +75,12 @@ def train_local(
     )
 
 
-def _mask_gradients(model: torch.nn.Module, grad_mask: Mapping[str, torch.Tensor]) -> None:
-    for name, param in model.named_parameters():
-        mask = grad_mask.get(name)
-        if mask is not None and param.grad is not None:
-            param.grad.mul_(mask.to(param.grad.device, param.grad.dtype))
+def _param_masks(
+    model: torch.nn.Module, grad_mask: Mapping[str, torch.Tensor]
+) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Each masked parameter with its mask, moved to its device and dtype once (not per step)."""
+    return [
+        (param, grad_mask[name].to(param.device, param.dtype))
+        for name, param in model.named_parameters()
+        if name in grad_mask
+    ]

@@ -241,11 +241,11 @@ def train_local_dp(
             raise ConfigError("DP-SGD: the institution's training loader is empty")
         sample_rate = 1.0 / batches
         planned = epochs * batches
-        spent = runtime_epsilon(history, dp.delta, dp.accountant)
         predicted = runtime_epsilon(
             [*history, (dp.noise_multiplier, sample_rate, planned)], dp.delta, dp.accountant
         )
         if predicted > dp.epsilon:
+            spent = runtime_epsilon(history, dp.delta, dp.accountant)  # for the message only
             raise PrivacyBudgetExceededError(
                 f"round {round_no} refused: its {planned} DP-SGD steps (σ="
                 f"{dp.noise_multiplier:g}, q={sample_rate:.4g}) would take this institution "
