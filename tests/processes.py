@@ -97,6 +97,29 @@ class ProcessGroup:
         return [p.pid for p in self.procs if p.poll() is None]
 
 
+def start_superlink(
+    group: ProcessGroup, bin_dir: Path, database: Path, timeout: float = 60.0
+) -> int:
+    """A plain insecure ``flower-superlink`` on 127.0.0.1; returns its port once it is open."""
+    port = free_port()
+    link, link_log = group.start(
+        "superlink",
+        [
+            str(bin_dir / "flower-superlink"),
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(database),
+            "--disable-runtime-dependency-installation",
+        ],
+    )
+    wait_for_port(port, link, link_log, timeout=timeout)
+    return port
+
+
 def start_insecure_supernodes(
     group: ProcessGroup, bin_dir: Path, link_port: int, count: int
 ) -> list[subprocess.Popen]:
