@@ -132,17 +132,18 @@ def write_connection(
     return path
 
 
-def _flwr_exe() -> str:
-    exe = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+def _flower_exe(name: str) -> str:
+    """Path of Flower's ``name`` command: on PATH, else next to this Python."""
+    exe = shutil.which(name) or str(Path(sys.executable).with_name(name))
     if not Path(exe).exists():
-        raise DeploymentError("the 'flwr' command is not installed next to this Python")
+        raise DeploymentError(f"{name!r} is not installed next to this Python")
     return exe
 
 
 def run_status(connection: str, run_id: int) -> dict[str, Any]:
     """The run's row from ``flwr ls`` (status like ``finished:completed``)."""
     out = subprocess.run(
-        [_flwr_exe(), "ls", connection, "--run-id", str(run_id), "--format", "json"],
+        [_flower_exe("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -166,7 +167,7 @@ def submit_run(
     ServerApp fails, so the status is read from ``flwr ls`` instead.
     """
     out = subprocess.run(
-        [_flwr_exe(), "run", str(app_dir), connection, "--format", "json"],
+        [_flower_exe("flwr"), "run", str(app_dir), connection, "--format", "json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -494,12 +495,7 @@ def run_coordinator(
 
     from fedcommons.coordinator.certs import allowlist_keys
 
-    exe = shutil.which("flower-superlink") or str(
-        Path(sys.executable).with_name("flower-superlink")
-    )
-    if not Path(exe).exists():
-        raise DeploymentError("'flower-superlink' is not installed next to this Python")
-    argv = [exe, *superlink_argv(settings)[1:]]
+    argv = [_flower_exe("flower-superlink"), *superlink_argv(settings)[1:]]
     proc = subprocess.Popen(argv, env=service_env(settings), stdin=subprocess.DEVNULL)
 
     def forward(signum: int, _frame: Any) -> None:
