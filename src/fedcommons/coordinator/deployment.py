@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from fedcommons import __version__
+from fedcommons.coordinator import audit_log, metrics
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.errors import CertificateError, ConfigError, FedcommonsError
 from fedcommons.wire import keys
@@ -192,10 +193,11 @@ def submit_run(
 
 # -- the coordinator service: settings, TLS, node authentication ------------------------
 
-#: Environment variables the ServerApp processes read (set by :func:`service_env`).
-ENV_METRICS_PORT = "FEDCOMMONS_METRICS_PORT"
-ENV_METRICS_HOST = "FEDCOMMONS_METRICS_HOST"
-ENV_AUDIT_LOG = "FEDCOMMONS_AUDIT_LOG"
+#: Environment variables the ServerApp processes read (set by :func:`service_env`);
+#: named by the modules that read them.
+ENV_METRICS_PORT = metrics.ENV_PORT
+ENV_METRICS_HOST = metrics.ENV_HOST
+ENV_AUDIT_LOG = audit_log.ENV_PATH
 
 
 class CoordinatorSettings(BaseSettings):
