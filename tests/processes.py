@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -28,6 +29,19 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float =
                 return
         time.sleep(0.2)
     raise TimeoutError(f"port {port} not open after {timeout}s:\n{tail(log)}")
+
+
+def wait_for_coordinator_ready(log: Path, proc: subprocess.Popen, timeout: float = 90.0) -> dict:
+    """The ``coordinator.ready`` JSON record ``fedcommons coordinator start`` logs when up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if '"coordinator.ready"' in line:
+                return json.loads(line)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited rc={proc.returncode}:\n{tail(log)}")
+        time.sleep(0.2)
+    raise TimeoutError(f"coordinator.ready not in {log.name} after {timeout}s:\n{tail(log)}")
 
 
 def tail(path: Path, lines: int = 40) -> str:
