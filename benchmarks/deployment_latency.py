@@ -36,7 +36,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from tests.processes import ProcessGroup, free_port, wait_for_port
+from tests.processes import ProcessGroup, free_port, start_superlink, wait_for_port
 
 from fedcommons.coordinator.deployment import submit_run, write_connection, write_flower_app
 from fedcommons.coordinator.registry import Registry
@@ -105,24 +105,9 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
     )
     os.environ["FLWR_HOME"] = env["FLWR_HOME"]  # for write_connection / flwr run / flwr ls
     procs = ProcessGroup(work, env)
-    link_port = free_port()
     started = time.monotonic()
     try:
-        link, link_log = procs.start(
-            "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link_port),
-                "--database",
-                str(work / "link.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
-        wait_for_port(link_port, link, link_log, timeout=90.0)
+        link_port = start_superlink(procs, BIN, work / "link.db", timeout=90.0)
         for i in range(args.nodes):
             port = free_port()
             node_cfg = f"partition-id={i} num-partitions={args.nodes}"

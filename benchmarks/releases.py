@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save as st_save
 
+from fedcommons.coordinator.card import render_card
 from fedcommons.coordinator.patches import apply_patch, make_patch
 from fedcommons.coordinator.registry import Registry, Release
 from fedcommons.coordinator.signing import Signer
@@ -192,8 +193,6 @@ def _chain(root: Path, hidden: str, n: int) -> tuple[Registry, Release]:
                 contributors=1,
                 code_version="bench",
             )
-
-        from fedcommons.coordinator.card import render_card
 
         parent = reg.publish(
             "bench", w, build, signer=signer, parent=parent, render_card=render_card

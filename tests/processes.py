@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -28,6 +29,19 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float =
                 return
         time.sleep(0.2)
     raise TimeoutError(f"port {port} not open after {timeout}s:\n{tail(log)}")
+
+
+def wait_for_coordinator_ready(log: Path, proc: subprocess.Popen, timeout: float = 90.0) -> dict:
+    """The ``coordinator.ready`` JSON record ``fedcommons coordinator start`` logs when up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if '"coordinator.ready"' in line:
+                return json.loads(line)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited rc={proc.returncode}:\n{tail(log)}")
+        time.sleep(0.2)
+    raise TimeoutError(f"coordinator.ready not in {log.name} after {timeout}s:\n{tail(log)}")
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -95,6 +109,29 @@ class ProcessGroup:
 
     def alive(self) -> list[int]:
         return [p.pid for p in self.procs if p.poll() is None]
+
+
+def start_superlink(
+    group: ProcessGroup, bin_dir: Path, database: Path, timeout: float = 60.0
+) -> int:
+    """A plain insecure ``flower-superlink`` on 127.0.0.1; returns its port once it is open."""
+    port = free_port()
+    link, link_log = group.start(
+        "superlink",
+        [
+            str(bin_dir / "flower-superlink"),
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(database),
+            "--disable-runtime-dependency-installation",
+        ],
+    )
+    wait_for_port(port, link, link_log, timeout=timeout)
+    return port
 
 
 def start_insecure_supernodes(

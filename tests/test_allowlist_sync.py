@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ import pytest
 from fedcommons.coordinator import certs
 from fedcommons.coordinator.deployment import sync_allowlist
 from tests.conftest import BIN
-from tests.processes import ProcessGroup, free_port, tail
+from tests.processes import ProcessGroup, free_port, wait_for_coordinator_ready
 
 pytestmark = pytest.mark.slow
 
@@ -45,27 +43,15 @@ def test_restart_keeps_registrations_and_sync_revokes_a_removed_key(
         "0",
     ]
 
-    def ready(log: Path, proc: subprocess.Popen) -> dict:
-        import time
-
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            for line in log.read_text(errors="replace").splitlines():
-                if '"coordinator.ready"' in line:
-                    return json.loads(line)["allowlist"]
-            assert proc.poll() is None, tail(log)
-            time.sleep(0.2)
-        raise TimeoutError(tail(log))
-
     group = ProcessGroup(tmp_path, flower_env)
     try:
         first, log1 = group.start("coordinator-1", argv)
-        sync = ready(log1, first)
+        sync = wait_for_coordinator_ready(log1, first)["allowlist"]
         assert sorted(Path(k).name for k in sync["registered"]) == ["a.pub", "b.pub"]
         group.stop_all()
 
         second, log2 = group.start("coordinator-2", argv)  # same database: nothing new
-        sync = ready(log2, second)
+        sync = wait_for_coordinator_ready(log2, second)["allowlist"]
         assert sync["registered"] == {} and len(sync["kept"]) == 2
         node_a = sync["kept"][str(a.public_key)]
 

@@ -12,10 +12,9 @@ from fedcommons.coordinator.registry import Registry
 from tests.conftest import BIN
 from tests.processes import (
     ProcessGroup,
-    free_port,
     start_insecure_supernodes,
+    start_superlink,
     tail,
-    wait_for_port,
 )
 
 pytestmark = pytest.mark.slow
@@ -27,23 +26,8 @@ def test_superlink_and_two_supernodes_publish_a_release(
     """flower-superlink + 2 flower-supernodes on 127.0.0.1, 2 rounds via flwr run."""
     group = ProcessGroup(tmp_path, flower_env)
     registry = tmp_path / "registry"
-    link_port = free_port()
     try:
-        link, link_log = group.start(
-            "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link_port),
-                "--database",
-                str(tmp_path / "link.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
-        wait_for_port(link_port, link, link_log)
+        link_port = start_superlink(group, BIN, tmp_path / "link.db")
         start_insecure_supernodes(group, BIN, link_port, 2)
 
         submit = subprocess.run(

@@ -23,24 +23,20 @@ import pytest
 from fedcommons.coordinator import audit_log, certs
 from fedcommons.coordinator.registry import Registry
 from tests.conftest import BIN
-from tests.processes import ProcessGroup, _descendants, free_port, tail, wait_for_port
+from tests.processes import (
+    ProcessGroup,
+    _descendants,
+    free_port,
+    tail,
+    wait_for_coordinator_ready,
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 #: Seconds the doomed site's training waits: the kill lands inside this window.
 TRAIN_DELAY = 4
 ROUND_TIMEOUT = 30
-
-
-def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in path.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited rc={proc.returncode}:\n{tail(path)}")
-        time.sleep(0.2)
-    raise TimeoutError(f"{text!r} not in {path.name} after {timeout}s:\n{tail(path)}")
 
 
 def _scrape_while_running(proc: subprocess.Popen, port: int, timeout: float) -> dict[str, float]:
@@ -145,12 +141,7 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
             "coordinator",
             [fc, "coordinator", "start", "--config", str(tmp_path / "coordinator.toml")],
         )
-        _wait_for_text(coord_log, "coordinator.ready", coord, 90)
-        ready = next(
-            json.loads(line)
-            for line in coord_log.read_text().splitlines()
-            if '"coordinator.ready"' in line
-        )
+        ready = wait_for_coordinator_ready(coord_log, coord)
         assert ready["tls"] and ready["node_auth"]
         assert len(ready["allowlist"]["registered"]) == 3
 

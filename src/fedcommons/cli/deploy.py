@@ -43,6 +43,12 @@ def _exec(argv: list[str]) -> None:
     os.execv(exe, argv)
 
 
+def _check_exit(command: str, code: int) -> None:
+    """Raise unless ``command`` ended cleanly or on SIGINT/SIGTERM (as a child or a shell)."""
+    if code not in (0, -2, -15, 130, 143):
+        raise FedcommonsError(f"{command} exited with code {code}")
+
+
 def _warn_insecure(insecure: bool, root_cert: Path | None) -> None:
     if insecure:
         configure_logging()
@@ -144,8 +150,7 @@ def coordinator_start(
         )
 
     code = run_coordinator(settings, on_ready=ready)
-    if code not in (0, -2, -15, 130, 143):
-        raise FedcommonsError(f"flower-superlink exited with code {code}")
+    _check_exit("flower-superlink", code)
 
 
 @coordinator_app.command("allowlist-sync")
@@ -334,5 +339,4 @@ def client_join(
         host=host, port=port, task=task, node_config=settings, parent_pid=os.getpid()
     )
     code = run_node(argv, worker)
-    if code not in (0, -2, -15, 130, 143):
-        raise FedcommonsError(f"flower-supernode exited with code {code}")
+    _check_exit("flower-supernode", code)

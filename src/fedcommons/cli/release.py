@@ -248,14 +248,14 @@ def release_sign_legacy(
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
 ) -> None:
     """Sign releases published before signing existed (after checking their hashes)."""
-    import os
-
+    from fedcommons.coordinator.config import RunConfig
+    from fedcommons.coordinator.federation import signing_key_path
     from fedcommons.coordinator.signing import Signer
 
     reg = _open_registry(registry)
-    env = os.environ.get("FEDCOMMONS_SIGNING_KEY", "")
-    path = signing_key or (Path(env) if env else reg.root / "private" / "ed25519.pem")
-    signed = reg.sign_legacy(Signer.load_or_create(path))
+    # the key the coordinator signs with (same lookup as a run's)
+    key = signing_key_path(RunConfig(registry=str(reg.root), signing_key=str(signing_key or "")))
+    signed = reg.sign_legacy(Signer.load_or_create(key))
     for rel in signed:
         console.print(f"signed {rel.name} {rel.version}")
     console.print(f"{len(signed)} release(s) signed; HEAD.json rewritten")

@@ -76,6 +76,21 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def _write_cert_and_key(
+    cert_path: Path,
+    key_path: Path,
+    cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    overwrite: bool,
+) -> tuple[Path, Path]:
+    """Write the private key (0600), then its PEM certificate; return (cert, key) paths."""
+    _write(key_path, _pem_key(key), private=True, overwrite=overwrite)
+    _write(
+        cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False, overwrite=overwrite
+    )
+    return cert_path, key_path
+
+
 def _parse_host(host: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
@@ -126,15 +141,9 @@ def create_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA384())
     )
-    out_dir = Path(out_dir)
-    _write(out_dir / CA_KEY, _pem_key(key), private=True, overwrite=overwrite)
-    _write(
-        out_dir / CA_CERT,
-        cert.public_bytes(serialization.Encoding.PEM),
-        private=False,
-        overwrite=overwrite,
+    return _write_cert_and_key(
+        Path(out_dir) / CA_CERT, Path(out_dir) / CA_KEY, cert, key, overwrite
     )
-    return out_dir / CA_CERT, out_dir / CA_KEY
 
 
 def load_ca(out_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -191,15 +200,9 @@ def create_server_cert(
         )
         .sign(ca_key, hashes.SHA384())
     )
-    out_dir = Path(out_dir)
-    _write(out_dir / SERVER_KEY, _pem_key(key), private=True, overwrite=overwrite)
-    _write(
-        out_dir / SERVER_CERT,
-        cert.public_bytes(serialization.Encoding.PEM),
-        private=False,
-        overwrite=overwrite,
+    return _write_cert_and_key(
+        Path(out_dir) / SERVER_CERT, Path(out_dir) / SERVER_KEY, cert, key, overwrite
     )
-    return out_dir / SERVER_CERT, out_dir / SERVER_KEY
 
 
 def server_cert_hosts(cert_path: Path) -> list[str]:

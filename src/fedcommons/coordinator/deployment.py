@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from fedcommons import __version__
+from fedcommons.coordinator import audit_log, metrics
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.errors import CertificateError, ConfigError, FedcommonsError
 from fedcommons.wire import keys
@@ -132,17 +133,18 @@ def write_connection(
     return path
 
 
-def _flwr_exe() -> str:
-    exe = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+def _flower_exe(name: str) -> str:
+    """Path of Flower's ``name`` command: on PATH, else next to this Python."""
+    exe = shutil.which(name) or str(Path(sys.executable).with_name(name))
     if not Path(exe).exists():
-        raise DeploymentError("the 'flwr' command is not installed next to this Python")
+        raise DeploymentError(f"{name!r} is not installed next to this Python")
     return exe
 
 
 def run_status(connection: str, run_id: int) -> dict[str, Any]:
     """The run's row from ``flwr ls`` (status like ``finished:completed``)."""
     out = subprocess.run(
-        [_flwr_exe(), "ls", connection, "--run-id", str(run_id), "--format", "json"],
+        [_flower_exe("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -166,7 +168,7 @@ def submit_run(
     ServerApp fails, so the status is read from ``flwr ls`` instead.
     """
     out = subprocess.run(
-        [_flwr_exe(), "run", str(app_dir), connection, "--format", "json"],
+        [_flower_exe("flwr"), "run", str(app_dir), connection, "--format", "json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -191,10 +193,11 @@ def submit_run(
 
 # -- the coordinator service: settings, TLS, node authentication ------------------------
 
-#: Environment variables the ServerApp processes read (set by :func:`service_env`).
-ENV_METRICS_PORT = "FEDCOMMONS_METRICS_PORT"
-ENV_METRICS_HOST = "FEDCOMMONS_METRICS_HOST"
-ENV_AUDIT_LOG = "FEDCOMMONS_AUDIT_LOG"
+#: Environment variables the ServerApp processes read (set by :func:`service_env`);
+#: named by the modules that read them.
+ENV_METRICS_PORT = metrics.ENV_PORT
+ENV_METRICS_HOST = metrics.ENV_HOST
+ENV_AUDIT_LOG = audit_log.ENV_PATH
 
 
 class CoordinatorSettings(BaseSettings):
@@ -494,12 +497,7 @@ def run_coordinator(
 
     from fedcommons.coordinator.certs import allowlist_keys
 
-    exe = shutil.which("flower-superlink") or str(
-        Path(sys.executable).with_name("flower-superlink")
-    )
-    if not Path(exe).exists():
-        raise DeploymentError("'flower-superlink' is not installed next to this Python")
-    argv = [exe, *superlink_argv(settings)[1:]]
+    argv = [_flower_exe("flower-superlink"), *superlink_argv(settings)[1:]]
     proc = subprocess.Popen(argv, env=service_env(settings), stdin=subprocess.DEVNULL)
 
     def forward(signum: int, _frame: Any) -> None:
