@@ -9,7 +9,7 @@ own node config (``flower-supernode --node-config 'task="my_pkg:MyTask" data-dir
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,6 +206,33 @@ def _fisher_records(
     }
 
 
+def fish_mask_fn(
+    spec: CompressionSpec,
+    cfg: Mapping[str, Any],
+    task: Task,
+    base: Mapping[str, torch.Tensor],
+    seed: int,
+) -> Callable[[], np.ndarray]:
+    """How this site computes its FISH mask when none is stored yet (``fish-mask`` source).
+
+    ``"site"`` (default): the empirical Fisher of the site's own training examples.
+    ``"public"``: of the task's public examples (its validation loader), which every
+    institution holds, in the same order everywhere, so every institution derives the
+    same mask.
+    """
+    from fedcommons.client_sdk.fish_mask import fish_mask
+
+    loader = None
+    if str(cfg.get(keys.FISH_MASK, "site")) == "public":
+        loader = task.validation_loader()
+        if loader is None:
+            raise EncodingError(
+                f"fish-mask = 'public' but task {task.name!r} has no public (validation) data"
+            )
+        seed = 0
+    return lambda: fish_mask(task, base, spec.density, spec.fish_examples, seed=seed, loader=loader)
+
+
 def fish_grad_mask(
     spec: CompressionSpec,
     cfg: Mapping[str, Any],
@@ -214,28 +241,13 @@ def fish_grad_mask(
     base: Mapping[str, torch.Tensor],
     seed: int,
 ) -> dict[str, torch.Tensor]:
-    """This site's FISH mask for the run (computed once, then read from the state dir).
+    """This site's FISH mask for the run, as tensors shaped like ``base``.
 
-    ``fish-mask = "site"`` (default): the empirical Fisher of the site's own training
-    examples. ``"public"``: of the task's public examples (its validation loader), which
-    every institution holds, so every institution derives the same mask.
+    Computed once by :func:`fish_mask_fn`, then read from the state dir.
     """
-    from fedcommons.client_sdk.fish_mask import fish_mask
-
-    source = str(cfg.get(keys.FISH_MASK, "site"))
-    loader = None
-    if source == "public":
-        loader = task.validation_loader()
-        if loader is None:
-            raise EncodingError(
-                f"fish-mask = 'public' but task {task.name!r} has no public (validation) data"
-            )
-        seed = 0  # the same examples in the same order everywhere
     state = ClientState.for_run(context.node_config, str(cfg.get(keys.RUN_TAG, "")))
     flat = load_or_compute_mask(
-        state,
-        sum(v.numel() for v in base.values()),
-        lambda: fish_mask(task, base, spec.density, spec.fish_examples, seed=seed, loader=loader),
+        state, sum(v.numel() for v in base.values()), fish_mask_fn(spec, cfg, task, base, seed)
     )
     out, offset = {}, 0
     for name, value in base.items():
@@ -261,8 +273,6 @@ def encode_reply(
     sets ``error-feedback`` (the institution decides); its residual stays in the state
     directory and is never sent.
     """
-    from fedcommons.client_sdk.fish_mask import fish_mask
-
     round_no = int(cfg[keys.ROUND])
     state = ClientState.for_run(context.node_config, str(cfg.get(keys.RUN_TAG, "")))
     compressed = compress_delta(
@@ -273,7 +283,7 @@ def encode_reply(
         error_feedback=error_feedback_on(context.node_config, cfg),
         rng=np.random.default_rng([seed, 0xC0DEC]),
         shared_seed=int(cfg.get(keys.COMPRESSION_SEED, 0)),
-        mask_fn=lambda: fish_mask(task, base, spec.density, spec.fish_examples, seed=seed),
+        mask_fn=fish_mask_fn(spec, cfg, task, base, seed),
     )
     del content[keys.DELTA_ARRAYS]
     content[keys.ENCODED_RECORD] = ConfigRecord({keys.ENCODED_PAYLOAD: compressed.encoded.payload})
