@@ -152,7 +152,7 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
                     **common,
                     "num-server-rounds": args.rounds,
                     "nodes": args.nodes,
-                    "hidden": "64",
+                    "task.hidden": "64",
                     "timings-path": str(timings),
                 },
             )

@@ -112,9 +112,12 @@ class ProcessGroup:
 
 
 def start_superlink(
-    group: ProcessGroup, bin_dir: Path, database: Path, timeout: float = 60.0
+    group: ProcessGroup, bin_dir: Path, database: Path | str, timeout: float = 60.0
 ) -> int:
-    """A plain insecure ``flower-superlink`` on 127.0.0.1; returns its port once it is open."""
+    """A plain insecure ``flower-superlink`` on 127.0.0.1; returns its port once it is open.
+
+    ``database``: a SQLite file, or ``":flwr-in-memory:"`` for Flower's in-memory state.
+    """
     port = free_port()
     link, link_log = group.start(
         "superlink",
