@@ -21,18 +21,48 @@ update's tensors (aggregators fold them into their own state; ``strategies.testi
 checks that inputs are left untouched). Anything the fast path does not cover —
 big-endian, Fortran-ordered or non-numeric dtypes, other serialization types — falls
 back to ``Array.numpy()`` and a private copy.
+
+One reply at a time. On Flower's deployment engine :func:`pull_replies` replaces
+``Grid.pull_messages``, which inflates every reply that has arrived before returning the
+first one (a round's memory would grow with the number of replies that arrive together)
+and assembles each array by concatenating its 5 MB chunks and then copying the result
+into a fresh ``bytes`` (three transient copies of every update). :func:`pull_replies`
+yields the replies one by one, each pulled only when the previous one has been
+processed, and assembles every array once, into one buffer, dropping each chunk as soon
+as it is copied: a reply costs one copy of its arrays.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Error, Message, Metadata
+from flwr.app.message import make_message
+from flwr.common.constant import ErrorCode
+from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
+from flwr.proto.runtime_pb2 import PullAppMessagesRequest
+from flwr.serverapp import Grid
+from flwr.supercore.constant import HEAD_BODY_DIVIDER, SYSTEM_MESSAGE_TYPE
+from flwr.supercore.date import now
+from flwr.supercore.inflatable.inflatable_object import (
+    InflatableObject,
+    get_object_head_values_from_object_content,
+    iterate_object_tree,
+)
+from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    inflate_object_from_contents,
+    pull_objects,
+)
+from flwr.superlink.grid.http_grid import HttpGrid
 from numpy.lib import format as npy_format
 
 from fedcommons.errors import UpdateRejectedError
@@ -53,9 +83,14 @@ _HEADER_READERS = {
 _VIEWABLE_KINDS = frozenset("fiub")  # float, signed, unsigned, bool
 
 
-def _npy_view(data: bytes) -> np.ndarray | None:
+#: Bytes of a ``.npy`` file read to parse its header (headers are padded to 64 B; longer
+#: ones fall back to ``np.load``).
+_NPY_HEADER_LIMIT = 1 << 16
+
+
+def _npy_view(data: bytes | bytearray) -> np.ndarray | None:
     """A read-only ndarray over ``data`` (a ``.npy`` file), or None if not viewable."""
-    stream = io.BytesIO(data)
+    stream = io.BytesIO(memoryview(data)[:_NPY_HEADER_LIMIT])  # BytesIO copies what it gets
     try:
         version = npy_format.read_magic(stream)
         reader = _HEADER_READERS.get(version)
@@ -70,7 +105,9 @@ def _npy_view(data: bytes) -> np.ndarray | None:
     offset = stream.tell()
     if offset + count * dtype.itemsize != len(data):
         return None  # truncated or trailing bytes: let np.load raise its own error
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    view = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    view.flags.writeable = False  # a bytearray (see pull_replies) would give a writable view
+    return view
 
 
 def array_view(array: Array) -> torch.Tensor:
@@ -92,11 +129,21 @@ def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {name: array_view(array) for name, array in record.items()}
 
 
+#: Error codes of the stand-in replies :func:`pull_replies` makes for replies it refused
+#: (coordinator-local: they never leave this process; a client sending one is rejected
+#: under the same reason, which it would be anyway).
+REPLY_TOO_LARGE_CODE = 6101
+REPLY_MALFORMED_CODE = 6102
+REPLY_UNAVAILABLE_CODE = ErrorCode.MESSAGE_UNAVAILABLE
+
 #: A client's error code -> the rejection reason it is counted under.
 _ERROR_REASONS = {
     keys.DP_BUDGET_EXHAUSTED_CODE: "dp-budget-exhausted",
     keys.SECAGG_REQUIRED_CODE: "secagg-required",  # the site requires secagg (#7)
     keys.SECAGG_PROTOCOL_ERROR_CODE: "secagg-refused",
+    REPLY_TOO_LARGE_CODE: "too-large",
+    REPLY_MALFORMED_CODE: "malformed",
+    REPLY_UNAVAILABLE_CODE: "unavailable",
 }
 
 
@@ -229,3 +276,147 @@ def decode_reply(
         mask=mask,
         fisher=fisher,
     )
+
+
+# -- pulling replies -----------------------------------------------------------------------
+#: Retries of an object a client is still uploading: 0.1 s, doubling up to 2 s (Flower's
+#: own pull starts at 1 s and backs off to 10 s, which adds seconds to a round).
+_PULL_BACKOFF = (0.1, 2.0)
+
+
+def pull_replies(
+    grid: Grid, message_ids: Collection[str], *, max_bytes: int | None = None
+) -> Iterator[Message]:
+    """The replies to ``message_ids`` that have arrived, pulled and inflated one at a time.
+
+    On the deployment engine (Flower's ``HttpGrid``) each reply's objects are pulled only
+    when the caller asks for the reply, and its arrays are assembled in one buffer each
+    (:func:`inflate_reply`). A reply whose arrays would hold more than ``max_bytes``
+    (counted before anything is allocated: a chunk may be named many times), whose
+    objects do not form a message, or that cannot be pulled comes back as an error
+    reply that :func:`decode_reply` rejects (``too-large``, ``malformed``,
+    ``unavailable``). Other grids (simulation, in-process) hold their replies in memory
+    already: their ``pull_messages`` is used as is. Consume every reply: the SuperLink
+    hands each out once.
+    """
+    if not isinstance(grid, HttpGrid):
+        yield from grid.pull_messages(list(message_ids))
+        return
+    client = grid._runtime_client  # Flower 1.41's Runtime API client (no public accessor)
+    run_id = grid.run.run_id
+    res = client.PullMessages(PullAppMessagesRequest(message_ids=list(message_ids)))
+    pull_object = make_pull_object_fn_protobuf(client.PullObject, grid.node, run_id)
+    for proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
+        meta = proto.metadata
+        try:
+            contents = pull_objects(
+                [t.object_id for t in iterate_object_tree(tree)],
+                pull_object,
+                initial_backoff=_PULL_BACKOFF[0],
+                backoff_cap=_PULL_BACKOFF[1],
+            )
+        except ObjectPullError as exc:
+            yield _stand_in(run_id, meta, REPLY_UNAVAILABLE_CODE, f"objects unavailable: {exc}")
+            continue
+        client.ConfirmMessageReceived(
+            ConfirmMessageReceivedRequest(
+                node=grid.node, run_id=run_id, message_object_id=tree.object_id
+            )
+        )
+        try:
+            reply: Message = inflate_reply(tree.object_id, contents, max_bytes)
+        except UpdateRejectedError as exc:
+            code = REPLY_TOO_LARGE_CODE if exc.reason == "too-large" else REPLY_MALFORMED_CODE
+            reply = _stand_in(run_id, meta, code, exc.detail)
+        del contents
+        yield reply
+
+
+def _stand_in(run_id: int, meta: Any, code: int, reason: str) -> Message:
+    """An error reply from the sender of ``meta`` (a reply's metadata) to the coordinator."""
+    return make_message(
+        metadata=Metadata(
+            run_id=run_id,
+            message_id="",
+            src_node_id=meta.src_node_id,
+            dst_node_id=meta.dst_node_id,
+            message_type=SYSTEM_MESSAGE_TYPE,
+            group_id=meta.group_id,
+            ttl=0,
+            reply_to_message_id=meta.reply_to_message_id,
+            created_at=now().timestamp(),
+        ),
+        error=Error(code=code, reason=reason),
+    )
+
+
+def inflate_reply(message_id: str, contents: dict[str, bytes], max_bytes: int | None) -> Message:
+    """The message ``message_id`` from its pulled objects, every array assembled once.
+
+    Each ``Array`` gets one ``bytearray`` its chunks are copied into (in their order,
+    repeats included); a chunk's pulled content is dropped after its last use, so the
+    reply never exists twice in full. Flower's own inflation then builds the rest of the
+    message around those arrays and records. Raises :class:`UpdateRejectedError` (``too-large``,
+    ``malformed``) before allocating anything.
+    """
+    try:
+        heads = {o: get_object_head_values_from_object_content(c) for o, c in contents.items()}
+        layouts: dict[str, tuple[dict[str, Any], list[str], int]] = {}
+        for oid, (kind, children, _) in heads.items():
+            if kind != "Array":
+                continue
+            meta = json.loads(bytes(_body(contents[oid])))
+            order = [children[int(i)] for i in meta["arraychunk_ids"]]
+            if any(heads[c][0] != "ArrayChunk" for c in order):
+                raise ValueError(f"array {oid[:12]} names an object that is no ArrayChunk")
+            layouts[oid] = (meta, order, sum(heads[c][2] for c in order))
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UpdateRejectedError("malformed", f"reply objects: {exc}") from exc
+    total = sum(size for _, _, size in layouts.values())
+    if max_bytes is not None and total > max_bytes:
+        raise UpdateRejectedError("too-large", f"{total} bytes of arrays exceed cap {max_bytes}")
+    uses = Counter(c for _, order, _ in layouts.values() for c in order)
+    arrays: dict[str, InflatableObject] = {}
+    for oid, (meta, order, size) in layouts.items():
+        buffer = bytearray(size)
+        offset = 0
+        for chunk in order:
+            body = _body(contents[chunk])
+            buffer[offset : offset + len(body)] = body
+            offset += len(body)
+            uses[chunk] -= 1
+            if not uses[chunk]:
+                del contents[chunk]
+        try:
+            array = Array(
+                dtype=str(meta["dtype"]),
+                shape=tuple(int(d) for d in meta["shape"]),
+                stype=str(meta["stype"]),
+                data=b"",
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpdateRejectedError("malformed", f"array {oid[:12]}: {exc}") from exc
+        array.data = buffer  # type: ignore[assignment]  # read through memoryviews only
+        arrays[oid] = array
+    # ArrayRecord.inflate would re-create every Array (its constructor insists on bytes)
+    objects: dict[str, InflatableObject] = {}
+    try:
+        for oid, (kind, _, _) in heads.items():
+            if kind == "ArrayRecord":
+                record = ArrayRecord()
+                for name, array_id in json.loads(bytes(_body(contents[oid]))).items():
+                    record[str(name)] = arrays[array_id]
+                objects[oid] = record
+        objects.update(arrays)
+        message = inflate_object_from_contents(message_id, contents, objects=objects)
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UpdateRejectedError("malformed", f"reply objects: {exc}") from exc
+    if not isinstance(message, Message):
+        raise UpdateRejectedError("malformed", f"reply is a {type(message).__name__}")
+    message.metadata.__dict__["_message_id"] = message_id
+    return message
+
+
+def _body(content: bytes) -> memoryview:
+    """The body of a pulled object's content (after its head), without copying it."""
+    return memoryview(content)[content.index(HEAD_BODY_DIVIDER) + len(HEAD_BODY_DIVIDER) :]
