@@ -59,6 +59,21 @@ class PreparedRun:
     #: Attempt of the current round (0: first; retries re-sample nodes) (#8).
     attempt: int = 0
 
+    def release_weights(self) -> None:
+        """Drop the starting weights once the run holds its own; keep names, shapes, dtypes.
+
+        The run holds the current weights itself: keeping round 0's here as well would
+        pin one more copy of the model for the whole run. What stays are ``meta``
+        tensors (no memory), enough for :attr:`max_update_bytes`; a released PreparedRun
+        cannot start another run (:attr:`released`).
+        """
+        self.weights = {k: torch.empty_like(v, device="meta") for k, v in self.weights.items()}
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release_weights` handed the weights to a run."""
+        return any(v.is_meta for v in self.weights.values())
+
     @property
     def max_update_bytes(self) -> int:
         """The configured payload cap, or 2x the dense fp32 update + 64 KiB."""

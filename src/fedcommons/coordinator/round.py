@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from fedcommons.coordinator import faults
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.intake import Rejections, decode_reply
+from fedcommons.coordinator.intake import Rejections, decode_reply, pull_replies
 from fedcommons.coordinator.prepare import PreparedRun
 from fedcommons.coordinator.sampling import sample_round
 from fedcommons.errors import (
@@ -148,6 +148,7 @@ def run_round(
         for node in sampled
     ]
     pending = set(grid.push_messages(messages))
+    del messages, content  # pushed: a serialized copy of θ0 no longer needs to stay here
     log.info("round.started", sampled=len(sampled), connected=len(nodes))
     guarded_begin(strategy, weights)
     rejections = Rejections(round_no)
@@ -156,12 +157,12 @@ def run_round(
     loss_sum = 0.0
     examples = 0
     deadline = started + config.round_timeout
+    # a reply's arrays: the update plus its optional Fisher codes and mask
+    reply_cap = 2 * prepared.max_update_bytes
     while pending and time.monotonic() < deadline:
-        replies = list(grid.pull_messages(list(pending)))
-        if not replies:
-            time.sleep(POLL_INTERVAL_S)
-            continue
-        for reply in replies:
+        pulled = 0
+        for reply in pull_replies(grid, list(pending), max_bytes=reply_cap):
+            pulled += 1
             pending.discard(reply.metadata.reply_to_message_id)
             observe.reply_received(reply)
             try:
@@ -187,8 +188,10 @@ def run_round(
             upload[str(update.node_id)] = update.upload_bytes
             examples += update.num_examples
             loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
-            del update  # the aggregate is all we keep
+            del update, reply  # the aggregate is all we keep
             faults.reached("collecting", round_no)
+        if not pulled:
+            time.sleep(POLL_INTERVAL_S)
     timed_out = len(pending)
     if len(contributors) < config.min_clients:
         raise RoundFailedError(
@@ -202,7 +205,7 @@ def run_round(
         rejected=rejections.total,
         timed_out=timed_out,
     )
-    new_weights = {k: weights[k] + step[k] for k in weights}
+    new_weights = apply_step(weights, step)
     report = score_round(
         prepared,
         weights,
@@ -221,6 +224,17 @@ def run_round(
     if privacy.central is not None:  # released in the manifest: nothing outside the DP noise
         report.train_loss, report.examples = float("nan"), 0
     return new_weights, report, contributors
+
+
+def apply_step(
+    weights: Mapping[str, torch.Tensor], step: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """θ0 + Δ*, consuming ``step`` tensor by tensor.
+
+    Each step tensor is dropped as soon as it was added, so the step and the new weights
+    never both exist in full (when the strategy keeps no reference to its step).
+    """
+    return {k: weights[k] + step.pop(k) for k in weights}
 
 
 def score_round(

@@ -25,6 +25,7 @@ from fedcommons.coordinator.round import RoundReport, evaluate, run_round
 from fedcommons.coordinator.runs import DurableRun
 from fedcommons.coordinator.secure_round import run_secure_round
 from fedcommons.errors import (
+    ConfigError,
     RoundFailedError,
     RunCancelledError,
 )
@@ -73,11 +74,14 @@ def run_federation(
     """
     with structlog.contextvars.bound_contextvars(run_id=run_id):
         prepared = prepared or prepare_run(config)
+        if prepared.released:
+            raise ConfigError("this PreparedRun already served a run: call prepare_run again")
         config = prepared.config
         if prepared.privacy is not None:
             prepared.privacy.run_id = run_id
         durable = DurableRun(prepared, run_id)
         resumed = durable.open()
+        prepared.release_weights()  # resumed.weights are the run's own from here
         if observer:
             observer.on_start(config, run_id)
         log.info(

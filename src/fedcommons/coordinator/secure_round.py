@@ -34,6 +34,7 @@ from fedcommons.coordinator.prepare import PreparedRun, check_secagg_compatible
 from fedcommons.coordinator.round import (
     POLL_INTERVAL_S,
     RoundReport,
+    apply_step,
     compression_seed,
     report_summary,
     round_content,
@@ -425,7 +426,7 @@ def run_secure_round(
     rejected_total = stages.rejections.total
     timed_out = sum(stages.timed_out.values())
     privacy.commit_round(accepted=len(survivors), rejected=rejected_total, timed_out=timed_out)
-    new_weights = {k: weights[k] + step[k] for k in weights}
+    new_weights = apply_step(weights, step)
     report = score_round(
         prepared,
         weights,
