@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -37,11 +38,15 @@ def train_local(
     Deterministic for a given ``seed`` on a given device. The delta is returned on the
     CPU in the base weights' dtypes. ``grad_mask`` (parameter name -> 0/1 tensor) trains
     only the masked parameters, as FISH does (gradients are multiplied by the mask).
+
+    Memory stays near three copies of the model besides ``base``: the model (built
+    without a random initialisation when it can be, see :func:`model_from`), its
+    gradients (dropped before the delta is taken) and nothing else: the delta is
+    computed in the trained parameters' own storage.
     """
     started = time.perf_counter()
     device = task.device()
-    model = task.build_model()
-    model.load_state_dict(base, strict=True)
+    model = model_from(task, base)
     model.to(device).train()
     loader = task.train_loader(batch_size=batch_size, seed=seed)
     optimizer = task.optimizer(model.parameters(), lr)
@@ -63,8 +68,10 @@ def train_local(
                 loss_sum += float(loss.detach()) * len(targets)
                 correct += int((outputs.detach().argmax(dim=1) == targets).sum())
                 seen += len(targets)
-    trained = model.state_dict()
-    delta = {k: (trained[k].detach().cpu() - v.cpu()).to(v.dtype) for k, v in base.items()}
+    del optimizer, masks
+    model.zero_grad(set_to_none=True)  # gradients: one model's worth, no longer needed
+    delta = _delta_in_place(model.state_dict(), base)
+    del model
     num_examples = len(loader.dataset)  # type: ignore[arg-type]
     return LocalResult(
         delta=delta,
@@ -73,6 +80,69 @@ def train_local(
         accuracy=correct / max(seen, 1),
         seconds=time.perf_counter() - started,
     )
+
+
+def model_from(task: Task, base: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """The task's model holding a copy of ``base`` (on the CPU).
+
+    Built on PyTorch's ``meta`` device first and handed copies of ``base``: a
+    110M-parameter model then skips a random initialisation (seconds of CPU) that
+    ``base`` would overwrite anyway. A model that does not build there, that ties
+    tensors (assigning copies would untie them) or that keeps tensors the state dict does
+    not hold (a non-persistent buffer would stay on ``meta``) is built and loaded the
+    ordinary way.
+    """
+    try:
+        with torch.device("meta"):
+            model = task.build_model()
+        if not _ties_tensors(model):
+            copies = {k: v.clone() for k, v in base.items()}
+            model.load_state_dict(copies, strict=True, assign=True)
+            if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+                return model
+    except Exception:  # any failure: the ordinary path below reports real problems
+        pass
+    model = task.build_model()
+    model.load_state_dict(base, strict=True)
+    return model
+
+
+def _ties_tensors(model: torch.nn.Module) -> bool:
+    """Whether one parameter or buffer object is registered under two names."""
+    tensors = [
+        *(p for _, p in model.named_parameters(remove_duplicate=False)),
+        *(b for _, b in model.named_buffers(remove_duplicate=False)),
+    ]
+    return len({id(t) for t in tensors}) != len(tensors)
+
+
+def _delta_in_place(
+    trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """θ − θ0 on the CPU in ``base``'s dtypes, mostly written into the trained storage.
+
+    ``trained`` is the state dict of a model nobody uses again. A CPU tensor of
+    ``base``'s dtype whose storage no other entry shares becomes its own delta in place;
+    the others (tied weights, another device or dtype) are computed into fresh tensors
+    first, while every storage still holds the trained values.
+    """
+    values = {k: trained[k].detach() for k in base}
+    owners = Counter(v.untyped_storage().data_ptr() for v in values.values())
+    in_place = {
+        k
+        for k, v in values.items()
+        if v.device.type == "cpu"
+        and v.dtype == base[k].dtype
+        and owners[v.untyped_storage().data_ptr()] == 1
+    }
+    delta = {
+        k: (v.cpu() - base[k].cpu()).to(base[k].dtype)
+        for k, v in values.items()
+        if k not in in_place
+    }
+    for k in in_place:
+        delta[k] = values[k].sub_(base[k])
+    return {k: delta[k] for k in base}
 
 
 def _param_masks(
