@@ -79,7 +79,13 @@ class TextClassificationTask(Task):
         "local_epochs": 1,
         "lr": 0.002,
         "batch_size": 16,
-        "task_options": {"max-train": 800, "max-eval": 300},
+        "strategy": "lora-exact",
+        "compression": "int8",
+        # lora-exact re-factorises the LoRA pairs each round: a factor-space residual
+        # would refer to a basis that no longer exists
+        "error_feedback": False,
+        "partition": "dirichlet",
+        "task_options": {"max-train": 1000, "max-eval": 300},
     }
     #: Examples per vectorised per-example-gradient pass (Fisher estimates): activations
     #: of a transformer, not its parameters, bound the memory here.
@@ -168,9 +174,7 @@ class TextClassificationTask(Task):
     def tokenizer(self) -> Any:
         """The base's tokenizer (``tiny``: a word-level vocabulary of the training texts)."""
         if self.base.path is not None:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(self.base.path)
+            return _pretrained_tokenizer(self.base.path)
         return _tiny_tokenizer(self.load_split().train.texts)
 
     def encode(self, corpus: TextCorpus) -> TensorDataset:
@@ -282,6 +286,14 @@ def trim_padding(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     return ids[:, :width].contiguous(), labels
 
 
+@cache
+def _pretrained_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@cache
 def _tiny_tokenizer(texts: tuple[str, ...]) -> Any:
     """A word-level BERT-style tokenizer over the ``TINY_VOCAB`` most frequent words."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -335,6 +347,10 @@ class RottenTomatoesTask(TextClassificationTask):
 
     name = "rotten-tomatoes"
     partitions_supported = ("movie", "dirichlet", "iid")
+    demo_defaults: ClassVar[dict[str, Any]] = {
+        **TextClassificationTask.demo_defaults,
+        "partition": "movie",
+    }
 
     @classmethod
     def load_split(cls) -> TextSplit:
