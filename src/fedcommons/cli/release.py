@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -459,17 +459,25 @@ class ExportFormat(StrEnum):
 
     safetensors = "safetensors"
     torch = "torch"
+    peft = "peft"
+    hf = "hf"
 
 
 @release_app.command("export")
 def release_export(
     version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="File (folder for peft / hf) to write.")
+    ],
     fmt: Annotated[ExportFormat, typer.Option("--format")] = ExportFormat.safetensors,
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: NameOpt = None,
 ) -> None:
-    """Export a release's weights (hash-checked): safetensors as stored, or a torch state dict."""
+    """Export a release's weights (hash-checked): safetensors, torch, peft or hf.
+
+    safetensors as stored, a torch state dict, or for text-task patches a PEFT adapter
+    folder (peft) or the merged model as a transformers folder (hf).
+    """
     import io
 
     import torch
@@ -478,9 +486,36 @@ def release_export(
     reg = _open_registry(registry)
     rel = reg.get(version, name=name)
     data = reg.weights_bytes(rel)
+    if fmt in (ExportFormat.peft, ExportFormat.hf):
+        _export_hf_folder(rel, st_load(data), output, fmt)
+        return
     if fmt is ExportFormat.torch:
         buffer = io.BytesIO()
         torch.save(st_load(data), buffer)
         data = buffer.getvalue()
     _write_atomic(output, data)
     console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}")
+
+
+def _export_hf_folder(rel: Any, weights: dict[str, Any], output: Path, fmt: ExportFormat) -> None:
+    """Rebuild the release's text task from its manifest and write a peft / hf folder."""
+    from fedcommons.coordinator.config import RunConfig
+    from fedcommons.errors import VerificationError
+    from fedcommons.tasks import load_task
+    from fedcommons.tasks.hf_export import export_hf, export_peft
+
+    manifest = rel.manifest()
+    options = dict(RunConfig.from_flat(dict(manifest.config)).task_options)
+    options.pop("partition-id", None)
+    task = load_task(manifest.task, options)
+    pinned = (manifest.base or {}).get("sha256")
+    actual = getattr(task, "base_info", dict)().get("sha256")
+    if pinned and actual != pinned:
+        raise VerificationError(
+            f"release {rel.version} is a patch of base {pinned[:16]}…, but the base installed "
+            f"here hashes to {str(actual)[:16]}…: install the pinned base"
+        )
+    provenance = {"name": rel.name, "version": rel.version, "weights_sha256": rel.weights_sha256}
+    writer = export_peft if fmt is ExportFormat.peft else export_hf
+    writer(task, weights, output, release=provenance)
+    console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}/")

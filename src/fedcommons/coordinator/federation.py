@@ -589,6 +589,12 @@ def report_summary(report: RoundReport) -> dict[str, Any]:
     return summary
 
 
+def patch_base(task: Task) -> dict[str, Any]:
+    """The pinned base a task's weights are a patch of (empty for whole-model tasks)."""
+    base_info = getattr(task, "base_info", None)
+    return dict(base_info()) if callable(base_info) else {}
+
+
 def evaluate(task: Task, weights: Mapping[str, torch.Tensor], loader: Any) -> dict[str, float]:
     """Score ``weights`` with the task's metric on ``loader`` (empty dict if no loader)."""
     if loader is None:
@@ -817,6 +823,7 @@ def publish(
             privacy=prepared.privacy.manifest_privacy() if prepared.privacy else {},
             compression=config.compression,
             upload_bytes=sum(sum(r.upload_bytes.values()) for r in reports),
+            base=patch_base(prepared.task),
         )
 
     return registry.publish(

