@@ -6,18 +6,28 @@
 - :func:`default_state_root`: where a site keeps its client state by default.
 - :func:`exclusive_lock`: an advisory POSIX ``flock`` on an open file with a bounded wait,
   so two processes never interleave writes and none waits forever.
+- :func:`write_safetensors`: the same bytes ``safetensors.torch.save`` makes, streamed
+  tensor by tensor into an atomically written file (the library builds the whole file in
+  memory first: two extra copies of a 440 MB model at every checkpoint and release).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
+import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import cache
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 #: Environment variable naming the directory where a site keeps its client state.
 STATE_DIR_ENV = "FEDCOMMONS_STATE_DIR"
@@ -53,21 +63,135 @@ def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
 
     ``mode`` sets the file's permissions (``tempfile.mkstemp`` creates 0600 files).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    atomic_write_parts(path, [data], mode=mode)
+
+
+def atomic_write_parts(
+    path: Path | Callable[[str], Path],
+    parts: Iterable[bytes | memoryview],
+    *,
+    mode: int | None = None,
+    tmp_dir: Path | None = None,
+) -> tuple[Path, str, int]:
+    """Write ``parts`` one after the other to a file atomically, as :func:`atomic_write`.
+
+    Nothing is joined in memory. ``path`` may be a function of the content's SHA-256
+    (content-addressed files: the name is known once the last part is written; the
+    temporary file goes to ``tmp_dir``, on the same file system); an existing file
+    there is left as it is. Returns (path, SHA-256 hex, size).
+    """
+    if not isinstance(path, Path) and tmp_dir is None:
+        raise ValueError("a content-addressed path needs tmp_dir")
+    folder = path.parent if isinstance(path, Path) else tmp_dir
+    assert folder is not None
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    digest, size = hashlib.sha256(), 0
     try:
         if mode is not None:
             os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for part in parts:
+                fh.write(part)
+                digest.update(part)
+                size += len(part)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        target = path if isinstance(path, Path) else Path(path(digest.hexdigest()))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(path, Path) or not target.exists():
+            os.replace(tmp, target)
+        else:
+            os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(target.parent)
+    return target, digest.hexdigest(), size
+
+
+def safetensors_parts(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Iterator[bytes | memoryview]:
+    """The bytes of ``safetensors.torch.save(tensors, metadata)``, tensor by tensor.
+
+    Same layout as the library (checked byte for byte by the tests): tensors ordered by
+    dtype as the library orders them, then by name; a compact JSON header, ``__metadata__``
+    first, padded with spaces to 8 bytes. Metadata keys are sorted (the library writes
+    several in its hash map's order, which varies from process to process). Each tensor
+    is yielded as a view of its own memory (CPU, contiguous): nothing model-sized is
+    allocated.
+    """
+    import torch  # only writers of tensors pay for it
+
+    rank = _safetensors_dtype_order()
+    names = sorted(tensors, key=lambda k: (rank[tensors[k].dtype], k))
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        end = offset + tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    yield struct.pack("<Q", len(text)) + text
+    for name in names:
+        tensor = tensors[name].detach().cpu().contiguous()
+        if tensor.numel():
+            yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(
+    path: Path | Callable[[str], Path],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    mode: int | None = None,
+    tmp_dir: Path | None = None,
+) -> tuple[Path, str, int]:
+    """Write ``tensors`` as safetensors atomically, streamed (see :func:`safetensors_parts`).
+
+    Returns (path, SHA-256 hex of the file, size); ``path`` may depend on the SHA-256
+    (then ``tmp_dir`` is required, see :func:`atomic_write_parts`).
+    """
+    parts = safetensors_parts(tensors, metadata)
+    return atomic_write_parts(path, parts, mode=mode, tmp_dir=tmp_dir)
+
+
+_SAFETENSORS_DTYPES: dict[Any, str] = {}
+
+
+@cache
+def _safetensors_dtype_order() -> dict[Any, int]:
+    """The library's order of dtypes in a file, read from what it writes (one per dtype)."""
+    import torch
+    from safetensors.torch import save
+
+    names = {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }
+    _SAFETENSORS_DTYPES.update(names)
+    probe = save({code: torch.zeros(1, dtype=dtype) for dtype, code in names.items()})
+    (length,) = struct.unpack("<Q", probe[:8])
+    order = list(json.loads(probe[8 : 8 + length]))
+    return {dtype: order.index(code) for dtype, code in names.items()}
 
 
 @contextlib.contextmanager

@@ -2,8 +2,8 @@
 
 A checkpoint is one safetensors file, ``<registry>/runs/<run-name>/round-<k>.safetensors``:
 the weights after round ``k`` under ``weights/<name>`` and the strategy's cross-round
-tensors (server momentum, Adam moments) under ``strategy/<attribute>/<name>``, written
-with :func:`fedcommons.fileio.atomic_write` (temporary file, fsync, rename, fsync dir)
+tensors (server momentum, Adam moments) under ``strategy/<attribute>/<name>``, streamed
+by :func:`fedcommons.fileio.write_safetensors` (temporary file, fsync, rename, fsync dir)
 *before* the index transaction that commits the round names it with its SHA-256. A
 checkpoint whose bytes do not match that hash is refused (:class:`CheckpointError`).
 
@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from fedcommons.errors import CheckpointError
-from fedcommons.fileio import atomic_write
+from fedcommons.fileio import write_safetensors
 
 WEIGHTS_PREFIX = "weights/"
 STRATEGY_PREFIX = "strategy/"
@@ -83,14 +82,15 @@ def write_checkpoint(
     metadata: Mapping[str, Any],
 ) -> str:
     """Write the checkpoint atomically (mode 0600); return the SHA-256 of its bytes."""
-    tensors = {f"{WEIGHTS_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
+    tensors = {f"{WEIGHTS_PREFIX}{k}": v for k, v in weights.items()}
     tensors.update({f"{STRATEGY_PREFIX}{k}": v for k, v in strategy_tensors.items()})
-    data = st_save(tensors, metadata={"format": FORMAT, "meta": json.dumps(dict(metadata))})
-    try:
-        atomic_write(path, data, mode=0o600)
+    try:  # streamed: no model-sized bytes in memory (see fileio.safetensors_parts)
+        _, digest, _ = write_safetensors(
+            path, tensors, {"format": FORMAT, "meta": json.dumps(dict(metadata))}, mode=0o600
+        )
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from exc
-    return hashlib.sha256(data).hexdigest()
+    return digest
 
 
 def read_checkpoint(

@@ -48,7 +48,6 @@ from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from fedcommons.errors import (
     RegistryError,
@@ -56,7 +55,7 @@ from fedcommons.errors import (
     ReleaseNotFoundError,
     SigningKeyError,
 )
-from fedcommons.fileio import atomic_write, fsync_dir
+from fedcommons.fileio import atomic_write, fsync_dir, write_safetensors
 from fedcommons.releases.signing import Signer, public_pem
 from fedcommons.releases.versioning import next_version
 from fedcommons.wire.manifest import ReleaseManifest
@@ -596,13 +595,15 @@ class Registry:
 
     # -- writing ----------------------------------------------------------------------
     def store_weights(self, weights: Mapping[str, torch.Tensor]) -> tuple[str, int]:
-        """Store ``weights`` as safetensors under their SHA-256; return (hash, bytes)."""
-        data = st_save({k: v.detach().cpu().contiguous() for k, v in weights.items()})
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.blob_path(digest)
-        if not path.exists():
-            _fsync_write(path, data)
-        return digest, len(data)
+        """Store ``weights`` as safetensors under their SHA-256; return (hash, bytes).
+
+        Streamed to disk (the same bytes ``safetensors.torch.save`` makes, without building
+        them in memory); a blob already stored under that hash is kept.
+        """
+        _, digest, size = write_safetensors(
+            self.blob_path, weights, mode=0o644, tmp_dir=self.root / "blobs"
+        )
+        return digest, size
 
     @contextlib.contextmanager
     def _publish_lock(self) -> Iterator[None]:
