@@ -43,6 +43,7 @@ from typing import Any
 
 from fedcommons.errors import FedcommonsError
 from fedcommons.logs import configure_logging, get_logger
+from fedcommons.memory import map_large_blocks, release_freed_memory
 
 log = get_logger("fedcommons.client.warm")
 
@@ -237,6 +238,8 @@ class WarmWorker:
             client.close()
             outcome.seconds["push"] = time.perf_counter() - ran
             outcome.seconds["total"] = time.perf_counter() - clock
+            del message, reply
+            release_freed_memory()  # between tasks the worker should hold no model
         outcome.status, outcome.details = str(sub_status), details
         self.outcomes.append(outcome)
         log.info(
@@ -370,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tasks", type=int, help="exit after this many tasks")
     args = parser.parse_args(argv)
     configure_logging()
+    map_large_blocks()  # a model a round comes and goes: give freed ones back at once
     try:
         node_config = json.loads(args.node_config)
         if not isinstance(node_config, dict):

@@ -14,6 +14,7 @@ from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.prepare import PreparedRun
 from fedcommons.coordinator.run import FederationResult, RunObserver, run_federation
 from fedcommons.logs import configure_logging
+from fedcommons.memory import map_large_blocks
 
 app = ServerApp()
 
@@ -22,6 +23,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Parse the run config and run the federation."""
     configure_logging()
+    map_large_blocks()  # this process moves whole models: give freed ones back at once
     run_federation(grid, RunConfig.from_flat(context.run_config), run_id=context.run_id)
 
 
