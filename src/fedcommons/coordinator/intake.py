@@ -28,8 +28,11 @@ first one (a round's memory would grow with the number of replies that arrive to
 and assembles each array by concatenating its 5 MB chunks and then copying the result
 into a fresh ``bytes`` (three transient copies of every update). :func:`pull_replies`
 yields the replies one by one, each pulled only when the previous one has been
-processed, and assembles every array once, into one buffer, dropping each chunk as soon
-as it is copied: a reply costs one copy of its arrays.
+processed, array by array, and assembles every array once, into one buffer: a reply
+costs one copy of its arrays plus one array's chunks. :func:`push_round_messages` is the
+way out: Flower's ``push_messages`` serializes every 5 MB chunk of the round's base
+weights before it sends the first one (a second copy of the model); it serializes a
+chunk only when a sender is free to take it.
 """
 
 from __future__ import annotations
@@ -37,26 +40,34 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from collections import Counter
-from collections.abc import Collection, Iterator, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, Metadata
-from flwr.app.message import make_message
+from flwr.app.message import make_message, remove_content_from_message
 from flwr.common.constant import ErrorCode
-from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
-from flwr.proto.runtime_pb2 import PullAppMessagesRequest
+from flwr.common.serde import message_to_proto
+from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest, ObjectTree
+from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PushAppMessagesRequest
 from flwr.serverapp import Grid
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, SYSTEM_MESSAGE_TYPE
 from flwr.supercore.date import now
 from flwr.supercore.inflatable.inflatable_object import (
     InflatableObject,
+    get_all_nested_objects,
     get_object_head_values_from_object_content,
+    get_object_tree,
     iterate_object_tree,
+    no_object_id_recompute,
 )
-from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_pull_object_fn_protobuf,
+    make_push_object_fn_protobuf,
+)
 from flwr.supercore.inflatable.inflatable_utils import (
     ObjectPullError,
     inflate_object_from_contents,
@@ -278,7 +289,7 @@ def decode_reply(
     )
 
 
-# -- pulling replies -----------------------------------------------------------------------
+# -- moving round messages and replies --------------------------------------------------------
 #: Retries of an object a client is still uploading: 0.1 s, doubling up to 2 s (Flower's
 #: own pull starts at 1 s and backs off to 10 s, which adds seconds to a round).
 _PULL_BACKOFF = (0.1, 2.0)
@@ -290,14 +301,13 @@ def pull_replies(
     """The replies to ``message_ids`` that have arrived, pulled and inflated one at a time.
 
     On the deployment engine (Flower's ``HttpGrid``) each reply's objects are pulled only
-    when the caller asks for the reply, and its arrays are assembled in one buffer each
-    (:func:`inflate_reply`). A reply whose arrays would hold more than ``max_bytes``
-    (counted before anything is allocated: a chunk may be named many times), whose
-    objects do not form a message, or that cannot be pulled comes back as an error
-    reply that :func:`decode_reply` rejects (``too-large``, ``malformed``,
-    ``unavailable``). Other grids (simulation, in-process) hold their replies in memory
-    already: their ``pull_messages`` is used as is. Consume every reply: the SuperLink
-    hands each out once.
+    when the caller asks for the reply, and array by array (:func:`inflate_reply`). A
+    reply whose arrays would hold more than ``max_bytes`` (counted before they are
+    allocated: a chunk may be named many times), whose objects do not form a message,
+    or that cannot be pulled comes back as an error reply that :func:`decode_reply`
+    rejects (``too-large``, ``malformed``, ``unavailable``). Other grids (simulation,
+    in-process) hold their replies in memory already: their ``pull_messages`` is used as
+    is. Consume every reply: the SuperLink hands each out once.
     """
     if not isinstance(grid, HttpGrid):
         yield from grid.pull_messages(list(message_ids))
@@ -306,30 +316,78 @@ def pull_replies(
     run_id = grid.run.run_id
     res = client.PullMessages(PullAppMessagesRequest(message_ids=list(message_ids)))
     pull_object = make_pull_object_fn_protobuf(client.PullObject, grid.node, run_id)
+
+    def pull(object_ids: list[str]) -> dict[str, bytes]:
+        return pull_objects(
+            object_ids,
+            pull_object,
+            initial_backoff=_PULL_BACKOFF[0],
+            backoff_cap=_PULL_BACKOFF[1],
+        )
+
     for proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
         meta = proto.metadata
         try:
-            contents = pull_objects(
-                [t.object_id for t in iterate_object_tree(tree)],
-                pull_object,
-                initial_backoff=_PULL_BACKOFF[0],
-                backoff_cap=_PULL_BACKOFF[1],
-            )
+            reply: Message = inflate_reply(tree, pull, max_bytes)
         except ObjectPullError as exc:
             yield _stand_in(run_id, meta, REPLY_UNAVAILABLE_CODE, f"objects unavailable: {exc}")
             continue
-        client.ConfirmMessageReceived(
+        except UpdateRejectedError as exc:
+            code = REPLY_TOO_LARGE_CODE if exc.reason == "too-large" else REPLY_MALFORMED_CODE
+            reply = _stand_in(run_id, meta, code, exc.detail)
+        client.ConfirmMessageReceived(  # the SuperLink may drop the reply's objects now
             ConfirmMessageReceivedRequest(
                 node=grid.node, run_id=run_id, message_object_id=tree.object_id
             )
         )
-        try:
-            reply: Message = inflate_reply(tree.object_id, contents, max_bytes)
-        except UpdateRejectedError as exc:
-            code = REPLY_TOO_LARGE_CODE if exc.reason == "too-large" else REPLY_MALFORMED_CODE
-            reply = _stand_in(run_id, meta, code, exc.detail)
-        del contents
         yield reply
+
+
+#: Chunks serialized ahead of the two senders when pushing a round's messages.
+_PUSH_WINDOW = 4
+
+
+def push_round_messages(grid: Grid, messages: list[Message]) -> list[str]:
+    """Push the round's messages; their shared objects are serialized as they are sent.
+
+    On the deployment engine the messages and their object trees go to the SuperLink in
+    one request (as ``HttpGrid.push_messages`` does), then each object the SuperLink
+    asks for is serialized and sent by two threads, at most :data:`_PUSH_WINDOW` ahead:
+    memory holds the weights' ``.npy`` bytes plus a few chunks, not a second serialized
+    copy of every chunk. Objects the messages share (the base weights) are sent once.
+    Other grids get ``push_messages``. Returns the message ids, in order.
+    """
+    if not isinstance(grid, HttpGrid):
+        return list(grid.push_messages(messages))
+    client = grid._runtime_client  # Flower 1.41's Runtime API client (no public accessor)
+    run_id = grid.run.run_id
+    with no_object_id_recompute():
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            if message.metadata.ttl <= 0:
+                raise ValueError(f"message to node {message.metadata.dst_node_id} has no TTL")
+        objects: dict[str, InflatableObject] = {}
+        for message in messages:
+            objects.update(get_all_nested_objects(message))
+        res = client.PushMessages(
+            PushAppMessagesRequest(
+                messages_list=[message_to_proto(remove_content_from_message(m)) for m in messages],
+                message_object_trees=[get_object_tree(m) for m in messages],
+            )
+        )
+        wanted = set(res.objects_to_push)
+        send = make_push_object_fn_protobuf(client.PushObject, grid.node, run_id, res.session_id)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fc-push") as pool:
+            window: deque[Future[None]] = deque()
+            for object_id, obj in objects.items():
+                if object_id not in wanted:
+                    continue
+                while len(window) >= _PUSH_WINDOW:
+                    window.popleft().result()
+                window.append(pool.submit(send, object_id, obj.deflate()))
+            for future in window:
+                future.result()
+    return list(res.message_ids)
 
 
 def _stand_in(run_id: int, meta: Any, code: int, reason: str) -> Message:
@@ -350,71 +408,96 @@ def _stand_in(run_id: int, meta: Any, code: int, reason: str) -> Message:
     )
 
 
-def inflate_reply(message_id: str, contents: dict[str, bytes], max_bytes: int | None) -> Message:
-    """The message ``message_id`` from its pulled objects, every array assembled once.
+_MALFORMED = (ValueError, KeyError, IndexError, TypeError)
 
-    Each ``Array`` gets one ``bytearray`` its chunks are copied into (in their order,
-    repeats included); a chunk's pulled content is dropped after its last use, so the
-    reply never exists twice in full. Flower's own inflation then builds the rest of the
-    message around those arrays and records. Raises :class:`UpdateRejectedError` (``too-large``,
-    ``malformed``) before allocating anything.
+
+def inflate_reply(
+    tree: ObjectTree,
+    pull: Callable[[list[str]], dict[str, bytes]],
+    max_bytes: int | None,
+) -> Message:
+    """The message ``tree`` describes, pulled with ``pull`` a part at a time.
+
+    First the objects that have children (message, records, arrays: small), then the
+    other leaves (config and metric records), then each array's chunks, array by array:
+    each ``Array`` gets one ``bytearray`` its chunks are copied into (in their order,
+    repeats included), and the array's pulled chunks are dropped before the next array
+    is pulled. Beyond the reply itself, memory holds one array's chunks. Flower's own
+    inflation builds the rest of the message around those arrays. Raises
+    :class:`UpdateRejectedError` (``too-large`` before the arrays past ``max_bytes`` are
+    allocated, ``malformed``) or Flower's ``ObjectPullError``.
     """
+    children = {n.object_id: [c.object_id for c in n.children] for n in iterate_object_tree(tree)}
+    contents = pull([o for o, kids in children.items() if kids])
     try:
         heads = {o: get_object_head_values_from_object_content(c) for o, c in contents.items()}
-        layouts: dict[str, tuple[dict[str, Any], list[str], int]] = {}
-        for oid, (kind, children, _) in heads.items():
-            if kind != "Array":
-                continue
-            meta = json.loads(bytes(_body(contents[oid])))
-            order = [children[int(i)] for i in meta["arraychunk_ids"]]
-            if any(heads[c][0] != "ArrayChunk" for c in order):
-                raise ValueError(f"array {oid[:12]} names an object that is no ArrayChunk")
-            layouts[oid] = (meta, order, sum(heads[c][2] for c in order))
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise UpdateRejectedError("malformed", f"reply objects: {exc}") from exc
-    total = sum(size for _, _, size in layouts.values())
-    if max_bytes is not None and total > max_bytes:
-        raise UpdateRejectedError("too-large", f"{total} bytes of arrays exceed cap {max_bytes}")
-    uses = Counter(c for _, order, _ in layouts.values() for c in order)
-    arrays: dict[str, InflatableObject] = {}
-    for oid, (meta, order, size) in layouts.items():
-        buffer = bytearray(size)
-        offset = 0
-        for chunk in order:
-            body = _body(contents[chunk])
-            buffer[offset : offset + len(body)] = body
-            offset += len(body)
-            uses[chunk] -= 1
-            if not uses[chunk]:
-                del contents[chunk]
-        try:
-            array = Array(
-                dtype=str(meta["dtype"]),
-                shape=tuple(int(d) for d in meta["shape"]),
-                stype=str(meta["stype"]),
-                data=b"",
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UpdateRejectedError("malformed", f"array {oid[:12]}: {exc}") from exc
-        array.data = buffer  # type: ignore[assignment]  # read through memoryviews only
-        arrays[oid] = array
-    # ArrayRecord.inflate would re-create every Array (its constructor insists on bytes)
-    objects: dict[str, InflatableObject] = {}
-    try:
-        for oid, (kind, _, _) in heads.items():
-            if kind == "ArrayRecord":
+        layouts = {
+            oid: (json.loads(bytes(_body(contents[oid]))), kids)
+            for oid, (kind, kids, _) in heads.items()
+            if kind == "Array"
+        }
+        chunk_ids = {c for _, kids in layouts.values() for c in kids}
+        contents.update(pull([o for o, kids in children.items() if not (kids or o in chunk_ids)]))
+        objects: dict[str, InflatableObject] = {}
+        remaining = max_bytes
+        for oid, (meta, kids) in layouts.items():
+            objects[oid] = _assemble(oid, meta, kids, pull(list(dict.fromkeys(kids))), remaining)
+            if remaining is not None:
+                remaining -= len(objects[oid].data)  # type: ignore[attr-defined]
+        for oid, (kind, _, _) in list(heads.items()):
+            if kind == "ArrayRecord":  # its inflate would re-create every Array (bytes only)
                 record = ArrayRecord()
                 for name, array_id in json.loads(bytes(_body(contents[oid]))).items():
-                    record[str(name)] = arrays[array_id]
+                    record[str(name)] = objects[array_id]
                 objects[oid] = record
-        objects.update(arrays)
-        message = inflate_object_from_contents(message_id, contents, objects=objects)
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        message = inflate_object_from_contents(tree.object_id, contents, objects=objects)
+    except _MALFORMED as exc:
         raise UpdateRejectedError("malformed", f"reply objects: {exc}") from exc
     if not isinstance(message, Message):
         raise UpdateRejectedError("malformed", f"reply is a {type(message).__name__}")
-    message.metadata.__dict__["_message_id"] = message_id
+    message.metadata.__dict__["_message_id"] = tree.object_id
     return message
+
+
+def _assemble(
+    oid: str, meta: dict[str, Any], kids: list[str], chunks: dict[str, bytes], cap: int | None
+) -> Array:
+    """One ``Array`` from its pulled ``chunks``, in ``meta``'s order; ``chunks`` is emptied.
+
+    Raises ``too-large`` when the array would exceed ``cap`` bytes (checked while adding
+    up the chunk sizes, before the buffer exists), ``malformed`` for a chunk that is no
+    ``ArrayChunk``.
+    """
+    sizes = {}
+    for cid, content in chunks.items():
+        kind, _, body_len = get_object_head_values_from_object_content(content)
+        if kind != "ArrayChunk":
+            raise UpdateRejectedError("malformed", f"array {oid[:12]} names a {kind}")
+        sizes[cid] = body_len
+    order = [kids[int(i)] for i in meta["arraychunk_ids"]]
+    size = 0
+    for cid in order:
+        size += sizes[cid]
+        if cap is not None and size > cap:
+            raise UpdateRejectedError("too-large", f"arrays exceed the cap of {cap} bytes")
+    uses = Counter(order)
+    buffer = bytearray(size)
+    offset = 0
+    for cid in order:
+        body = _body(chunks[cid])
+        buffer[offset : offset + len(body)] = body
+        offset += len(body)
+        uses[cid] -= 1
+        if not uses[cid]:
+            del chunks[cid]
+    array = Array(
+        dtype=str(meta["dtype"]),
+        shape=tuple(int(d) for d in meta["shape"]),
+        stype=str(meta["stype"]),
+        data=b"",
+    )
+    array.data = buffer  # type: ignore[assignment]  # read through memoryviews only
+    return array
 
 
 def _body(content: bytes) -> memoryview:

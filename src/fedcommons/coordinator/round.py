@@ -21,7 +21,12 @@ from flwr.serverapp import Grid
 
 from fedcommons.coordinator import faults
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.intake import Rejections, decode_reply, pull_replies
+from fedcommons.coordinator.intake import (
+    Rejections,
+    decode_reply,
+    pull_replies,
+    push_round_messages,
+)
 from fedcommons.coordinator.prepare import PreparedRun
 from fedcommons.coordinator.sampling import sample_round
 from fedcommons.errors import (
@@ -29,6 +34,7 @@ from fedcommons.errors import (
     UpdateRejectedError,
 )
 from fedcommons.logs import get_logger
+from fedcommons.memory import release_freed_memory
 from fedcommons.observability import events as observe
 from fedcommons.strategies import (
     guarded_begin,
@@ -119,6 +125,7 @@ def run_round(
     """Run one plaintext round; return the new weights, the report and the contributors."""
     config, strategy = prepared.config, prepared.strategy
     started = time.monotonic()
+    release_freed_memory()  # what the last round's weights and commit left on the heap
     privacy, nodes, sampled, rate, expected = sample_round(grid, prepared, round_no)
     strategy = privacy.start_round(  # refuses a round past the line's budget
         round_no,
@@ -147,8 +154,9 @@ def run_round(
         )
         for node in sampled
     ]
-    pending = set(grid.push_messages(messages))
+    pending = set(push_round_messages(grid, messages))
     del messages, content  # pushed: a serialized copy of θ0 no longer needs to stay here
+    release_freed_memory()
     log.info("round.started", sampled=len(sampled), connected=len(nodes))
     guarded_begin(strategy, weights)
     rejections = Rejections(round_no)
@@ -189,6 +197,7 @@ def run_round(
             examples += update.num_examples
             loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
             del update, reply  # the aggregate is all we keep
+            release_freed_memory()  # the reply's pages, not only its objects
             faults.reached("collecting", round_no)
         if not pulled:
             time.sleep(POLL_INTERVAL_S)
