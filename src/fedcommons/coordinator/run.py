@@ -98,7 +98,7 @@ def run_federation(
         )
         if resumed.next_round > 1:
             observe.run_resumed(durable.name, resumed.next_round - 1)
-        weights = resumed.weights
+        weights, resumed.weights = resumed.weights, {}  # held here only: no copy pinned
         reports = [RoundReport(**r) for r in resumed.reports]
         contributors: set[int] = set(resumed.contributors)
         try:
