@@ -80,7 +80,8 @@ def local_round(msg: Message, context: Context) -> LocalRound | Message:
     cfg = msg.content[keys.TRAIN_CONFIG]
     round_no = int(cfg[keys.ROUND])
     task = resolve_task(cfg, context)
-    base = msg.content[keys.BASE_ARRAYS].to_torch_state_dict()
+    # the received bytes are dropped as each tensor is decoded: one copy of θ0, not two
+    base = msg.content[keys.BASE_ARRAYS].to_torch_state_dict(keep_input=False)
     seed = (
         int(cfg.get(keys.SEED, 0)) * 1_000_003
         + round_no * 7919
@@ -166,7 +167,6 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             **records,
-            keys.DELTA_ARRAYS: ArrayRecord(result.delta),
             keys.REPLY_METRICS: MetricRecord(
                 {
                     keys.NUM_EXAMPLES: result.num_examples,
@@ -183,7 +183,9 @@ def train(msg: Message, context: Context) -> Message:
         del metrics[keys.TRAIN_LOSS], metrics[keys.TRAIN_ACCURACY]
         metrics[keys.DP_CLAIM] = 1
         content[keys.DP_SPEND] = ConfigRecord(result.spend.to_record())
-    if not spec.is_dense_fp32:
+    if spec.is_dense_fp32:  # each delta tensor is dropped once serialized (keep_input)
+        content[keys.DELTA_ARRAYS] = ArrayRecord(result.delta, keep_input=False)
+    else:
         encode_reply(content, result, spec, cfg, context, task, base, seed)
     return Message(content=content, reply_to=msg)
 
@@ -267,7 +269,7 @@ def encode_reply(
     base: Mapping[str, torch.Tensor],
     seed: int,
 ) -> None:
-    """Replace the dense delta of ``content`` by its encoded form (#3).
+    """Put the encoded form of ``result.delta`` into ``content`` (#3).
 
     Error feedback is on when the round config says so, unless the site's node config
     sets ``error-feedback`` (the institution decides); its residual stays in the state
@@ -285,7 +287,6 @@ def encode_reply(
         shared_seed=int(cfg.get(keys.COMPRESSION_SEED, 0)),
         mask_fn=fish_mask_fn(spec, cfg, task, base, seed),
     )
-    del content[keys.DELTA_ARRAYS]
     content[keys.ENCODED_RECORD] = ConfigRecord({keys.ENCODED_PAYLOAD: compressed.encoded.payload})
     log.debug(
         "client.encoded",

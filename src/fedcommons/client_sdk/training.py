@@ -39,14 +39,14 @@ def train_local(
     CPU in the base weights' dtypes. ``grad_mask`` (parameter name -> 0/1 tensor) trains
     only the masked parameters, as FISH does (gradients are multiplied by the mask).
 
-    Memory stays near three copies of the model besides ``base``: the model (built
-    without a random initialisation when it can be, see :func:`model_from`), its
-    gradients (dropped before the delta is taken) and nothing else: the delta is
-    computed in the trained parameters' own storage.
+    Memory stays near two copies of the model besides ``base``: the model and its
+    gradients, which are dropped before the delta is taken; the delta is computed in the
+    trained parameters' own storage.
     """
     started = time.perf_counter()
     device = task.device()
-    model = model_from(task, base)
+    model = task.build_model()
+    model.load_state_dict(base, strict=True)
     model.to(device).train()
     loader = task.train_loader(batch_size=batch_size, seed=seed)
     optimizer = task.optimizer(model.parameters(), lr)
@@ -80,40 +80,6 @@ def train_local(
         accuracy=correct / max(seen, 1),
         seconds=time.perf_counter() - started,
     )
-
-
-def model_from(task: Task, base: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """The task's model holding a copy of ``base`` (on the CPU).
-
-    Built on PyTorch's ``meta`` device first and handed copies of ``base``: a
-    110M-parameter model then skips a random initialisation (seconds of CPU) that
-    ``base`` would overwrite anyway. A model that does not build there, that ties
-    tensors (assigning copies would untie them) or that keeps tensors the state dict does
-    not hold (a non-persistent buffer would stay on ``meta``) is built and loaded the
-    ordinary way.
-    """
-    try:
-        with torch.device("meta"):
-            model = task.build_model()
-        if not _ties_tensors(model):
-            copies = {k: v.clone() for k, v in base.items()}
-            model.load_state_dict(copies, strict=True, assign=True)
-            if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-                return model
-    except Exception:  # any failure: the ordinary path below reports real problems
-        pass
-    model = task.build_model()
-    model.load_state_dict(base, strict=True)
-    return model
-
-
-def _ties_tensors(model: torch.nn.Module) -> bool:
-    """Whether one parameter or buffer object is registered under two names."""
-    tensors = [
-        *(p for _, p in model.named_parameters(remove_duplicate=False)),
-        *(b for _, b in model.named_buffers(remove_duplicate=False)),
-    ]
-    return len({id(t) for t in tensors}) != len(tensors)
 
 
 def _delta_in_place(
