@@ -20,6 +20,10 @@ weights (109,483,778 parameters, 438 MB as fp32); a site's "training" is one pla
 step on 4 random sequences of 16 tokens. The benchmark therefore measures transport,
 update encoding and decoding, aggregation and the coordinator's memory, not learning.
 ``--quick`` uses the 4-layer ``bert-small`` preset (28.8M parameters) and 2 rounds.
+``--model minilm`` runs the built-in ``bbc-news`` text task instead, with the pretrained
+all-MiniLM-L6-v2 fully trainable (``adapter = "full"``: the update is the whole 22.7M
+parameter model; needs the ``text`` extra): 8 training articles per node (one AdamW
+step), 32 validation articles scored by both coordinators every round, 32 tokens.
 
 Figures, each from this run:
 
@@ -59,10 +63,16 @@ from rich.table import Table
 from tests.processes import ProcessGroup, free_port, start_superlink, wait_for_port
 
 from benchmarks.deployment_latency import _plain_app, _worker_task_seconds
-from benchmarks.large_model_task import PRESETS, SyntheticEncoderTask
-from fedcommons.engines.submission import submit_run, write_connection, write_flower_app
+from benchmarks.large_model_task import PRESETS
+from fedcommons.engines.submission import (
+    DeploymentError,
+    submit_run,
+    write_connection,
+    write_flower_app,
+)
 from fedcommons.observability.audit_log import read as read_audit
 from fedcommons.releases.registry import Registry
+from fedcommons.tasks import Task, load_task
 
 console = Console(width=160)
 BIN = Path(sys.executable).parent
@@ -86,6 +96,14 @@ def _proc_status(pid: int) -> dict[str, int]:
     except (OSError, ValueError, IndexError):
         return {}
     return out
+
+
+def _mem_available() -> int:
+    """The kernel's estimate of memory available to new work (``MemAvailable``), bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
 
 
 def _cmdline(pid: int) -> str:
@@ -122,10 +140,12 @@ class PeakMemory(threading.Thread):
     single-process peak and the largest sum of concurrent RSS.
     """
 
-    def __init__(self, superlink: int, nodes: list[int]) -> None:
+    def __init__(self, superlink: int, nodes: list[int], min_available: int) -> None:
         super().__init__(daemon=True)
         self.superlink, self.nodes = superlink, nodes
+        self.min_available = min_available
         self.halt = threading.Event()
+        self.starved = threading.Event()
         self.peak: dict[str, int] = {"serverapp": 0, "superlink": 0, "nodes": 0}
         self.total: dict[str, int] = {"superlink": 0, "nodes": 0}
         self.serverapp_pids: set[int] = set()
@@ -149,16 +169,40 @@ class PeakMemory(threading.Thread):
             self.total[role] = max(self.total[role], value)
 
     def run(self) -> None:
-        """Sample every :data:`SAMPLE_S` seconds until :attr:`halt` is set."""
+        """Sample every :data:`SAMPLE_S` seconds until :attr:`halt` is set.
+
+        Sets :attr:`starved` (and stops sampling) when the machine's available memory
+        falls below ``min_available`` bytes: the run is then stopped instead of letting
+        the kernel's OOM killer pick a process (this machine is shared).
+        """
         while not self.halt.wait(SAMPLE_S):
             self.sample()
+            if _mem_available() < self.min_available:
+                self.starved.set()
+                return
 
 
-def import_floor() -> int:
+def task_setup(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The task reference and options every side of the run uses."""
+    if args.model == "minilm":
+        options = {
+            "model": "minilm",
+            "adapter": "full",
+            "partition": "iid",
+            "max-train": 8 * args.nodes,
+            "max-eval": 32,
+            "max-length": 32,
+        }
+        return "bbc-news", options
+    return TASK_REF, {"preset": args.preset}
+
+
+def import_floor(task_ref: str) -> int:
     """RSS of a fresh Python that imported what a ``flwr-serverapp`` running us imports."""
     code = (
         "import torch, flwr.serverapp, fedcommons.coordinator.server_app;"
-        "import benchmarks.large_model_task;"
+        "from fedcommons.tasks import resolve_task_class;"
+        f"resolve_task_class({task_ref!r});"
         "from pathlib import Path;"
         "print([l for l in Path('/proc/self/status').read_text().splitlines()"
         " if l.startswith('VmRSS')][0].split()[1])"
@@ -184,6 +228,29 @@ def _fedcommons_round_seconds(audit: Path) -> list[float]:
         elif record["action"] == "round.commit":
             commit[int(record["round"])] = float(record["details"]["seconds"])
     return [finish[r] + commit.get(r, 0.0) for r in sorted(finish)]
+
+
+def _submit_watched(app: Path, memory: PeakMemory, timeout: float) -> dict[str, Any]:
+    """``submit_run`` in a thread; raise MemoryError if the machine runs short meanwhile."""
+    result: dict[str, Any] = {}
+
+    def submit() -> None:
+        try:
+            result.update(submit_run(app, "bench", timeout=timeout))
+        except Exception as exc:  # reported below, in this thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=submit, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(1.0)
+        if memory.starved.is_set():
+            raise MemoryError(
+                f"available memory fell below {memory.min_available / 1e9:.1f} GB: run stopped"
+            )
+    if "error" in result:
+        raise result["error"]
+    return result
 
 
 def _node_argv(name: str, i: int, link_port: int, port: int, args: argparse.Namespace) -> list:
@@ -212,13 +279,11 @@ def _node_argv(name: str, i: int, link_port: int, port: int, args: argparse.Name
         "--mode",
         "subprocess" if name.endswith("-subprocess") else "warm",
         "--task",
-        TASK_REF,
+        args.task_ref,
         "-n",
         f"partition-id={i}",
         "-n",
         f"num-partitions={args.nodes}",
-        "-n",
-        f"preset={args.preset}",
     ]
 
 
@@ -245,8 +310,8 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
         "local-epochs": 1,
         "lr": 0.01,
         "batch-size": 4,
-        "task": TASK_REF,
-        "task.preset": args.preset,
+        "task": args.task_ref,
+        **{f"task.{k}": v for k, v in args.task_options.items()},
     }
     memory: PeakMemory | None = None
     try:
@@ -260,7 +325,7 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
             proc, log = procs.start(f"node-{i}", _node_argv(name, i, link_port, port, args))
             wait_for_port(port, proc, log, timeout=120.0)
             nodes.append(proc.pid)
-        memory = PeakMemory(procs.procs[0].pid, nodes)
+        memory = PeakMemory(procs.procs[0].pid, nodes, int(args.min_available_gb * 1e9))
         memory.start()
         write_connection("bench", f"127.0.0.1:{link_port}", insecure=True)
         timings = work / "timings.json"
@@ -290,7 +355,7 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
                 },
             )
         started = time.monotonic()
-        status = submit_run(app, "bench", timeout=args.rounds * 1800 + 600)
+        status = _submit_watched(app, memory, args.rounds * 1800 + 600)
         wall = time.monotonic() - started
         time.sleep(4 * SAMPLE_S)
         if status.get("status") != "finished:completed":
@@ -332,10 +397,12 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
         "upload_bytes_per_node_round": upload,
         "download_bytes_per_node_round": download,
         "warm_worker_tasks": tasks,
+        # what Flower's SuperLink counted for the run (flwr ls: network-traffic)
+        "flower_traffic_bytes": int(status.get("network-traffic", {}).get("total-bytes", 0)),
     }
 
 
-def base_array_bytes(task: SyntheticEncoderTask) -> tuple[int, int]:
+def base_array_bytes(task: Task) -> tuple[int, int]:
     """(parameters, bytes of the base weights as a Flower ``ArrayRecord`` of ``.npy`` files)."""
     from flwr.app import ArrayRecord
 
@@ -349,11 +416,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="bert-small (28.8M), 2 rounds")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="default: bert-base")
+    parser.add_argument(
+        "--model", choices=("encoder", "minilm"), default="encoder", help="see the module doc"
+    )
     parser.add_argument("--rounds", type=int, help="default: 3 (quick: 2)")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--keep", type=Path, help="work in this new directory and keep its logs")
+    parser.add_argument(
+        "--min-available-gb",
+        type=float,
+        default=2.0,
+        help="stop a run when the machine's available memory falls below this",
+    )
     args = parser.parse_args(argv)
     args.preset = args.preset or ("bert-small" if args.quick else "bert-base")
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -363,13 +439,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; known: {', '.join(CONFIGS)}")
+    args.task_ref, args.task_options = task_setup(args)
     args.params, args.base_array_bytes = base_array_bytes(
-        SyntheticEncoderTask({"preset": args.preset})
+        load_task(args.task_ref, args.task_options)
     )
-    params = args.params
-    model_bytes = 4 * params
-    floor = import_floor()
-    results = []
+    floor = import_floor(args.task_ref)
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fc-large-") as tmp:
         work = Path(tmp)
         if args.keep:
@@ -377,10 +452,43 @@ def main(argv: list[str] | None = None) -> None:
             work = args.keep
         for name in configs:
             console.print(f"[dim]running {name} ({args.nodes} nodes, {args.rounds} rounds)…[/]")
-            results.append(run_config(name, args, work))
-    base = next((r for r in results if r["config"] == "plain-flower"), None)
+            try:
+                results.append(run_config(name, args, work))
+            except (MemoryError, RuntimeError, DeploymentError) as exc:
+                console.print(f"[red]{name} aborted: {exc}[/]")
+                results.append({"config": name, "aborted": str(exc)[:2000]})
+            if args.json:  # after every configuration: a long run keeps what it measured
+                _write_json(args, floor, results)
+    print_results(args, floor, results)
+
+
+def _write_json(args: argparse.Namespace, floor: int, results: list[dict[str, Any]]) -> None:
+    args.json.write_text(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "model": args.model,
+                "task": args.task_ref,
+                "task_options": args.task_options,
+                "parameters": args.params,
+                "model_fp32_bytes": 4 * args.params,
+                "nodes": args.nodes,
+                "rounds": args.rounds,
+                "import_floor_rss": floor,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+
+
+def print_results(args: argparse.Namespace, floor: int, results: list[dict[str, Any]]) -> None:
+    """The table (ratios against ``plain-flower`` of the same run) and the worker timings."""
+    model_bytes = 4 * args.params
+    base = next((r for r in results if r["config"] == "plain-flower" and "aborted" not in r), None)
     title = (
-        f"{args.preset}: {params:,} parameters ({model_bytes / MB:.0f} MB fp32), "
+        f"{args.preset if args.model == 'encoder' else 'MiniLM-L6 (bbc-news, full)'}: "
+        f"{args.params:,} parameters ({model_bytes / MB:.0f} MB fp32), "
         f"{args.nodes} SuperNodes, {args.rounds} rounds, loopback deployment engine"
     )
     table = Table(title=title)
@@ -395,11 +503,15 @@ def main(argv: list[str] | None = None) -> None:
         "upload B/node/round",
         "× vs fp32",
         "download B/node/round",
+        "Flower traffic MB/node/round",
         "nodes peak MB (sum)",
     )
     for col in columns:
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in results:
+        if "aborted" in r:
+            table.add_row(r["config"], f"aborted: {r['aborted'][:60]}", *[""] * (len(columns) - 2))
+            continue
         peak = r["serverapp_peak_rss"]
         table.add_row(
             r["config"],
@@ -412,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['upload_bytes_per_node_round']:,.0f}",
             f"{model_bytes / r['upload_bytes_per_node_round']:.2f}",
             f"{r['download_bytes_per_node_round']:,.0f}",
+            f"{r['flower_traffic_bytes'] / (args.nodes * args.rounds) / MB:,.0f}",
             f"{r['nodes_peak_rss_sum'] / MB:,.0f}",
         )
     console.print(table)
@@ -420,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{floor / MB:.0f} MB; model fp32 {model_bytes / MB:.0f} MB"
     )
     for r in results:
-        if r["warm_worker_tasks"]:
+        if r.get("warm_worker_tasks"):
             tasks = r["warm_worker_tasks"]
             keys = sorted({k for t in tasks for k in t})
             console.print(
@@ -429,21 +542,6 @@ def main(argv: list[str] | None = None) -> None:
                     f"{k[:-2]} {statistics.fmean(t.get(k, 0.0) for t in tasks):.2f}" for k in keys
                 )
             )
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "preset": args.preset,
-                    "parameters": params,
-                    "model_fp32_bytes": model_bytes,
-                    "nodes": args.nodes,
-                    "rounds": args.rounds,
-                    "import_floor_rss": floor,
-                    "results": results,
-                },
-                indent=2,
-            )
-        )
 
 
 if __name__ == "__main__":

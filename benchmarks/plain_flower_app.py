@@ -24,7 +24,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -50,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     for _ in range(int(cfg["local-epochs"])):
         for inputs, targets in loader:
             optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+            loss = task.loss(model(inputs), targets)
             loss.backward()
             optimizer.step()
             loss_sum += float(loss.detach()) * len(targets)

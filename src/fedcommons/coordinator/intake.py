@@ -341,6 +341,7 @@ def pull_replies(
             )
         )
         yield reply
+        del reply  # or this frame would hold it while the next one is pulled
 
 
 #: Chunks serialized ahead of the two senders when pushing a round's messages.

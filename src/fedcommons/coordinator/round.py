@@ -188,6 +188,7 @@ def run_round(
                     )
             except UpdateRejectedError as exc:
                 rejections.reject(reply.metadata.src_node_id, exc.reason, exc.detail)
+                reply = update = None  # type: ignore[assignment]  # no bytes held while pulling
                 continue
             guarded_fold(strategy, update)
             if update.dp_spend is not None:
