@@ -1,0 +1,178 @@
+"""A decoded update that stays encoded until something needs the dense tensors.
+
+:func:`fedcommons.wire.codec.decode_update` validates every byte of a payload but
+keeps the values as they travelled (views of the payload: int8/int4 codes with their
+chunk scales, or fp32/fp16/bf16 values) plus the sorted indices of a sparse update.
+:class:`LazyDelta` is the update's ``delta`` mapping: reading a tensor decodes the
+whole update once into one dense float32 vector (cached); :meth:`LazyDelta.fold_into`
+instead adds ``w · Δ`` straight into a float64 accumulator in one pass over the codes,
+without the dense temporary. Both produce the same float32 values bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedcommons.wire import kernels
+
+_BLOCK = 1 << 16  # values converted per step for fp16/bf16 (a 256 KiB float32 block)
+
+
+@dataclass(frozen=True)
+class EncodedValues:
+    """The value section of a payload, validated, as views of the payload's bytes.
+
+    ``kind`` is ``fp32``, ``fp16``, ``bf16``, ``int8`` or ``int4``; ``data`` holds the
+    float32 values, the raw 16-bit patterns, the int8 codes or the packed int4 bytes;
+    ``scales`` the per-chunk float32 scales of the quantized kinds.
+    """
+
+    kind: str
+    count: int
+    data: np.ndarray
+    scales: np.ndarray | None = None
+    chunk: int = 0
+    levels: int = 0
+
+    def block(self, j0: int, j1: int) -> np.ndarray:
+        """Values ``j0 … j1-1`` as float32 (a view for fp32, else a fresh block)."""
+        if self.kind == "fp32":
+            return self.data[j0:j1]
+        if self.kind == "fp16":
+            return self.data[j0:j1].view(np.float16).astype(np.float32)
+        if self.kind == "bf16":  # bfloat16 is the top half of a float32
+            return (self.data[j0:j1].astype(np.uint32) << np.uint32(16)).view(np.float32)
+        out = np.empty(j1 - j0, dtype=np.float32)
+        self.write(out, j0)
+        return out
+
+    def write(self, out: np.ndarray, j0: int) -> None:
+        """``out[:] =`` values ``j0 … j0 + out.size - 1`` (float32)."""
+        if self.kind == "int8":
+            kernels.dequantize8(self.data, self.scales, self.chunk, self.levels, j0, out)
+        elif self.kind == "int4":
+            kernels.dequantize4(self.data, self.scales, self.chunk, self.levels, j0, out)
+        else:
+            for s in range(0, out.size, _BLOCK):
+                e = min(s + _BLOCK, out.size)
+                out[s:e] = self.block(j0 + s, j0 + e)
+
+    def scatter(self, out: np.ndarray, idx: np.ndarray, j0: int, j1: int, base: int) -> None:
+        """``out[idx[j] - base] =`` value ``j`` for ``j`` in ``[j0, j1)``."""
+        args = (self.data, self.scales, self.chunk, self.levels, j0, j1, idx, base, out)
+        if self.kind == "int8":
+            kernels.scatter8(*args)
+        elif self.kind == "int4":
+            kernels.scatter4(*args)
+        else:
+            for s in range(j0, j1, _BLOCK):
+                e = min(s + _BLOCK, j1)
+                out[idx[s:e] - base] = self.block(s, e)
+
+    def fold(self, acc: np.ndarray, j0: int, weight: float) -> None:
+        """``acc += weight ·`` values ``j0 … j0 + acc.size - 1`` (float64 ``acc``)."""
+        if self.kind == "int8":
+            kernels.fold8(self.data, self.scales, self.chunk, self.levels, j0, weight, acc)
+        elif self.kind == "int4":
+            kernels.fold4(self.data, self.scales, self.chunk, self.levels, j0, weight, acc)
+        elif self.kind == "fp32":
+            kernels.fold_values(self.data[j0 : j0 + acc.size], weight, acc)
+        else:
+            for s in range(0, acc.size, _BLOCK):
+                e = min(s + _BLOCK, acc.size)
+                kernels.fold_values(self.block(j0 + s, j0 + e), weight, acc[s:e])
+
+    def scatter_fold(
+        self, acc: np.ndarray, idx: np.ndarray, j0: int, j1: int, base: int, weight: float
+    ) -> None:
+        """``acc[idx[j] - base] += weight ·`` value ``j`` for ``j`` in ``[j0, j1)``."""
+        args = (self.data, self.scales, self.chunk, self.levels, j0, j1, idx, base, weight, acc)
+        if self.kind == "int8":
+            kernels.scatter_fold8(*args)
+        elif self.kind == "int4":
+            kernels.scatter_fold4(*args)
+        else:
+            for s in range(j0, j1, _BLOCK):
+                e = min(s + _BLOCK, j1)
+                kernels.scatter_fold_values(self.block(s, e), s, idx, base, weight, acc)
+
+
+class LazyDelta(Mapping[str, torch.Tensor]):
+    """The delta of a decoded update: a read-only mapping name → tensor, decoded on use.
+
+    ``layout`` is the list of :class:`~fedcommons.wire.codec.TensorInfo` in payload
+    order; ``idx`` the sorted flat indices of a sparse update (``None``: dense).
+    """
+
+    def __init__(self, layout: list, source: EncodedValues, idx: np.ndarray | None) -> None:
+        self.layout = layout
+        self.source = source
+        self.idx = idx
+        self._offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for info in layout:
+            self._offsets[info.name] = (offset, info.numel)
+            offset += info.numel
+        self.size = offset
+        self._tensors: dict[str, torch.Tensor] | None = None
+
+    @property
+    def materialized(self) -> bool:
+        """Whether the dense tensors were built (a later fold reads them instead)."""
+        return self._tensors is not None
+
+    def flat(self) -> np.ndarray:
+        """The whole update as one fresh dense float32 vector (payload order)."""
+        if self.idx is None:
+            out = np.empty(self.size, dtype=np.float32)
+            self.source.write(out, 0)
+        else:
+            out = np.zeros(self.size, dtype=np.float32)
+            self.source.scatter(out, self.idx, 0, self.idx.size, 0)
+        return out
+
+    def _dense(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            from fedcommons.wire.codec import unflatten
+
+            self._tensors = unflatten(self.flat(), self.layout)
+        return self._tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._dense()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._offsets)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._offsets
+
+    def fold_into(self, acc: Mapping[str, np.ndarray], weight: float) -> None:
+        """``acc[name] += weight · Δ[name]`` for every tensor, in one pass over the codes.
+
+        ``acc`` maps each name to a flat, contiguous float64 array. Gives the same
+        bits as adding ``weight · float64(self[name])``; tensors whose dtype is not
+        float32 (their dense values are rounded to that dtype) take that path.
+        """
+        w = float(weight)
+        for info in self.layout:
+            target = acc[info.name]
+            if self._tensors is not None or info.dtype != torch.float32:
+                dense = self[info.name].reshape(-1)
+                if dense.dtype not in (torch.float32, torch.float64):
+                    dense = dense.double()
+                kernels.fold_values(dense.numpy(), w, target)
+                continue
+            offset, numel = self._offsets[info.name]
+            if self.idx is None:
+                self.source.fold(target, offset, w)
+            else:
+                j0, j1 = np.searchsorted(self.idx, [offset, offset + numel])
+                self.source.scatter_fold(target, self.idx, int(j0), int(j1), offset, w)
