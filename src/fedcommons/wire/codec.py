@@ -311,14 +311,21 @@ class _Reader:
         return out
 
     def u8(self) -> int:
-        return self.take(1)[0]
+        if self.pos >= self.end:
+            raise MalformedUpdateError("malformed", "payload sections overrun its length")
+        self.pos += 1
+        return self.data[self.pos - 1]
 
     def varint(self) -> int:
-        value, shift = 0, 0
+        value, shift, data, pos, end = 0, 0, self.data, self.pos, self.end
         while True:
-            byte = self.u8()
+            if pos >= end:
+                raise MalformedUpdateError("malformed", "payload sections overrun its length")
+            byte = data[pos]
+            pos += 1
             value |= (byte & 0x7F) << shift
             if byte < 0x80:
+                self.pos = pos
                 return value
             shift += 7
             if shift > 63:
@@ -367,7 +374,7 @@ def random_k_indices(seed: int, n: int, k: int, dtype: type = np.int64) -> np.nd
     return out
 
 
-_RANDK_BLOCK = 1 << 20
+_RANDK_BLOCK = 1 << 16
 _RANDK_BUCKET_SHIFT = np.uint64(48)
 
 
@@ -713,9 +720,9 @@ def decode_update(
     Memory: every header field is bounded before anything is allocated — the layout by
     ``reference`` (without one, by ``max_elements`` values), counts by the bytes
     actually present — and the values stay views of ``payload``. Decoding allocates
-    at most the index array of a sparse update (4 bytes a value below 2³¹ parameters)
-    and its support mask (1 byte a parameter); reading ``delta`` adds the dense
-    float32 vector, so the peak stays within ~2.25× the dense update's size.
+    at most a sparse update's support mask (1 byte a parameter, a quarter of the dense
+    fp32 size); reading ``delta`` adds the dense float32 vector (1×), folding it
+    (:meth:`LazyDelta.fold_into`) nothing.
     """
     size = len(payload)
     if max_bytes is not None and size > max_bytes:
@@ -767,15 +774,14 @@ def decode_update(
     if coding in _LEVELS and chunk < 1:
         raise MalformedUpdateError("malformed", f"chunk size {chunk} for {coding}")
     seed = None
-    idx_dtype = np.int32 if n < 1 << 31 else np.int64
     if index_mode == INDEX_ALL:
         if count != n:
             raise MalformedUpdateError("malformed", f"dense update with {count} of {n} values")
-        idx = None
+        support = None
     elif index_mode == INDEX_VARINT:
-        idx = _read_varint_indices(reader, count, n, idx_dtype)
+        support = _read_varint_support(reader, count, n)
     elif index_mode == INDEX_BITMAP:
-        idx = _read_bitmap(reader, count, n, idx_dtype)
+        support = _read_bitmap_support(reader, count, n)
     else:
         (seed,) = struct.unpack("<Q", reader.take(8))
         if expected_seed is not None and seed != expected_seed & 0xFFFFFFFFFFFFFFFF:
@@ -783,7 +789,7 @@ def decode_update(
                 "wrong-seed", f"random-k seed {seed} is not this round's shared seed"
             )
         _need_value_bytes(reader, count, coding, chunk)  # before generating n keys
-        idx = random_k_indices(seed, n, count, idx_dtype)
+        support = np.ones(n, dtype=np.bool_) if count >= n else _random_k_support(seed, n, count)
     values = _read_values(reader, count, coding, chunk)
     if reader.pos != reader.end:
         raise MalformedUpdateError("malformed", f"{reader.end - reader.pos} unread bytes")
@@ -793,10 +799,12 @@ def decode_update(
         coding,
         chunk if coding in _LEVELS else DEFAULT_CHUNK,
     )
+    delta = LazyDelta(layout, values, support)
+    overflow = delta.check_range()
+    if overflow is not None:
+        raise MalformedUpdateError("non-finite", f"{overflow}: values overflow its dtype")
     mask = None
-    if idx is not None:
-        support = np.zeros(n, dtype=np.bool_)
-        support[idx] = True
+    if support is not None:
         mask, offset = {}, 0
         for info in layout:
             mask[info.name] = torch.from_numpy(support[offset : offset + info.numel])
@@ -804,7 +812,7 @@ def decode_update(
             offset += info.numel
     return DecodedUpdate(
         round_no,
-        LazyDelta(layout, values, idx),
+        delta,
         spec,
         count,
         _INDEX_MODE_NAMES[index_mode],
@@ -875,21 +883,19 @@ def _index_status(status: int) -> None:
         raise MalformedUpdateError(*_INDEX_ERRORS[status])
 
 
-def _read_varint_indices(reader: _Reader, count: int, n: int, dtype: type) -> np.ndarray:
+def _read_varint_support(reader: _Reader, count: int, n: int) -> np.ndarray:
     nbytes = reader.varint()
     data = np.frombuffer(reader.take(nbytes), dtype=np.uint8)
-    if nbytes < count:  # every varint takes at least one byte: bound before allocating
-        raise MalformedUpdateError("malformed", f"{nbytes} index bytes for {count} indices")
-    idx = np.empty(count, dtype=dtype)
-    _index_status(kernels.varint_indices(data, n, idx))
-    return idx
+    support = np.zeros(n, dtype=np.bool_)
+    _index_status(kernels.varint_support(data, n, count, support))
+    return support
 
 
-def _read_bitmap(reader: _Reader, count: int, n: int, dtype: type) -> np.ndarray:
+def _read_bitmap_support(reader: _Reader, count: int, n: int) -> np.ndarray:
     bits = np.frombuffer(reader.take((n + 7) // 8), dtype=np.uint8)
-    idx = np.empty(count, dtype=dtype)
-    _index_status(kernels.bitmap_indices(bits, n, idx))
-    return idx
+    support = np.zeros(n, dtype=np.bool_)
+    _index_status(kernels.bitmap_support(bits, n, count, support))
+    return support
 
 
 def _value_bytes(count: int, coding: str, chunk: int) -> int:

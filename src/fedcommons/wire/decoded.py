@@ -61,17 +61,16 @@ class EncodedValues:
                 e = min(s + _BLOCK, out.size)
                 out[s:e] = self.block(j0 + s, j0 + e)
 
-    def scatter(self, out: np.ndarray, idx: np.ndarray, j0: int, j1: int, base: int) -> None:
-        """``out[idx[j] - base] =`` value ``j`` for ``j`` in ``[j0, j1)``."""
-        args = (self.data, self.scales, self.chunk, self.levels, j0, j1, idx, base, out)
+    def scatter(self, out: np.ndarray, support: np.ndarray, j0: int) -> None:
+        """Write values ``j0, j0+1, …`` to ``out`` where ``support`` is set, in order."""
+        args = (self.data, self.scales, self.chunk, self.levels, j0, support, out)
         if self.kind == "int8":
             kernels.scatter8(*args)
         elif self.kind == "int4":
             kernels.scatter4(*args)
         else:
-            for s in range(j0, j1, _BLOCK):
-                e = min(s + _BLOCK, j1)
-                out[idx[s:e] - base] = self.block(s, e)
+            for s, e, j, k in _blocks(support, j0):
+                out[s:e][support[s:e]] = self.block(j, k)
 
     def fold(self, acc: np.ndarray, j0: int, weight: float) -> None:
         """``acc += weight ·`` values ``j0 … j0 + acc.size - 1`` (float64 ``acc``)."""
@@ -86,36 +85,50 @@ class EncodedValues:
                 e = min(s + _BLOCK, acc.size)
                 kernels.fold_values(self.block(j0 + s, j0 + e), weight, acc[s:e])
 
-    def scatter_fold(
-        self, acc: np.ndarray, idx: np.ndarray, j0: int, j1: int, base: int, weight: float
-    ) -> None:
-        """``acc[idx[j] - base] += weight ·`` value ``j`` for ``j`` in ``[j0, j1)``."""
-        args = (self.data, self.scales, self.chunk, self.levels, j0, j1, idx, base, weight, acc)
+    def scatter_fold(self, acc: np.ndarray, support: np.ndarray, j0: int, weight: float) -> None:
+        """``acc += weight ·`` values ``j0, j0+1, …`` where ``support`` is set, in order."""
+        args = (self.data, self.scales, self.chunk, self.levels, j0, support, weight, acc)
         if self.kind == "int8":
             kernels.scatter_fold8(*args)
         elif self.kind == "int4":
             kernels.scatter_fold4(*args)
         else:
-            for s in range(j0, j1, _BLOCK):
-                e = min(s + _BLOCK, j1)
-                kernels.scatter_fold_values(self.block(s, e), s, idx, base, weight, acc)
+            for s, e, j, k in _blocks(support, j0):
+                kernels.scatter_fold_values(self.block(j, k), support[s:e], weight, acc[s:e])
+
+
+def _blocks(support: np.ndarray, j0: int) -> Iterator[tuple[int, int, int, int]]:
+    """Split ``support`` into blocks: (start, stop, first value, end value) each."""
+    j = j0
+    for s in range(0, support.size, _BLOCK):
+        e = min(s + _BLOCK, support.size)
+        k = j + int(np.count_nonzero(support[s:e]))
+        yield s, e, j, k
+        j = k
 
 
 class LazyDelta(Mapping[str, torch.Tensor]):
     """The delta of a decoded update: a read-only mapping name → tensor, decoded on use.
 
     ``layout`` is the list of :class:`~fedcommons.wire.codec.TensorInfo` in payload
-    order; ``idx`` the sorted flat indices of a sparse update (``None``: dense).
+    order; ``support`` the flat bool mask of the coordinates a sparse update sent
+    (``None``: dense). Values are consumed in flat order: the ``j``-th value belongs to
+    the ``j``-th set entry of ``support``.
     """
 
-    def __init__(self, layout: list, source: EncodedValues, idx: np.ndarray | None) -> None:
+    def __init__(self, layout: list, source: EncodedValues, support: np.ndarray | None) -> None:
         self.layout = layout
         self.source = source
-        self.idx = idx
-        self._offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
+        self.support = support
+        # name -> (flat offset, numel, first value index)
+        self._offsets: dict[str, tuple[int, int, int]] = {}
+        offset = first = 0
         for info in layout:
-            self._offsets[info.name] = (offset, info.numel)
+            self._offsets[info.name] = (offset, info.numel, first)
+            if support is None:
+                first += info.numel
+            else:
+                first += int(np.count_nonzero(support[offset : offset + info.numel]))
             offset += info.numel
         self.size = offset
         self._tensors: dict[str, torch.Tensor] | None = None
@@ -125,14 +138,38 @@ class LazyDelta(Mapping[str, torch.Tensor]):
         """Whether the dense tensors were built (a later fold reads them instead)."""
         return self._tensors is not None
 
+    def sent_values(self, name: str) -> np.ndarray:
+        """The float32 values sent for tensor ``name`` (all of them when dense)."""
+        offset, numel, first = self._offsets[name]
+        if self.support is None:
+            return self.source.block(first, first + numel)
+        sent = int(np.count_nonzero(self.support[offset : offset + numel]))
+        return self.source.block(first, first + sent)
+
+    def check_range(self) -> str | None:
+        """Name of a tensor whose values overflow its (narrower) dtype, else None.
+
+        A float16 or bfloat16 tensor of the base release must not receive a float32
+        value its dtype rounds to ±Inf (e.g. a valid-looking quantization scale of
+        1e38): that would put an Inf into the aggregate.
+        """
+        for info in self.layout:
+            if info.dtype in (torch.float32, torch.float64):
+                continue
+            values = self.sent_values(info.name)
+            limit = float(torch.finfo(info.dtype).max)
+            if values.size and float(np.abs(values).max()) > limit:
+                return info.name
+        return None
+
     def flat(self) -> np.ndarray:
         """The whole update as one fresh dense float32 vector (payload order)."""
-        if self.idx is None:
+        if self.support is None:
             out = np.empty(self.size, dtype=np.float32)
             self.source.write(out, 0)
         else:
             out = np.zeros(self.size, dtype=np.float32)
-            self.source.scatter(out, self.idx, 0, self.idx.size, 0)
+            self.source.scatter(out, self.support, 0)
         return out
 
     def _dense(self) -> dict[str, torch.Tensor]:
@@ -170,9 +207,9 @@ class LazyDelta(Mapping[str, torch.Tensor]):
                     dense = dense.double()
                 kernels.fold_values(dense.numpy(), w, target)
                 continue
-            offset, numel = self._offsets[info.name]
-            if self.idx is None:
-                self.source.fold(target, offset, w)
+            offset, numel, first = self._offsets[info.name]
+            if self.support is None:
+                self.source.fold(target, first, w)
             else:
-                j0, j1 = np.searchsorted(self.idx, [offset, offset + numel])
-                self.source.scatter_fold(target, self.idx, int(j0), int(j1), offset, w)
+                segment = self.support[offset : offset + numel]
+                self.source.scatter_fold(target, segment, first, w)

@@ -234,43 +234,57 @@ def fold_values(x, w, acc):  # pragma: no cover - compiled
 
 
 @nb.njit(**_JIT)
-def scatter8(codes, scales, chunk, levels, j0, j1, idx, base, out):  # pragma: no cover
-    """``out[idx[j] - base] = value j`` for the int8 values ``j`` in ``[j0, j1)``."""
+def scatter8(codes, scales, chunk, levels, j0, support, out):  # pragma: no cover
+    """``out[i] =`` the next int8 value (from value ``j0`` on) where ``support[i]``."""
     lv = np.float32(levels)
-    for j in range(j0, j1):
-        out[idx[j] - base] = np.float32(codes[j]) * (scales[j // chunk] / lv)
+    j = j0
+    for i in range(support.size):
+        if support[i]:
+            out[i] = np.float32(codes[j]) * (scales[j // chunk] / lv)
+            j += 1
 
 
 @nb.njit(**_JIT)
-def scatter4(packed, scales, chunk, levels, j0, j1, idx, base, out):  # pragma: no cover
+def scatter4(packed, scales, chunk, levels, j0, support, out):  # pragma: no cover
     """:func:`scatter8` for int4 codes."""
     lv = np.float32(levels)
-    for j in range(j0, j1):
-        out[idx[j] - base] = np.float32(_code4(packed, j)) * (scales[j // chunk] / lv)
+    j = j0
+    for i in range(support.size):
+        if support[i]:
+            out[i] = np.float32(_code4(packed, j)) * (scales[j // chunk] / lv)
+            j += 1
 
 
 @nb.njit(**_FOLD)
-def scatter_fold8(codes, scales, chunk, levels, j0, j1, idx, base, w, acc):  # pragma: no cover
-    """``acc[idx[j] - base] += w · value j`` for int8 values (sparse fused fold)."""
+def scatter_fold8(codes, scales, chunk, levels, j0, support, w, acc):  # pragma: no cover
+    """``acc[i] += w ·`` the next int8 value where ``support[i]`` (sparse fused fold)."""
     lv = np.float32(levels)
-    for j in range(j0, j1):
-        acc[idx[j] - base] += w * np.float64(np.float32(codes[j]) * (scales[j // chunk] / lv))
+    j = j0
+    for i in range(support.size):
+        if support[i]:
+            acc[i] += w * np.float64(np.float32(codes[j]) * (scales[j // chunk] / lv))
+            j += 1
 
 
 @nb.njit(**_FOLD)
-def scatter_fold4(packed, scales, chunk, levels, j0, j1, idx, base, w, acc):  # pragma: no cover
+def scatter_fold4(packed, scales, chunk, levels, j0, support, w, acc):  # pragma: no cover
     """:func:`scatter_fold8` for int4 codes."""
     lv = np.float32(levels)
-    for j in range(j0, j1):
-        v = np.float32(_code4(packed, j)) * (scales[j // chunk] / lv)
-        acc[idx[j] - base] += w * np.float64(v)
+    j = j0
+    for i in range(support.size):
+        if support[i]:
+            acc[i] += w * np.float64(np.float32(_code4(packed, j)) * (scales[j // chunk] / lv))
+            j += 1
 
 
 @nb.njit(**_FOLD)
-def scatter_fold_values(x, j0, idx, base, w, acc):  # pragma: no cover - compiled
-    """``acc[idx[j0 + t] - base] += w · x[t]`` (sparse fold of float values)."""
-    for t in range(x.size):
-        acc[idx[j0 + t] - base] += w * np.float64(x[t])
+def scatter_fold_values(x, support, w, acc):  # pragma: no cover - compiled
+    """``acc[i] += w · x[j]`` for the ``j``-th set entry ``i`` of ``support``."""
+    j = 0
+    for i in range(support.size):
+        if support[i]:
+            acc[i] += w * np.float64(x[j])
+            j += 1
 
 
 # Status codes of the index decoders (the caller turns them into typed rejections).
@@ -278,14 +292,13 @@ OK, MID_NUMBER, TOO_LONG, COUNT, OUT_OF_RANGE, DUPLICATE = 0, 1, 2, 3, 4, 5
 
 
 @nb.njit(**_JIT)
-def varint_indices(buf, n, out):  # pragma: no cover - compiled
-    """Delta-coded LEB128 gaps to strictly increasing indices, checked on the way.
+def varint_support(buf, n, count, support):  # pragma: no cover - compiled
+    """Mark the indices of delta-coded LEB128 gaps in ``support``, checked on the way.
 
-    Fills ``out`` (its size is the declared count) and returns a status: every index
-    must be < ``n``, every gap after the first >= 1, each varint at most 9 bytes, and
-    the stream must hold exactly ``out.size`` varints.
+    Returns a status: every index must be < ``n``, every gap after the first >= 1 (so
+    indices strictly increase), each varint at most 9 bytes, and the stream must hold
+    exactly ``count`` varints.
     """
-    count = out.size
     pos = 0
     prev = np.uint64(0)
     size = buf.size
@@ -310,21 +323,20 @@ def varint_indices(buf, n, out):  # pragma: no cover - compiled
         if value >= np.uint64(n) or (j > 0 and value >= np.uint64(n) - prev):
             return OUT_OF_RANGE
         prev = value if j == 0 else prev + value
-        out[j] = prev
+        support[prev] = True
     if pos != size:
         return COUNT
     return OK
 
 
 @nb.njit(**_JIT)
-def bitmap_indices(bits, n, out):  # pragma: no cover - compiled
-    """Indices of the set bits (little-endian bit order) of a bitmap over ``n`` values.
+def bitmap_support(bits, n, count, support):  # pragma: no cover - compiled
+    """Unpack a bitmap over ``n`` values (little-endian bit order) into ``support``.
 
-    Returns ``COUNT`` unless exactly ``out.size`` bits are set, ``OUT_OF_RANGE`` for a
-    set bit at or beyond ``n``.
+    Returns ``OUT_OF_RANGE`` for a set bit at or beyond ``n``, ``COUNT`` unless exactly
+    ``count`` bits are set.
     """
-    count = out.size
-    j = 0
+    found = 0
     for b in range(bits.size):
         byte = bits[b]
         if byte == 0:
@@ -334,11 +346,9 @@ def bitmap_indices(bits, n, out):  # pragma: no cover - compiled
                 i = b * 8 + k
                 if i >= n:
                     return OUT_OF_RANGE
-                if j >= count:
-                    return COUNT
-                out[j] = i
-                j += 1
-    if j != count:
+                support[i] = True
+                found += 1
+    if found != count:
         return COUNT
     return OK
 
