@@ -18,9 +18,9 @@ Quantization (int8: levels −127…127, int4: −7…7) uses one fp32 scale ``s
 per chunk of ``CHUNK`` consecutive values (default 256) and one of two roundings:
 
 - ``stochastic`` (the default of :func:`encode_update`, and what a client uses without
-  error feedback): ``q = floor(v·L/s + u)`` with ``u ∈ [0, 1)`` from a counter-based
-  hash of a seed drawn from the client's generator, so ``E[q·s/L] = v``: the mean of
-  many clients' updates is unbiased.
+  error feedback): ``q = floor(v·L/s + u)`` with ``u`` uniform on ``[0, 1)`` (per
+  chunk, a random offset drawn from the client's generator plus a Weyl sequence over
+  the positions), so ``E[q·s/L] = v``: the mean of many clients' updates is unbiased.
 - ``nearest`` (what a client uses with error feedback, the default): round half to
   even, deterministic, half the worst-case error; the error feedback residual carries
   the rounding error into the client's next update, so nothing is lost on average
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import struct
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +54,11 @@ import numpy as np
 import torch
 
 from fedcommons.errors import CompressionSpecError, EncodingError, MalformedUpdateError
+
+try:  # ISA-L's CRC-32: zlib's polynomial and values, ~10x faster (carry-less multiply)
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - a platform without an isal wheel
+    from zlib import crc32
 from fedcommons.wire import kernels
 from fedcommons.wire.decoded import EncodedValues, LazyDelta
 
@@ -656,7 +660,7 @@ def pack_payload(
     parts = [_FIXED_HEADER.pack(MAGIC, version, total), bytes(head), index_bytes, *views]
     crc = 0
     for part in parts:
-        crc = zlib.crc32(part, crc)
+        crc = crc32(part, crc)
     return b"".join([*parts, _CRC.pack(crc)])
 
 
@@ -739,7 +743,7 @@ def decode_update(
     if total < _FIXED_HEADER.size + _CRC.size:
         raise MalformedUpdateError("truncated", f"declared length {total} is below the minimum")
     (crc,) = _CRC.unpack_from(payload, total - _CRC.size)
-    if zlib.crc32(memoryview(payload)[: total - _CRC.size]) != crc:
+    if crc32(memoryview(payload)[: total - _CRC.size]) != crc:
         raise MalformedUpdateError("checksum", "CRC-32 does not match the payload")
     reader = _Reader(memoryview(payload), _FIXED_HEADER.size, total - _CRC.size)
     round_no = reader.varint()

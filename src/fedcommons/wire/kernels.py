@@ -33,10 +33,10 @@ _JIT = {"cache": True, "nogil": True, "boundscheck": False}
 # separate multiply and add only for weights that are not integers).
 _FOLD = {**_JIT, "fastmath": {"contract"}}
 
-# Stochastic rounding: a per-chunk 64-bit key (splitmix64 of seed and chunk number),
-# then a 32-bit integer hash (lowbias32) of the position in the chunk gives 24 random
-# bits per value. Counter-based, so encoding is a pure function of (seed, values).
-_M32 = np.uint64(0xFFFFFFFF)
+# Stochastic rounding: a per-chunk offset from a 64-bit key (splitmix64 of seed and chunk
+# number), then a Weyl sequence over the chunk's positions. Counter-based, so encoding
+# is a pure function of (seed, values).
+_PHI = 0.6180339887498949  # 1/φ: the most uniformly spread Weyl step
 
 
 @nb.njit(inline="always")
@@ -51,8 +51,8 @@ def _splitmix64(z: np.uint64) -> np.uint64:  # pragma: no cover - compiled
 def quantize(v, chunk, levels, seed, stochastic, scales, codes):  # pragma: no cover
     """Per-chunk scale ``max|v|`` and codes in ``[-levels, levels]`` (int8 ``codes``).
 
-    ``stochastic``: ``floor(v·L/s + u)`` with ``u`` from a counter-based hash of
-    ``seed`` (unbiased); else round half to even (deterministic; for error feedback).
+    ``stochastic``: ``floor(v·L/s + u)`` with ``u`` uniform on [0, 1) from ``seed``
+    (unbiased); else round half to even (deterministic; for error feedback).
     A chunk holding NaN or ±Inf gets a non-finite scale and zero codes.
     """
     n = v.size
@@ -76,16 +76,14 @@ def quantize(v, chunk, levels, seed, stochastic, scales, codes):  # pragma: no c
             continue
         inv = lv / s
         if stochastic:
-            key = _splitmix64(np.uint64(seed) + np.uint64(c))
-            lo_key, hi_key = key & _M32, key >> np.uint64(32)
+            # u_i = frac(o + i·φ⁻¹) with o ~ U[0, 1) from the chunk's key: each u_i is
+            # uniform on [0, 1) (so each code is unbiased), and a Weyl sequence costs
+            # two flops where a per-value hash costs ten integer ops.
+            o = np.float64(_splitmix64(np.uint64(seed) + np.uint64(c)) >> np.uint64(11))
+            o *= 1.0 / 9007199254740992.0
             for i in range(hi - lo):
-                x = ((lo_key + np.uint64(i)) & _M32) ^ hi_key
-                x ^= x >> np.uint64(16)
-                x = (x * np.uint64(0x7FEB352D)) & _M32
-                x ^= x >> np.uint64(15)
-                x = (x * np.uint64(0x846CA68B)) & _M32
-                x ^= x >> np.uint64(16)
-                u = np.float32(np.int64(x >> np.uint64(8))) * np.float32(1.0 / 16777216.0)
+                t = o + np.float64(i) * _PHI
+                u = np.float32(t - np.floor(t))
                 q = np.floor(row[i] * inv + u)
                 out[i] = np.int32(min(max(q, -lv), lv))
         else:
