@@ -16,6 +16,7 @@ from fedcommons.strategies.base import (
     guarded_begin,
     guarded_finalize,
     guarded_fold,
+    guarded_fold_many,
 )
 from fedcommons.strategies.fedavg import FedAdam, FedAvg
 from fedcommons.strategies.fisher import FisherMerge
@@ -53,6 +54,7 @@ __all__ = [
     "guarded_begin",
     "guarded_finalize",
     "guarded_fold",
+    "guarded_fold_many",
     "refresh_plugins",
     "register_strategy",
     "strategy",

@@ -11,9 +11,10 @@ average sparse updates inside their masks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedcommons.errors import ConfigError, RoundFailedError
@@ -53,6 +54,22 @@ def add_scaled(acc: torch.Tensor, value: torch.Tensor, alpha: float, owner: Any)
         buf = owner._scratch[: stop - start]
         buf.copy_(flat_val[start:stop])
         flat_acc[start:stop].add_(buf, alpha=alpha)
+
+
+FOLD_BLOCK = 1 << 15  # 256 KiB of float64: one block of the sum stays in L2 per batch
+
+
+def _range_folder(
+    delta: Mapping[str, torch.Tensor], name: str, weight: float
+) -> Callable[[int, int, np.ndarray], None]:
+    """``f(start, stop, acc)``: ``acc += weight · delta[name].flat[start:stop]``."""
+    if isinstance(delta, LazyDelta) and delta.foldable(name):
+        return lambda start, stop, acc: delta.fold_range(name, start, stop, weight, acc)
+    value = delta[name].detach().reshape(-1)
+    if value.device.type != "cpu" or value.dtype not in (torch.float32, torch.float64):
+        value = value.to("cpu", torch.float64)
+    array = value.contiguous().numpy()
+    return lambda start, stop, acc: kernels.fold_values(array[start:stop], weight, acc)
 
 
 class FedAvg(Aggregator):
@@ -163,24 +180,40 @@ class FedAvg(Aggregator):
         )
 
     def fold(self, update: ClientUpdate) -> None:
-        """Add nᵢ Δᵢ to the running sum.
+        """Add nᵢ Δᵢ to the running sum (see :meth:`fold_many`)."""
+        self.fold_many([update])
 
-        An encoded update (a :class:`~fedcommons.wire.decoded.LazyDelta` not yet
-        decoded) is decoded straight into the float64 sum, one pass over its codes and
-        no dense temporary; the sum gets the same bits as from the decoded tensors.
+    def fold_many(self, updates: Sequence[ClientUpdate]) -> None:
+        """Add nᵢ Δᵢ of every update, in order, in one pass over the float64 sum.
+
+        The sum is walked in blocks of 32 Ki values that stay in cache while every
+        update's block is added to them, so the sum is read and written once per batch
+        instead of once per update (the sum, 8 bytes a value, is most of the memory
+        traffic). Each value still gets ``acc ← acc + nᵢ·Δᵢ`` in the updates' order:
+        the same bits as folding them one at a time. An encoded update (a
+        :class:`~fedcommons.wire.decoded.LazyDelta` not yet decoded) is decoded inside
+        the pass, from its int8/int4/fp16 codes, with no dense temporary.
         """
-        update = clip_update(update, self.clip_norm)
-        n = update.agg_weight
-        delta = update.delta
-        if isinstance(delta, LazyDelta) and not delta.materialized and self._fused_ok():
-            delta.fold_into({k: acc.view(-1).numpy() for k, acc in self._sum.items()}, n)
+        updates = [clip_update(u, self.clip_norm) for u in updates]
+        if not self._fused_ok():
+            for update in updates:
+                for name, acc in self._sum.items():
+                    add_scaled(acc, update.delta[name], update.agg_weight, self)
         else:
             for name, acc in self._sum.items():
-                add_scaled(acc, delta[name], n, self)
-        self._weight += n
-        self.num_folded += 1
+                flat = acc.view(-1).numpy()
+                folders = [_range_folder(u.delta, name, u.agg_weight) for u in updates]
+                for start in range(0, flat.size, FOLD_BLOCK):
+                    block = flat[start : start + FOLD_BLOCK]
+                    for fold_range in folders:
+                        fold_range(start, start + block.size, block)
+        for update in updates:
+            self._weight += update.agg_weight
+            self.num_folded += 1
 
     def _fused_ok(self) -> bool:
+        if type(self).fold is not FedAvg.fold:  # a subclass folds its own way
+            return False
         return self._acc_dtype == torch.float64 and all(
             acc.device.type == "cpu" and acc.is_contiguous() for acc in self._sum.values()
         )

@@ -132,6 +132,7 @@ class LazyDelta(Mapping[str, torch.Tensor]):
             offset += info.numel
         self.size = offset
         self._tensors: dict[str, torch.Tensor] | None = None
+        self._cursor: dict[str, tuple[int, int]] = {}  # name -> (position, value index)
 
     @property
     def materialized(self) -> bool:
@@ -190,6 +191,31 @@ class LazyDelta(Mapping[str, torch.Tensor]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._offsets
+
+    def foldable(self, name: str) -> bool:
+        """Whether :meth:`fold_range` reads tensor ``name`` straight from the payload."""
+        return self._tensors is None and self.layout_dtype(name) == torch.float32
+
+    def layout_dtype(self, name: str) -> torch.dtype:
+        """The dtype tensor ``name`` decodes to."""
+        return next(info.dtype for info in self.layout if info.name == name)
+
+    def fold_range(self, name: str, start: int, stop: int, weight: float, acc: np.ndarray) -> None:
+        """``acc += weight · Δ[name].flat[start:stop]`` (``acc`` holds ``stop - start``).
+
+        For float32 tensors (see :meth:`foldable`). Calls for consecutive ranges of a
+        tensor cost O(range) each (a cursor remembers where the last one ended).
+        """
+        offset, _, first = self._offsets[name]
+        if self.support is None:
+            self.source.fold(acc, first + start, weight)
+            return
+        position, j = self._cursor.get(name, (0, first))
+        if position != start:
+            j = first + int(np.count_nonzero(self.support[offset : offset + start]))
+        segment = self.support[offset + start : offset + stop]
+        self.source.scatter_fold(acc, segment, j, weight)
+        self._cursor[name] = (stop, j + int(np.count_nonzero(segment)))
 
     def fold_into(self, acc: Mapping[str, np.ndarray], weight: float) -> None:
         """``acc[name] += weight · Δ[name]`` for every tensor, in one pass over the codes.
