@@ -61,6 +61,7 @@ except ImportError:  # pragma: no cover - a platform without an isal wheel
     from zlib import crc32
 from fedcommons.wire import kernels
 from fedcommons.wire.decoded import EncodedValues, LazyDelta
+from fedcommons.wire.decoded import unflatten as unflatten  # public here since v1
 
 FORMAT_VERSION = 1
 MAGIC = b"FCU"
@@ -229,18 +230,6 @@ def flatten(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> np.ndarray:
     if not parts:
         return np.zeros(0, dtype=np.float32)
     return np.concatenate(parts)
-
-
-def unflatten(flat: np.ndarray, layout: list[TensorInfo]) -> dict[str, torch.Tensor]:
-    """Split a flat float32 vector back into tensors of ``layout`` (shapes and dtypes)."""
-    out: dict[str, torch.Tensor] = {}
-    offset = 0
-    for info in layout:
-        n = info.numel
-        tensor = torch.from_numpy(flat[offset : offset + n].reshape(info.shape))
-        out[info.name] = tensor if info.dtype == torch.float32 else tensor.to(info.dtype)
-        offset += n
-    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,6 +108,18 @@ def _blocks(support: np.ndarray, j0: int) -> Iterator[tuple[int, int, int, int]]
         j = k
 
 
+def unflatten(flat: np.ndarray, layout: list[Any]) -> dict[str, torch.Tensor]:
+    """Split a flat float32 vector back into tensors of ``layout`` (shapes and dtypes)."""
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for info in layout:
+        n = info.numel
+        tensor = torch.from_numpy(flat[offset : offset + n].reshape(info.shape))
+        out[info.name] = tensor if info.dtype == torch.float32 else tensor.to(info.dtype)
+        offset += n
+    return out
+
+
 class LazyDelta(Mapping[str, torch.Tensor]):
     """The delta of a decoded update: a read-only mapping name → tensor, decoded on use.
 
@@ -175,8 +188,6 @@ class LazyDelta(Mapping[str, torch.Tensor]):
 
     def _dense(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
-            from fedcommons.wire.codec import unflatten
-
             self._tensors = unflatten(self.flat(), self.layout)
         return self._tensors
 
