@@ -169,3 +169,19 @@ def test_batched_fold_equals_one_fold_per_update_bit_for_bit() -> None:
     assert all(torch.equal(a[k], b[k]) for k in base)
     expected = _reference_sum(base, [u.delta for u in updates], [3, 17, 101, 5])
     assert torch.equal(a["w"], (expected["w"] / 126).to(torch.float32))
+
+
+def test_fold_many_calls_the_fold_of_a_subclass_that_overrides_it() -> None:
+    """Input: a FedAvg subclass whose fold doubles every delta, then calls FedAvg.fold."""
+
+    class Doubling(FedAvg):
+        name = "doubling-test"
+
+        def fold(self, update: ClientUpdate) -> None:
+            doubled = {k: 2 * v for k, v in update.delta.items()}
+            super().fold(ClientUpdate(doubled, update.num_examples))
+
+    agg = Doubling()
+    agg.begin(BASE)
+    agg.fold_many([_update(1.0, 1), _update(3.0, 1)])
+    assert torch.allclose(agg.finalize()["w"], torch.full((3, 2), 4.0))

@@ -181,7 +181,7 @@ class FedAvg(Aggregator):
 
     def fold(self, update: ClientUpdate) -> None:
         """Add nᵢ Δᵢ to the running sum (see :meth:`fold_many`)."""
-        self.fold_many([update])
+        self._fold_batch([update])
 
     def fold_many(self, updates: Sequence[ClientUpdate]) -> None:
         """Add nᵢ Δᵢ of every update, in order, in one pass over the float64 sum.
@@ -192,8 +192,16 @@ class FedAvg(Aggregator):
         traffic). Each value still gets ``acc ← acc + nᵢ·Δᵢ`` in the updates' order:
         the same bits as folding them one at a time. An encoded update (a
         :class:`~fedcommons.wire.decoded.LazyDelta` not yet decoded) is decoded inside
-        the pass, from its int8/int4/fp16 codes, with no dense temporary.
+        the pass, from its int8/int4/fp16 codes, with no dense temporary. A subclass
+        that overrides :meth:`fold` gets its ``fold`` called once per update.
         """
+        if type(self).fold is not FedAvg.fold:
+            for update in updates:
+                self.fold(update)
+        else:
+            self._fold_batch(updates)
+
+    def _fold_batch(self, updates: Sequence[ClientUpdate]) -> None:
         updates = [clip_update(u, self.clip_norm) for u in updates]
         if not self._fused_ok():
             for update in updates:
@@ -212,8 +220,6 @@ class FedAvg(Aggregator):
             self.num_folded += 1
 
     def _fused_ok(self) -> bool:
-        if type(self).fold is not FedAvg.fold:  # a subclass folds its own way
-            return False
         return self._acc_dtype == torch.float64 and all(
             acc.device.type == "cpu" and acc.is_contiguous() for acc in self._sum.values()
         )
