@@ -2,11 +2,12 @@
 
 :func:`fedcommons.wire.codec.decode_update` validates every byte of a payload but
 keeps the values as they travelled (views of the payload: int8/int4 codes with their
-chunk scales, or fp32/fp16/bf16 values) plus the sorted indices of a sparse update.
-:class:`LazyDelta` is the update's ``delta`` mapping: reading a tensor decodes the
-whole update once into one dense float32 vector (cached); :meth:`LazyDelta.fold_into`
-instead adds ``w · Δ`` straight into a float64 accumulator in one pass over the codes,
-without the dense temporary. Both produce the same float32 values bit for bit.
+chunk scales, or fp32/fp16/bf16 values) plus the support mask of a sparse update (one
+byte a parameter). :class:`LazyDelta` is the update's ``delta`` mapping: reading a
+tensor decodes the whole update once into one dense float32 vector (cached);
+:meth:`LazyDelta.fold_into` / :meth:`LazyDelta.fold_range` instead add ``w · Δ``
+straight into a float64 accumulator in one pass over the codes, without the dense
+temporary. Both use the same float32 values, bit for bit.
 """
 
 from __future__ import annotations
