@@ -457,16 +457,26 @@ def release_apply(
 @release_app.command("export")
 def release_export(
     version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="File (folder for peft / hf) to write.")
+    ],
     fmt: Annotated[ExportFormat, typer.Option("--format")] = ExportFormat.safetensors,
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: NameOpt = None,
 ) -> None:
-    """Export a release's weights (hash-checked): safetensors as stored, or a torch state dict."""
-    from fedcommons.releases.export import export_release
+    """Export a release's weights (hash-checked): safetensors, torch, peft or hf.
+
+    safetensors as stored, a torch state dict, or for text-task patches a PEFT adapter
+    folder (peft) or the merged model as a transformers folder (hf).
+    """
+    from fedcommons.releases.export import FOLDER_FORMATS, export_folder, export_release
 
     reg = _open_registry(registry)
     rel = reg.get(version, name=name)
+    if fmt in FOLDER_FORMATS:
+        export_folder(reg, rel, fmt, output)
+        console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}/")
+        return
     data = export_release(reg, rel, fmt)
     _write_atomic(output, data)
     console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}")

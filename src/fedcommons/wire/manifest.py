@@ -54,6 +54,9 @@ class ReleaseManifest:
     signing_key_id: str = ""
     schema_version: int = MANIFEST_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: For a patch release (#15): the pinned base it applies to — name, SHA-256 of the
+    #: base's weights, adapter and its configuration. The registry stores the patch only.
+    base: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_weights(
