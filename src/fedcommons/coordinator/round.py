@@ -33,10 +33,10 @@ from fedcommons.observability import events as observe
 from fedcommons.strategies import (
     guarded_begin,
     guarded_finalize,
-    guarded_fold,
+    guarded_fold_many,
 )
 from fedcommons.tasks import Task
-from fedcommons.wire import keys
+from fedcommons.wire import ClientUpdate, keys
 from fedcommons.wire.codec import dense_fp32_bytes
 
 log = get_logger("fedcommons.coordinator")
@@ -161,6 +161,7 @@ def run_round(
         if not replies:
             time.sleep(POLL_INTERVAL_S)
             continue
+        accepted: list[ClientUpdate] = []  # the valid replies of this pull, in order
         for reply in replies:
             pending.discard(reply.metadata.reply_to_message_id)
             observe.reply_received(reply)
@@ -173,22 +174,31 @@ def run_round(
                     max_bytes=prepared.max_update_bytes,
                     expected_seed=seed,
                 )
-                if update.node_id in contributors:
+                if update.node_id in contributors or any(
+                    u.node_id == update.node_id for u in accepted
+                ):
                     raise UpdateRejectedError(
                         "duplicate", f"second update from node {update.node_id}"
                     )
             except UpdateRejectedError as exc:
                 rejections.reject(reply.metadata.src_node_id, exc.reason, exc.detail)
                 continue
-            guarded_fold(strategy, update)
+            accepted.append(update)
+        del replies
+        if not accepted:
+            continue
+        # One pass over the aggregate for the whole pull (FedAvg: same bits as folding
+        # the replies one at a time, in this order).
+        guarded_fold_many(strategy, accepted)
+        for update in accepted:
             if update.dp_spend is not None:
                 privacy.add_client_spend(update.node_id, update.dp_spend)
             contributors.add(update.node_id)
             upload[str(update.node_id)] = update.upload_bytes
             examples += update.num_examples
             loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
-            del update  # the aggregate is all we keep
             faults.reached("collecting", round_no)
+        del accepted, update  # the aggregate is all we keep
     timed_out = len(pending)
     if len(contributors) < config.min_clients:
         raise RoundFailedError(

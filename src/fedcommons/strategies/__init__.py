@@ -16,6 +16,7 @@ from fedcommons.strategies.base import (
     guarded_begin,
     guarded_finalize,
     guarded_fold,
+    guarded_fold_many,
 )
 from fedcommons.strategies.fedavg import FedAdam, FedAvg
 from fedcommons.strategies.fisher import FisherMerge
@@ -55,6 +56,7 @@ __all__ = [
     "guarded_begin",
     "guarded_finalize",
     "guarded_fold",
+    "guarded_fold_many",
     "lora_pairs",
     "refresh_plugins",
     "register_strategy",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -66,6 +66,15 @@ class Aggregator(ABC):
     @abstractmethod
     def fold(self, update: ClientUpdate) -> None:
         """Fold one validated update into the state."""
+
+    def fold_many(self, updates: Sequence[ClientUpdate]) -> None:
+        """Fold several updates, in order: the same state as ``fold`` on each in turn.
+
+        The coordinator passes the replies that arrived together; an aggregator may fold
+        them in one pass over its state (FedAvg does). The default folds one by one.
+        """
+        for update in updates:
+            self.fold(update)
 
     @abstractmethod
     def finalize(self) -> dict[str, torch.Tensor]:
@@ -171,6 +180,11 @@ def guarded_begin(aggregator: Aggregator, base: Mapping[str, torch.Tensor]) -> N
 def guarded_fold(aggregator: Aggregator, update: ClientUpdate) -> None:
     """``aggregator.fold(update)``; any unexpected exception becomes a StrategyError."""
     _guarded(aggregator, "fold", aggregator.fold, update)
+
+
+def guarded_fold_many(aggregator: Aggregator, updates: Sequence[ClientUpdate]) -> None:
+    """``aggregator.fold_many(updates)``; unexpected exceptions become StrategyErrors."""
+    _guarded(aggregator, "fold", aggregator.fold_many, updates)
 
 
 def guarded_finalize(
