@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from fedcommons.cli.common import DEFAULT_REGISTRY, OutputFormat, RegistryOpt, console
+from fedcommons.cli.common import progress as _progress
 from fedcommons.releases.export import ExportFormat
 
 release_app = typer.Typer(
@@ -201,16 +202,87 @@ def release_card(
         raise RegistryError(f"release {rel.version} has no model card ({rel.card_path})") from exc
 
 
+MlflowUriOpt = Annotated[
+    str,
+    typer.Option(
+        "--mlflow-tracking-uri",
+        help="Mirror into this MLflow tracking server too (e.g. sqlite:///mlflow.db).",
+    ),
+]
+
+
 @release_app.command("promote")
 def release_promote(
     version: Annotated[str, typer.Argument(help="Version (or alias) to point the alias at.")],
     alias: Annotated[str, typer.Option("--alias", help="Alias, e.g. stable or candidate.")],
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: NameOpt = None,
+    mlflow_tracking_uri: MlflowUriOpt = "",
 ) -> None:
-    """Point an alias (@stable, @candidate, ...) of the release's line at VERSION."""
-    rel = _open_registry(registry).promote(version, alias, name=name)
+    """Point an alias (@stable, @candidate, ...) of the release's line at VERSION.
+
+    With --mlflow-tracking-uri the line is mirrored into MLflow afterwards (its missing
+    releases as model versions, every alias); an unreachable server is reported, and
+    the alias in the registry stays moved.
+    """
+    reg = _open_registry(registry)
+    rel = reg.promote(version, alias, name=name)
     console.print(f"{rel.name} @{alias.removeprefix('@')} -> {rel.version}")
+    if mlflow_tracking_uri:
+        from fedcommons.releases.mlflow_mirror import check_available, sync_registry
+
+        check_available()
+        try:
+            sync_registry(reg, mlflow_tracking_uri, name=rel.name)
+        except Exception as exc:  # the registry changed already: report, exit non-zero
+            console.print(
+                f"[yellow]not mirrored[/] to MLflow ({type(exc).__name__}: {exc}); "
+                "run `fedcommons release mlflow-sync` when the server is back"
+            )
+            raise typer.Exit(1) from exc
+        console.print(f"MLflow: @{alias.removeprefix('@')} -> {rel.name} {rel.version}")
+
+
+@release_app.command("mlflow-sync")
+def release_mlflow_sync(
+    tracking_uri: Annotated[
+        str,
+        typer.Option(
+            "--mlflow-tracking-uri",
+            envvar="MLFLOW_TRACKING_URI",
+            help="MLflow tracking server (env MLFLOW_TRACKING_URI).",
+        ),
+    ],
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+    name: NameOpt = None,
+    experiment: Annotated[
+        str, typer.Option(help="Experiment for releases mirrored now (default: the line).")
+    ] = "",
+) -> None:
+    """Mirror every release MLflow lacks as a model version, then every alias (idempotent).
+
+    For releases published while the tracking server was down, or before it was
+    configured: each gets an MLflow run (per-round and final metrics from its manifest,
+    model card, release files) and a model version tagged with its manifest hash.
+    """
+    from fedcommons.releases.mlflow_mirror import check_available, check_tracking_uri
+
+    check_tracking_uri(tracking_uri)
+    check_available()
+    from fedcommons.releases.mlflow_mirror import sync_registry
+
+    reg = _open_registry(registry)
+    total = len(reg.releases(name))
+    with _progress("mirroring releases", total) as advance:
+        done = sync_registry(
+            reg, tracking_uri, name=name, experiment=experiment, on_release=lambda r, v: advance()
+        )
+    for label in done["mirrored"]:
+        console.print(f"mirrored {label}")
+    console.print(
+        f"{len(done['mirrored'])} release(s) mirrored, {len(done['present'])} already in "
+        f"MLflow; aliases set ({tracking_uri})"
+    )
 
 
 @release_app.command("tag")
