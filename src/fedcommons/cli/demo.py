@@ -55,6 +55,15 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the split, init and sampling.")] = 0,
     task: Annotated[str, typer.Option(help="Task name or 'package.module:Class'.")] = "digits",
     strategy: Annotated[str, typer.Option(help="Aggregation strategy.")] = "fedavg",
+    strategy_param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strategy-param",
+            "-p",
+            help="Strategy parameter key=value (repeatable), as in `merge`; checked before "
+            "round 1 (`fedcommons strategies list` shows each strategy's parameters).",
+        ),
+    ] = None,
     dp: Annotated[
         list[str] | None,
         typer.Option(
@@ -76,6 +85,14 @@ def demo(
             "updates. See docs/secure-aggregation.md."
         ),
     ] = False,
+    mlflow_tracking_uri: Annotated[
+        str,
+        typer.Option(
+            "--mlflow-tracking-uri",
+            help="Mirror the run and its release into MLflow (e.g. sqlite:///mlflow.db); "
+            "needs the mlflow extra.",
+        ),
+    ] = "",
     log_level: LogLevelOpt = "WARNING",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
@@ -89,6 +106,7 @@ def demo(
         task=task,
         task_options={"partition": "iid" if iid else "dirichlet", "alpha": alpha, "seed": seed},
         strategy=strategy,
+        strategy_params=parse_settings(strategy_param),
         rounds=rounds,
         clients_per_round=clients_per_round,
         min_clients=1,
@@ -100,6 +118,7 @@ def demo(
         compression=compression,
         error_feedback=error_feedback,
         secagg=secagg,
+        mlflow_tracking_uri=mlflow_tracking_uri,
     )
     split = "IID" if iid else f"Dirichlet α={alpha}"
     console.print(
