@@ -529,16 +529,27 @@ def release_apply(
 @release_app.command("export")
 def release_export(
     version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="File to write (a new folder for hf).")
+    ],
     fmt: Annotated[ExportFormat, typer.Option("--format")] = ExportFormat.safetensors,
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: NameOpt = None,
 ) -> None:
-    """Export a release's weights (hash-checked): safetensors as stored, or a torch state dict."""
-    from fedcommons.releases.export import export_release
+    """Export a release (hash-checked): safetensors as stored, a torch state dict, or hf.
+
+    hf writes a folder Hugging Face tools load: the task's own layout (transformer
+    tasks: save_pretrained) or model.safetensors + config.json + README.md (the model
+    card), loaded by fedcommons.releases.hub.FedcommonsModel.from_pretrained(folder).
+    """
+    from fedcommons.releases.export import FOLDER_FORMATS, export_folder, export_release
 
     reg = _open_registry(registry)
     rel = reg.get(version, name=name)
-    data = export_release(reg, rel, fmt)
-    _write_atomic(output, data)
-    console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}")
+    with _progress(f"exporting {rel.name} {rel.version} as {fmt.value}", None):
+        if fmt in FOLDER_FORMATS:
+            export_folder(reg, rel, fmt, output)
+        else:
+            _write_atomic(output, export_release(reg, rel, fmt))
+    suffix = "/" if fmt in FOLDER_FORMATS else ""
+    console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}{suffix}")

@@ -112,8 +112,12 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
         if t.get("candidate") is not None and t["candidate"] == t["candidate"]
     ]
     base_model = f"{manifest.name}@{manifest.parent_version}" if manifest.parent_version else None
+    # validation/test sets by name ("digits/validation" -> "digits"); the institutions'
+    # training data is private and listed nowhere
+    datasets = sorted({str(t["dataset"]).split("/")[0] for t in tasks} | {manifest.task})
     data = ModelCardData(
         license=license,
+        datasets=datasets,
         library_name="pytorch",
         tags=["fedcommons", "federated-learning", manifest.task, f"strategy-{manifest.strategy}"],
         base_model=base_model,
