@@ -115,7 +115,7 @@ def publish_digits(
             "strategy": "fedavg",
             "rounds": 3,
             "contributors": 4,
-            "metrics": {"test_accuracy": accuracy},
+            "metrics": {"val_accuracy": accuracy, "test_accuracy": accuracy},
             "validation": gate.to_dict(),
             "config": {"task.hidden": "64", "task.partition-id": 3},
             "code_version": "test",

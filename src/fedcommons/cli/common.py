@@ -50,7 +50,7 @@ def parse_settings(items: list[str] | None) -> dict[str, object]:
 
 
 @contextmanager
-def progress(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+def progress(description: str, total: int | None) -> Iterator[Callable[[], None]]:
     """A transient rich progress bar on stderr for long CLI work; yields ``advance(n=1)``.
 
     ``total`` ``None`` shows a spinner-style bar of unknown length. Nothing is drawn when
@@ -73,7 +73,7 @@ def progress(description: str, total: int | None) -> Iterator[Callable[..., None
     with Progress(*columns, console=err_console, transient=True) as bar:
         task_id = bar.add_task(description, total=total)
 
-        def advance(n: int = 1, *_: object) -> None:
+        def advance(n: int = 1) -> None:
             bar.advance(task_id, n)
 
         yield advance

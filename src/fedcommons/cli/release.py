@@ -417,6 +417,55 @@ def release_verify(
         raise typer.Exit(1)
 
 
+def _trusted_key(path: Path | None):
+    """The Ed25519 public key pinned with --trust (``None``: the registry's own)."""
+    from fedcommons.errors import ConfigError
+    from fedcommons.releases.signing import load_public_key
+
+    if path is None:
+        return None
+    try:
+        return load_public_key(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise ConfigError(f"cannot read public key {str(path)!r}: {exc}") from exc
+
+
+@release_app.command("site")
+def release_site(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the site to.")],
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+    trust: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust",
+            help="Trusted signer's Ed25519 public key (PEM); default: the registry's own.",
+        ),
+    ] = None,
+) -> None:
+    """Render a static site of every line and version (works from file://, no server).
+
+    Lineage, validation scores across versions (SVG chart), privacy budget, compression,
+    contributors, verification against the trusted key, and downloads (weights, card,
+    patch from the parent). Exit code 1 when a release fails verification.
+    """
+    from fedcommons.releases.site import build_site
+
+    reg = _open_registry(registry)
+    with _progress("rendering release pages", len(reg.releases())) as advance:
+        summary = build_site(
+            reg, output, public_key=_trusted_key(trust), on_release=lambda r: advance()
+        )
+    console.print(
+        f"site of {summary.releases} release(s) -> {summary.root / 'index.html'}; "
+        f"{summary.verified} verified against key {summary.key_id[:16]}"
+        + ("" if summary.pinned else " (the registry's own: pin one with --trust)")
+    )
+    for label in summary.failed:
+        console.print(f"[red]FAIL[/] {label}: verification failed (shown on the site)")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 def _bytes_of(reg, ref: str, name: str | None) -> tuple[bytes, str]:
     """Weights bytes of a release reference or of a safetensors file path."""
     path = Path(ref).expanduser()
