@@ -21,6 +21,7 @@ from fedcommons.releases.patches import diff_weights
 from fedcommons.releases.registry import Registry, Release
 from fedcommons.releases.signing import Signer
 from fedcommons.releases.versioning import decide_bump
+from fedcommons.strategies import strategy_code
 from fedcommons.wire import ReleaseManifest
 
 log = get_logger("fedcommons.coordinator")
@@ -102,6 +103,7 @@ def publish(
             task=config.task,
             strategy=prepared.strategy.name,
             strategy_params=prepared.strategy.params(),
+            strategy_code=strategy_code(prepared.strategy),
             rounds=config.rounds,
             clients_per_round=config.clients_per_round,
             contributors=contributors,

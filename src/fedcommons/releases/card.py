@@ -40,6 +40,7 @@ them; the coordinator merged their updates with `{{ strategy }}` over {{ rounds 
 | parameters | {{ num_parameters }} |
 | weights | `{{ weights_sha256 }}` (safetensors, {{ weights_bytes }} bytes) |
 | strategy | `{{ strategy }}` {{ strategy_params }} |
+| aggregated by | {{ strategy_code }} |
 | code version | fedcommons {{ code_version }} |
 | signed by | Ed25519 key `{{ key_id }}` |
 
@@ -92,6 +93,16 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+def _code_text(code: dict[str, Any]) -> str:
+    """``pkg 1.2 (plugin, `mod:fn`)`` from a manifest's ``strategy_code``."""
+    if not code:
+        return "-"
+    package = " ".join(str(code[k]) for k in ("package", "version") if code.get(k))
+    return (
+        f"{package or 'unpackaged code'} ({code.get('origin', '?')}, `{code.get('object', '?')}`)"
+    )
 
 
 def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> str:
@@ -166,6 +177,7 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
         weights_bytes=manifest.weights_bytes,
         strategy=manifest.strategy,
         strategy_params=json.dumps(manifest.strategy_params, sort_keys=True),
+        strategy_code=_code_text(manifest.strategy_code),
         code_version=manifest.code_version,
         key_id=(manifest.signing_key_id or "-")[:16],
         contributors=manifest.contributors,
