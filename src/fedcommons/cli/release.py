@@ -186,6 +186,63 @@ def release_show(
         console.print(rounds)
 
 
+@release_app.command("validate")
+def release_validate(
+    version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+    name: NameOpt = None,
+    suite: Annotated[
+        str, typer.Option(help="Validation suite 'package.module:function' (default: the run's).")
+    ] = "",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 (default: CUDA if present).")] = "",
+) -> None:
+    """Score a published release again on its line's validation suite, against its parent.
+
+    Publishes nothing: re-checks a release on this machine (another device, a newer suite
+    or data). Exit code 1 when the gate would reject it.
+    """
+    from fedcommons.releases.export import task_options
+    from fedcommons.releases.gate import load_suite, run_gate
+    from fedcommons.tasks import load_task, select_device
+
+    reg = _open_registry(registry)
+    rel = reg.get(version, name=name)
+    manifest = rel.manifest()
+    task = load_task(manifest.task, task_options(manifest.config))
+    config = manifest.config or {}
+    checks = load_suite(
+        task, suite or str(config.get("validation-suite", "")), str(config.get("gate-target", ""))
+    )
+    parent = reg.get(rel.parent_version, name=rel.name) if rel.parent_version else None
+    sizes = {}
+    for t in checks.tasks:
+        try:
+            sizes[t.dataset] = len(t.loader().dataset)  # type: ignore[arg-type]
+        except TypeError:  # an iterable loader without a length: a bar of unknown size
+            sizes[t.dataset] = None
+    total = None if None in sizes.values() else sum(sizes.values()) * (2 if parent else 1)
+    with _progress(f"validating {rel.name} {rel.version} ({checks.name})", total) as advance:
+        gate = run_gate(
+            task,
+            checks,
+            reg.load_weights(rel),
+            parent=reg.load_weights(parent) if parent else None,
+            parent_version=parent.version if parent else None,
+            parent_validation=parent.manifest().validation if parent else None,
+            device=select_device(device or None),
+            progress=lambda n: advance(n),
+        )
+    report = gate.to_dict()
+    console.print(
+        f"{rel.name} {rel.version} on suite {report.get('suite')} ({report.get('device')}, "
+        f"{report.get('seconds', 0):.2f}s), parent {parent.version if parent else '-'}"
+    )
+    console.print(_validation_table(report))
+    if not gate.passed:
+        console.print("[red]the gate would reject it:[/] " + "; ".join(gate.reasons))
+        raise typer.Exit(1)
+
+
 @release_app.command("card")
 def release_card(
     version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
