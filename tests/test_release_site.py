@@ -104,7 +104,8 @@ def test_the_site_shows_every_release_the_chart_and_the_tampered_release_in_chro
         }  # fmt: skip
         for line in lines:
             assert line.size["width"] > 100  # drawn across the four versions
-        assert len(chart.find_elements(By.CSS_SELECTOR, "circle.point")) == 8
+        # the tampered release's figures are not charted: 3 verified versions x 2 series
+        assert len(chart.find_elements(By.CSS_SELECTOR, "circle.point")) == 6
         if os.environ.get(SCREENSHOT_ENV):
             driver.save_screenshot(os.environ[SCREENSHOT_ENV])
         assert driver.get_screenshot_as_png()[:4] == b"\x89PNG"
@@ -127,6 +128,7 @@ def test_the_site_shows_every_release_the_chart_and_the_tampered_release_in_chro
         error = driver.find_element(By.CSS_SELECTOR, "p.verify").text
         assert "verification failed" in error and "weights file" in error
         assert driver.find_elements(By.CSS_SELECTOR, "ul.downloads a") == []
+        assert driver.find_elements(By.CSS_SELECTOR, "table.validation") == []
         assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
         driver.execute_script("console.error('probe')")  # the capture itself works
         assert any("probe" in e["message"] for e in driver.get_log("browser"))
@@ -163,3 +165,15 @@ def test_a_key_pinned_with_trust_that_did_not_sign_fails_every_release(
     index = (tmp_path / "site" / "index.html").read_text()
     assert "pinned with <code>--trust</code>" in index
     assert not (tmp_path / "site" / "files").exists()  # nothing failing is offered
+
+
+def test_a_signed_manifest_with_fields_of_the_wrong_type_is_shown_failing_not_crashing(
+    tmp_path: Path,
+) -> None:
+    """Input tried: a release whose (validly signed) manifest has a list as its config."""
+    reg = Registry(tmp_path / "reg")
+    publish_digits(reg, Signer.generate(), digits_weights(5), config=["not", "a", "mapping"])
+    summary = build_site(reg, tmp_path / "site")
+    assert summary.failed == ["digits 1.0.0"]
+    page = (tmp_path / "site" / "digits" / "1.0.0.html").read_text()
+    assert "manifest fields of the wrong type: config" in page

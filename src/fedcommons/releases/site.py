@@ -7,7 +7,8 @@ versions as an inline SVG chart drawn here, the privacy budget spent, compressio
 contributor counts, the verification status of each release against the trusted key
 (:class:`~fedcommons.releases.verification.Verifier`; pin the key with ``--trust``) and
 download links for the weights, model cards and sparse patches from the parent. A
-release that fails verification is shown failing and its files are not offered.
+release that fails verification is shown failing, with none of its figures (they may be
+forged: it is left out of the chart) and none of its files.
 
 Layout of ``DIR``: ``index.html``, ``<line>/<version>.html``, and
 ``files/<line>/<version>/`` (``model.safetensors``, ``README.md``, ``manifest.json``,
@@ -55,7 +56,7 @@ class ReleasePage:
 
     @property
     def ok(self) -> bool:
-        """Verified, and its manifest parsed."""
+        """Verified, and its manifest parsed with fields of the expected types."""
         return self.verify.ok and self.manifest is not None
 
 
@@ -160,6 +161,27 @@ def _privacy(manifest: ReleaseManifest) -> dict[str, Any]:
     }
 
 
+_FIELD_TYPES = {
+    "metrics": dict,
+    "validation": dict,
+    "privacy": dict,
+    "version_bump": dict,
+    "strategy_params": dict,
+    "strategy_code": dict,
+    "round_metrics": list,
+    "config": dict,
+}
+
+
+def _malformed(manifest: ReleaseManifest) -> str:
+    """Why a (signed) manifest cannot be shown, or ``""``: fields of the wrong type."""
+    wrong = [k for k, kind in _FIELD_TYPES.items() if not isinstance(getattr(manifest, k), kind)]
+    tasks = manifest.validation.get("tasks", []) if isinstance(manifest.validation, dict) else []
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        wrong.append("validation.tasks")
+    return f"manifest fields of the wrong type: {', '.join(wrong)}" if wrong else ""
+
+
 def _copy(src: Path, dst: Path) -> None:
     """Hard-link when possible (same file system), else copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -178,11 +200,16 @@ class _SiteBuilder:
     def release_page(self, rel: Release, pages: dict[tuple[str, str], ReleasePage]) -> ReleasePage:
         result = self.verifier.verify(rel)
         page = ReleasePage(rel, None, result, f"{slug(rel.name)}/{slug(rel.version)}.html")
+        if not result.ok:  # its figures may be forged: show none of them, offer no file
+            return page
         try:
-            page.manifest = rel.manifest()
+            manifest = rel.manifest()
         except (OSError, ValueError, TypeError) as exc:
             page.error = f"manifest unreadable: {exc}"
-        if page.ok:
+            return page
+        page.error = _malformed(manifest)
+        if not page.error:
+            page.manifest = manifest
             self._files(page, pages)
         return page
 
