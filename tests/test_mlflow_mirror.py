@@ -186,3 +186,18 @@ def test_dp_line_mirrors_no_manifest_holding_per_node_fields(
     if any(r.get("upload_bytes") for r in manifest.round_metrics):
         assert "release/manifest.json" not in artifacts
     assert "release/model.safetensors" in artifacts
+
+
+def test_after_a_failure_live_calls_pause_and_the_pause_doubles(closed_port: int) -> None:
+    """Input tried: three rounds against a refusing server; the mirror's clock is not faked."""
+    from fedcommons.releases.mlflow_mirror import MlflowMirror
+
+    mirror = MlflowMirror(f"http://127.0.0.1:{closed_port}", line="digits")
+    mirror.run_started(1, {"run_name": "r", "config": {"rounds": 3}})
+    first_pause = mirror.paused_until
+    report = {"round": 1, "val_accuracy": 0.5, "rejected": {}, "upload_bytes": {"7": 10}}
+    mirror.round_finished(report)  # skipped: the server is marked down
+    assert mirror.not_mirrored == ["run start and parameters", "round 1 metrics"]
+    assert mirror.pending_rounds == [1]  # kept for the next call that succeeds
+    mirror.run_ended("finished", "1.0.0")  # always attempted: fails again, pause doubles
+    assert mirror.paused_until - first_pause > mirror.retry_after_s

@@ -19,8 +19,8 @@ is logged as a warning and recorded in the run's audit log (``mlflow.mirror``
 ``not-mirrored``, naming what was not mirrored); round metrics wait in memory and are
 sent with the next call that succeeds, and ``fedcommons release mlflow-sync`` mirrors
 every release (and alias) MLflow lacks, from the registry, at any later time. After a
-failure, live calls pause for :attr:`MlflowMirror.retry_after_s` so that an unreachable
-server costs one timeout, not one per round.
+failure, live calls pause (:attr:`MlflowMirror.retry_after_s`, doubling per further
+failure) so that an unreachable server costs one timeout now and then, not one per round.
 
 Privacy: only aggregates leave the coordinator. Per-round upload bytes are summed; a
 manifest that still holds per-institution fields (upload bytes or DP spends keyed by
@@ -175,8 +175,10 @@ class MlflowMirror:
     :meth:`_attempt`, which logs, audits and remembers what it could not send.
     """
 
-    #: Seconds live calls pause after a failed one (the release is always attempted).
+    #: Seconds live calls pause after a failed one, doubling with each further failure up
+    #: to :attr:`max_retry_after_s` (the release and the run's end are always attempted).
     retry_after_s: float = 60.0
+    max_retry_after_s: float = 900.0
 
     def __init__(
         self,
@@ -196,8 +198,19 @@ class MlflowMirror:
         self._params: dict[str, Any] = {}
         self._pending: list[tuple[int, int, dict[str, float]]] = []  # (step, ms, metrics)
         self._down_until = 0.0
+        self._failures = 0
         #: What could not be mirrored (also in the audit log), for tests and operators.
         self.not_mirrored: list[str] = []
+
+    @property
+    def pending_rounds(self) -> list[int]:
+        """Rounds whose metrics wait for the server (sent with the next call that works)."""
+        return [step for step, _, _ in self._pending]
+
+    @property
+    def paused_until(self) -> float:
+        """``time.monotonic()`` before which live calls are skipped (0: not paused)."""
+        return self._down_until
 
     # -- plumbing ---------------------------------------------------------------------
     @property
@@ -221,10 +234,12 @@ class MlflowMirror:
         try:
             action()
         except Exception as exc:  # MLflow raises many types (HTTP, SQL, REST); none may escape
-            self._down_until = time.monotonic() + self.retry_after_s
+            pause = min(self.retry_after_s * 2**self._failures, self.max_retry_after_s)
+            self._failures += 1
+            self._down_until = time.monotonic() + pause
             self._missed(what, f"{type(exc).__name__}: {exc}")
             return False
-        self._down_until = 0.0
+        self._down_until, self._failures = 0.0, 0
         return True
 
     def _missed(self, what: str, error: str) -> None:
