@@ -49,28 +49,28 @@ def parse_settings(items: list[str] | None) -> dict[str, object]:
     return settings
 
 
-@contextmanager
-def progress(description: str, total: int | None) -> Iterator[Callable[[], None]]:
-    """A transient rich progress bar on stderr for long CLI work; yields ``advance(n=1)``.
+def progress_columns() -> tuple:
+    """The columns of every fedcommons progress bar: description, bar, n/total, time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    ``total`` ``None`` shows a spinner-style bar of unknown length. Nothing is drawn when
-    stderr is not a terminal (CI, pipes), so the commands' output stays parseable.
-    """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    columns = (
+    return (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=err_console, transient=True) as bar:
+
+
+@contextmanager
+def progress(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """A transient rich progress bar on stderr for long CLI work; yields ``advance(n=1)``.
+
+    ``total`` ``None`` shows a bar of unknown length. Nothing is drawn when stderr is not a
+    terminal (CI, pipes), so the commands' output stays parseable.
+    """
+    from rich.progress import Progress
+
+    with Progress(*progress_columns(), console=err_console, transient=True) as bar:
         task_id = bar.add_task(description, total=total)
 
         def advance(n: int = 1) -> None:

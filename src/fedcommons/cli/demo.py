@@ -6,9 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
-from fedcommons.cli.common import DEFAULT_REGISTRY, LogLevelOpt, RegistryOpt, console
+from fedcommons.cli.common import (
+    DEFAULT_REGISTRY,
+    LogLevelOpt,
+    RegistryOpt,
+    console,
+    progress_columns,
+)
 from fedcommons.logs import configure_logging
 
 
@@ -127,13 +133,7 @@ def demo(
         + (f", updates {config.compression}" if config.compression != "dense" else "")
         + (", secure aggregation (SecAgg+)" if secagg else "")
     )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*progress_columns(), console=console, transient=True) as progress:
         task_id = progress.add_task("starting Flower simulation", total=rounds)
         result = run_simulation(
             config,
