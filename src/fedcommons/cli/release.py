@@ -636,17 +636,19 @@ def release_apply(
 def release_export(
     version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="File to write (a new folder for hf).")
+        Path, typer.Option("--output", "-o", help="File to write (a new folder for peft / hf).")
     ],
     fmt: Annotated[ExportFormat, typer.Option("--format")] = ExportFormat.safetensors,
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: NameOpt = None,
 ) -> None:
-    """Export a release (hash-checked): safetensors as stored, a torch state dict, or hf.
+    """Export a release (hash-checked): safetensors, torch, peft or hf.
 
-    hf writes a folder Hugging Face tools load: the task's own layout (transformer
-    tasks: save_pretrained) or model.safetensors + config.json + README.md (the model
-    card), loaded by fedcommons.releases.hub.FedcommonsModel.from_pretrained(folder).
+    safetensors as stored, a torch state dict; hf writes a folder Hugging Face tools
+    load: the task's own layout (text tasks: the merged model via save_pretrained) or
+    model.safetensors + config.json + README.md (the model card), loaded by
+    fedcommons.releases.hub.FedcommonsModel.from_pretrained(folder); peft (text-task LoRA
+    patches) a PEFT adapter folder.
     """
     from fedcommons.releases.export import FOLDER_FORMATS, export_folder, export_release
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ from fedcommons.releases.registry import Registry, Release
 from fedcommons.releases.signing import Signer
 from fedcommons.releases.versioning import decide_bump
 from fedcommons.strategies import strategy_code
+from fedcommons.tasks import Task
 from fedcommons.wire import ReleaseManifest
 
 log = get_logger("fedcommons.coordinator")
@@ -121,6 +123,7 @@ def publish(
             privacy=prepared.privacy.manifest_privacy() if prepared.privacy else {},
             compression=config.compression,
             upload_bytes=sum(sum(r.upload_bytes.values()) for r in reports),
+            base=patch_base(prepared.task),
         )
 
     return registry.publish(
@@ -132,3 +135,9 @@ def publish(
         bump=decision.bump,
         render_card=render_card,
     )
+
+
+def patch_base(task: Task) -> dict[str, Any]:
+    """The pinned base a task's weights are a patch of (empty for whole-model tasks)."""
+    base_info = getattr(task, "base_info", None)
+    return dict(base_info()) if callable(base_info) else {}

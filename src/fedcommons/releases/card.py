@@ -45,6 +45,7 @@ them; the coordinator merged their updates with `{{ strategy }}` over {{ rounds 
 | signed by | Ed25519 key `{{ key_id }}` |
 
 Version bump: {{ bump_reasons }}
+{{ base_section }}
 
 ## Intended use
 
@@ -126,6 +127,8 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
     # validation/test sets by name ("digits/validation" -> "digits"); the institutions'
     # training data is private and listed nowhere
     datasets = sorted({str(t["dataset"]).split("/")[0] for t in tasks} | {manifest.task})
+    if manifest.base:
+        base_model = manifest.base.get("name") or base_model
     data = ModelCardData(
         license=license,
         datasets=datasets,
@@ -197,5 +200,36 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
         compression=manifest.compression,
         upload_bytes=manifest.upload_bytes,
         privacy=privacy_text,
+        base_section=_base_section(manifest),
     )
     return str(card)
+
+
+def _base_section(manifest: ReleaseManifest) -> str:
+    """A patch release's base, adapter and how to load it (empty for whole models)."""
+    base = manifest.base or {}
+    if not base:
+        return ""
+    adapter = base.get("adapter", "-")
+    lora = base.get("lora")
+    config = json.dumps(lora, sort_keys=True) if lora else "-"
+    labels = ", ".join(base.get("label_names", [])) or "-"
+    return f"""
+### Patch of a pinned base
+
+This release is a **patch** ({adapter}) of a pretrained base that it does not contain:
+the registry stores only the {manifest.num_parameters} patch parameters.
+
+| | |
+| --- | --- |
+| base model | `{base.get("name", "-")}` |
+| base weights SHA-256 | `{base.get("sha256", "-")}` |
+| adapter | `{adapter}` |
+| adapter config | {config} |
+| dataset | {base.get("dataset", "-")} |
+| labels | {labels} |
+| max tokens | {base.get("max_length", "-")} |
+
+Load it with `fedcommons release export {manifest.version} --format peft -o DIR` (LoRA:
+`PeftModel.from_pretrained(base, DIR)`) or `--format hf` (merged `transformers` folder).
+"""

@@ -40,11 +40,17 @@ class ExportFormat(StrEnum):
 
     safetensors = "safetensors"
     torch = "torch"
+    peft = "peft"
     hf = "hf"
 
 
-#: Formats written as a folder, and the Task method that may write each one itself.
-TASK_HOOKS: dict[ExportFormat, str] = {ExportFormat.hf: "export_hf"}
+#: Formats written as a folder, and the Task method that writes each one. ``hf`` has a
+#: generic writer for tasks without the method; ``peft`` only exists as a task's own
+#: (text tasks: LoRA patches as PEFT adapters).
+TASK_HOOKS: dict[ExportFormat, str] = {
+    ExportFormat.hf: "export_hf",
+    ExportFormat.peft: "export_peft",
+}
 FOLDER_FORMATS = tuple(TASK_HOOKS)
 #: Task options that describe one site, not the model (left out of an export's config).
 SITE_OPTIONS = frozenset({"partition-id", "device"})
@@ -104,12 +110,14 @@ def export_folder(registry: Registry, release: Release, fmt: ExportFormat, outpu
 
     The release's task is rebuilt from its manifest (task name and ``task.*`` options);
     its hook (:data:`TASK_HOOKS`) writes the folder if it has one, else the generic
-    writer does. ``output`` must not exist or be an empty folder
+    writer does (``hf`` only). A patch release's pinned base must be the one installed
+    here (:class:`~fedcommons.errors.VerificationError` otherwise), so a patch is never
+    applied to a different base. ``output`` must not exist or be an empty folder
     (:class:`~fedcommons.errors.ConfigError` otherwise: nothing is overwritten).
     """
     from safetensors.torch import load as st_load
 
-    from fedcommons.errors import ConfigError
+    from fedcommons.errors import ConfigError, VerificationError
     from fedcommons.tasks import load_task
 
     output = Path(output).expanduser()
@@ -127,11 +135,24 @@ def export_folder(registry: Registry, release: Release, fmt: ExportFormat, outpu
     }
     options = task_options(manifest.config)
     task = load_task(manifest.task, options)
+    pinned = (manifest.base or {}).get("sha256")
+    base_info = getattr(task, "base_info", None)
+    actual = base_info().get("sha256") if callable(base_info) else None
+    if pinned and actual != pinned:
+        raise VerificationError(
+            f"release {release.version} is a patch of base {pinned[:16]}…, but the base "
+            f"installed here hashes to {str(actual)[:16]}…: install the pinned base"
+        )
     hook = getattr(task, TASK_HOOKS[fmt], None)
+    if not callable(hook) and fmt is not ExportFormat.hf:
+        raise ConfigError(
+            f"task {manifest.task!r} cannot be exported as {fmt.value} (it has no "
+            f"{TASK_HOOKS[fmt]} method): use --format hf or safetensors"
+        )
     output.mkdir(parents=True, exist_ok=True)
     if callable(hook):
         hook(st_load(data), output, release=provenance, card=card)
-    elif fmt is ExportFormat.hf:
+    else:
         export_hf_generic(data, output, task=manifest.task, options=options,
                           release=provenance, card=card)  # fmt: skip
     return output

@@ -28,6 +28,7 @@ from fedcommons.errors import (
 from fedcommons.strategies.base import Aggregator
 from fedcommons.strategies.fedavg import FedAdam, FedAvg
 from fedcommons.strategies.fisher import FisherMerge
+from fedcommons.strategies.lora import LoraExact
 from fedcommons.strategies.mask_aligned import MaskAligned
 from fedcommons.strategies.robust import Median, TrimmedMean
 
@@ -122,6 +123,7 @@ _BUILTIN_CLASSES: tuple[type[Aggregator], ...] = (
     FedAvg,
     FedAdam,
     FisherMerge,
+    LoraExact,
     MaskAligned,
     Median,
     TrimmedMean,

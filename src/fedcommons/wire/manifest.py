@@ -56,6 +56,9 @@ class ReleaseManifest:
     strategy_code: dict[str, Any] = field(default_factory=dict)
     schema_version: int = MANIFEST_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: For a patch release (#15): the pinned base it applies to — name, SHA-256 of the
+    #: base's weights, adapter and its configuration. The registry stores the patch only.
+    base: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_weights(
