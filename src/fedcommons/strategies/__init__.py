@@ -31,6 +31,7 @@ from fedcommons.strategies.registry import (
     get_spec,
     refresh_plugins,
     register_strategy,
+    strategy_code,
     strategy_specs,
     unregister_strategy,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "refresh_plugins",
     "register_strategy",
     "strategy",
+    "strategy_code",
     "strategy_specs",
     "unregister_strategy",
 ]

@@ -177,9 +177,45 @@ def guarded_begin(aggregator: Aggregator, base: Mapping[str, torch.Tensor]) -> N
     _guarded(aggregator, "begin", aggregator.begin, base)
 
 
+def _crc(value: torch.Tensor) -> int:
+    import zlib
+
+    flat = value.detach().contiguous().reshape(-1).view(torch.uint8)
+    return zlib.crc32(memoryview(flat.numpy()))
+
+
+def _input_tensors(update: ClientUpdate) -> list[tuple[str, torch.Tensor, int]]:
+    """(label, tensor, CRC-32) of every CPU tensor the update arrived with."""
+    out = []
+    for what in ("delta", "mask", "fisher"):
+        for name, value in (getattr(update, what, None) or {}).items():
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                out.append((f"{what}[{name!r}]", value, _crc(value)))
+    return out
+
+
 def guarded_fold(aggregator: Aggregator, update: ClientUpdate) -> None:
-    """``aggregator.fold(update)``; any unexpected exception becomes a StrategyError."""
+    """``aggregator.fold(update)``; any unexpected exception becomes a StrategyError.
+
+    Updates are read-only views of the reply bytes, which torch cannot mark read-only:
+    for a strategy that is not built in, the update's tensors are checksummed before and
+    after ``fold``, and a write into them fails the round (nothing is published) instead
+    of silently aggregating clipped or corrupted updates.
+    """
+    if aggregator.origin == "built-in":  # the built-ins pass the kit's untouched check
+        _guarded(aggregator, "fold", aggregator.fold, update)
+        return
+    inputs = _input_tensors(update)  # the objects themselves: a plugin may rebind fields
     _guarded(aggregator, "fold", aggregator.fold, update)
+    written = [label for label, value, crc in inputs if _crc(value) != crc]
+    if written:
+        raise StrategyError(
+            _name(aggregator),
+            aggregator.origin,
+            f"fold wrote into the update's {', '.join(written)} in place; updates are "
+            "read-only views of the reply bytes: copy before changing them "
+            "(e.g. update.delta[k].clone().clamp_(...))",
+        )
 
 
 def guarded_fold_many(aggregator: Aggregator, updates: Sequence[ClientUpdate]) -> None:
