@@ -202,11 +202,23 @@ def guarded_fold(aggregator: Aggregator, update: ClientUpdate) -> None:
     after ``fold``, and a write into them fails the round (nothing is published) instead
     of silently aggregating clipped or corrupted updates.
     """
+    _checked_fold(aggregator, aggregator.fold, update, [update])
+
+
+def guarded_fold_many(aggregator: Aggregator, updates: Sequence[ClientUpdate]) -> None:
+    """``aggregator.fold_many(updates)``, guarded as :func:`guarded_fold` guards ``fold``."""
+    _checked_fold(aggregator, aggregator.fold_many, updates, updates)
+
+
+def _checked_fold(
+    aggregator: Aggregator, call: Callable[..., Any], arg: Any, updates: Sequence[ClientUpdate]
+) -> None:
     if aggregator.origin == "built-in":  # the built-ins pass the kit's untouched check
-        _guarded(aggregator, "fold", aggregator.fold, update)
+        _guarded(aggregator, "fold", call, arg)
         return
-    inputs = _input_tensors(update)  # the objects themselves: a plugin may rebind fields
-    _guarded(aggregator, "fold", aggregator.fold, update)
+    # the objects themselves: a plugin may rebind fields
+    inputs = [item for update in updates for item in _input_tensors(update)]
+    _guarded(aggregator, "fold", call, arg)
     written = [label for label, value, crc in inputs if _crc(value) != crc]
     if written:
         raise StrategyError(
@@ -216,11 +228,6 @@ def guarded_fold(aggregator: Aggregator, update: ClientUpdate) -> None:
             "read-only views of the reply bytes: copy before changing them "
             "(e.g. update.delta[k].clone().clamp_(...))",
         )
-
-
-def guarded_fold_many(aggregator: Aggregator, updates: Sequence[ClientUpdate]) -> None:
-    """``aggregator.fold_many(updates)``; unexpected exceptions become StrategyErrors."""
-    _guarded(aggregator, "fold", aggregator.fold_many, updates)
 
 
 def guarded_finalize(
