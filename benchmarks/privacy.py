@@ -26,6 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.progress import steps
 from fedcommons.logs import configure_logging
 from fedcommons.privacy.accounting import audit_epsilon, runtime_epsilon
 from fedcommons.privacy.audit import audit_ledger
@@ -51,7 +52,7 @@ def canary_table(params: int, canaries: int, seed: int) -> None:
         title=f"one-run canary audit: {params:,} params, {canaries:,} canaries, z=2, δ=1e-5",
     )
     base_seconds = None
-    for bug in ("none", "skip-clipping", "noise-for-sum"):
+    for bug in steps(("none", "skip-clipping", "noise-for-sum"), "canary audits"):
         r = run_canary_audit(
             num_params=params, canaries=canaries, noise_multiplier=2.0, seed=seed, seeded_bug=bug
         )

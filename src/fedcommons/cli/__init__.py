@@ -52,7 +52,8 @@ def _root(
 def main() -> None:
     """Console-script entry point: typed errors become one red line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        # without standalone mode click *returns* a command's typer.Exit code
+        code = app(standalone_mode=False)
     except FedcommonsError as exc:
         err_console.print(f"[bold red]error[/] ({type(exc).__name__}): {exc}")
         sys.exit(2)
@@ -68,3 +69,5 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)

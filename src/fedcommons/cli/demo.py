@@ -6,9 +6,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
-from fedcommons.cli.common import DEFAULT_REGISTRY, LogLevelOpt, RegistryOpt, console
+from fedcommons.cli.common import (
+    DEFAULT_REGISTRY,
+    LogLevelOpt,
+    RegistryOpt,
+    console,
+    progress_columns,
+)
 from fedcommons.logs import configure_logging
 
 #: What ``fedcommons demo`` runs unless told otherwise; a task class's ``demo_defaults``
@@ -97,6 +103,15 @@ def demo(
     strategy: Annotated[
         str | None, typer.Option(help="Aggregation strategy [default: fedavg; text lora-exact].")
     ] = None,
+    strategy_param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strategy-param",
+            "-p",
+            help="Strategy parameter key=value (repeatable), as in `merge`; checked before "
+            "round 1 (`fedcommons strategies list` shows each strategy's parameters).",
+        ),
+    ] = None,
     dp: Annotated[
         list[str] | None,
         typer.Option(
@@ -126,6 +141,14 @@ def demo(
             "updates. See docs/secure-aggregation.md."
         ),
     ] = False,
+    mlflow_tracking_uri: Annotated[
+        str,
+        typer.Option(
+            "--mlflow-tracking-uri",
+            help="Mirror the run and its release into MLflow (e.g. sqlite:///mlflow.db); "
+            "needs the mlflow extra.",
+        ),
+    ] = "",
     log_level: LogLevelOpt = "WARNING",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
@@ -147,6 +170,7 @@ def demo(
         task=task,
         task_options=options,
         strategy=defaults["strategy"] if strategy is None else strategy,
+        strategy_params=parse_settings(strategy_param),
         rounds=defaults["rounds"] if rounds is None else rounds,
         clients_per_round=clients_per_round,
         min_clients=1,
@@ -159,6 +183,7 @@ def demo(
         compression=defaults["compression"] if compression is None else compression,
         error_feedback=defaults["error_feedback"] if error_feedback is None else error_feedback,
         secagg=secagg,
+        mlflow_tracking_uri=mlflow_tracking_uri,
     )
     strategy, rounds = config.strategy, config.rounds
     partition = str(options.get("partition", "the task's default"))
@@ -171,13 +196,7 @@ def demo(
         + (f", updates {config.compression}" if config.compression != "dense" else "")
         + (", secure aggregation (SecAgg+)" if secagg else "")
     )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*progress_columns(), console=console, transient=True) as progress:
         task_id = progress.add_task("starting Flower simulation", total=rounds)
         result = run_simulation(
             config,

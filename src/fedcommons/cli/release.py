@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from fedcommons.cli.common import DEFAULT_REGISTRY, OutputFormat, RegistryOpt, console
+from fedcommons.cli.common import progress as _progress
 from fedcommons.releases.export import ExportFormat
 
 release_app = typer.Typer(
@@ -185,6 +186,63 @@ def release_show(
         console.print(rounds)
 
 
+@release_app.command("validate")
+def release_validate(
+    version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+    name: NameOpt = None,
+    suite: Annotated[
+        str, typer.Option(help="Validation suite 'package.module:function' (default: the run's).")
+    ] = "",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 (default: CUDA if present).")] = "",
+) -> None:
+    """Score a published release again on its line's validation suite, against its parent.
+
+    Publishes nothing: re-checks a release on this machine (another device, a newer suite
+    or data). Exit code 1 when the gate would reject it.
+    """
+    from fedcommons.releases.export import task_options
+    from fedcommons.releases.gate import load_suite, run_gate
+    from fedcommons.tasks import load_task, select_device
+
+    reg = _open_registry(registry)
+    rel = reg.get(version, name=name)
+    manifest = rel.manifest()
+    task = load_task(manifest.task, task_options(manifest.config))
+    config = manifest.config or {}
+    checks = load_suite(
+        task, suite or str(config.get("validation-suite", "")), str(config.get("gate-target", ""))
+    )
+    parent = reg.get(rel.parent_version, name=rel.name) if rel.parent_version else None
+    sizes = {}
+    for t in checks.tasks:
+        try:
+            sizes[t.dataset] = len(t.loader().dataset)  # type: ignore[arg-type]
+        except TypeError:  # an iterable loader without a length: a bar of unknown size
+            sizes[t.dataset] = None
+    total = None if None in sizes.values() else sum(sizes.values()) * (2 if parent else 1)
+    with _progress(f"validating {rel.name} {rel.version} ({checks.name})", total) as advance:
+        gate = run_gate(
+            task,
+            checks,
+            reg.load_weights(rel),
+            parent=reg.load_weights(parent) if parent else None,
+            parent_version=parent.version if parent else None,
+            parent_validation=parent.manifest().validation if parent else None,
+            device=select_device(device or None),
+            progress=lambda n: advance(n),
+        )
+    report = gate.to_dict()
+    console.print(
+        f"{rel.name} {rel.version} on suite {report.get('suite')} ({report.get('device')}, "
+        f"{report.get('seconds', 0):.2f}s), parent {parent.version if parent else '-'}"
+    )
+    console.print(_validation_table(report))
+    if not gate.passed:
+        console.print("[red]the gate would reject it:[/] " + "; ".join(gate.reasons))
+        raise typer.Exit(1)
+
+
 @release_app.command("card")
 def release_card(
     version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
@@ -201,16 +259,87 @@ def release_card(
         raise RegistryError(f"release {rel.version} has no model card ({rel.card_path})") from exc
 
 
+MlflowUriOpt = Annotated[
+    str,
+    typer.Option(
+        "--mlflow-tracking-uri",
+        help="Mirror into this MLflow tracking server too (e.g. sqlite:///mlflow.db).",
+    ),
+]
+
+
 @release_app.command("promote")
 def release_promote(
     version: Annotated[str, typer.Argument(help="Version (or alias) to point the alias at.")],
     alias: Annotated[str, typer.Option("--alias", help="Alias, e.g. stable or candidate.")],
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: NameOpt = None,
+    mlflow_tracking_uri: MlflowUriOpt = "",
 ) -> None:
-    """Point an alias (@stable, @candidate, ...) of the release's line at VERSION."""
-    rel = _open_registry(registry).promote(version, alias, name=name)
+    """Point an alias (@stable, @candidate, ...) of the release's line at VERSION.
+
+    With --mlflow-tracking-uri the line is mirrored into MLflow afterwards (its missing
+    releases as model versions, every alias); an unreachable server is reported, and
+    the alias in the registry stays moved.
+    """
+    reg = _open_registry(registry)
+    rel = reg.promote(version, alias, name=name)
     console.print(f"{rel.name} @{alias.removeprefix('@')} -> {rel.version}")
+    if mlflow_tracking_uri:
+        from fedcommons.releases.mlflow_mirror import check_available, sync_registry
+
+        check_available()
+        try:
+            sync_registry(reg, mlflow_tracking_uri, name=rel.name)
+        except Exception as exc:  # the registry changed already: report, exit non-zero
+            console.print(
+                f"[yellow]not mirrored[/] to MLflow ({type(exc).__name__}: {exc}); "
+                "run `fedcommons release mlflow-sync` when the server is back"
+            )
+            raise typer.Exit(1) from exc
+        console.print(f"MLflow: @{alias.removeprefix('@')} -> {rel.name} {rel.version}")
+
+
+@release_app.command("mlflow-sync")
+def release_mlflow_sync(
+    tracking_uri: Annotated[
+        str,
+        typer.Option(
+            "--mlflow-tracking-uri",
+            envvar="MLFLOW_TRACKING_URI",
+            help="MLflow tracking server (env MLFLOW_TRACKING_URI).",
+        ),
+    ],
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+    name: NameOpt = None,
+    experiment: Annotated[
+        str, typer.Option(help="Experiment for releases mirrored now (default: the line).")
+    ] = "",
+) -> None:
+    """Mirror every release MLflow lacks as a model version, then every alias (idempotent).
+
+    For releases published while the tracking server was down, or before it was
+    configured: each gets an MLflow run (per-round and final metrics from its manifest,
+    model card, release files) and a model version tagged with its manifest hash.
+    """
+    from fedcommons.releases.mlflow_mirror import check_available, check_tracking_uri
+
+    check_tracking_uri(tracking_uri)
+    check_available()
+    from fedcommons.releases.mlflow_mirror import sync_registry
+
+    reg = _open_registry(registry)
+    total = len(reg.releases(name))
+    with _progress("mirroring releases", total) as advance:
+        done = sync_registry(
+            reg, tracking_uri, name=name, experiment=experiment, on_release=lambda r, v: advance()
+        )
+    for label in done["mirrored"]:
+        console.print(f"mirrored {label}")
+    console.print(
+        f"{len(done['mirrored'])} release(s) mirrored, {len(done['present'])} already in "
+        f"MLflow; aliases set ({tracking_uri})"
+    )
 
 
 @release_app.command("tag")
@@ -345,6 +474,55 @@ def release_verify(
         raise typer.Exit(1)
 
 
+def _trusted_key(path: Path | None):
+    """The Ed25519 public key pinned with --trust (``None``: the registry's own)."""
+    from fedcommons.errors import ConfigError
+    from fedcommons.releases.signing import load_public_key
+
+    if path is None:
+        return None
+    try:
+        return load_public_key(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise ConfigError(f"cannot read public key {str(path)!r}: {exc}") from exc
+
+
+@release_app.command("site")
+def release_site(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the site to.")],
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+    trust: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust",
+            help="Trusted signer's Ed25519 public key (PEM); default: the registry's own.",
+        ),
+    ] = None,
+) -> None:
+    """Render a static site of every line and version (works from file://, no server).
+
+    Lineage, validation scores across versions (SVG chart), privacy budget, compression,
+    contributors, verification against the trusted key, and downloads (weights, card,
+    patch from the parent). Exit code 1 when a release fails verification.
+    """
+    from fedcommons.releases.site import build_site
+
+    reg = _open_registry(registry)
+    with _progress("rendering release pages", len(reg.releases())) as advance:
+        summary = build_site(
+            reg, output, public_key=_trusted_key(trust), on_release=lambda r: advance()
+        )
+    console.print(
+        f"site of {summary.releases} release(s) -> {summary.root / 'index.html'}; "
+        f"{summary.verified} verified against key {summary.key_id[:16]}"
+        + ("" if summary.pinned else " (the registry's own: pin one with --trust)")
+    )
+    for label in summary.failed:
+        console.print(f"[red]FAIL[/] {label}: verification failed (shown on the site)")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 def _bytes_of(reg, ref: str, name: str | None) -> tuple[bytes, str]:
     """Weights bytes of a release reference or of a safetensors file path."""
     path = Path(ref).expanduser()
@@ -458,25 +636,28 @@ def release_apply(
 def release_export(
     version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="File (folder for peft / hf) to write.")
+        Path, typer.Option("--output", "-o", help="File to write (a new folder for peft / hf).")
     ],
     fmt: Annotated[ExportFormat, typer.Option("--format")] = ExportFormat.safetensors,
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: NameOpt = None,
 ) -> None:
-    """Export a release's weights (hash-checked): safetensors, torch, peft or hf.
+    """Export a release (hash-checked): safetensors, torch, peft or hf.
 
-    safetensors as stored, a torch state dict, or for text-task patches a PEFT adapter
-    folder (peft) or the merged model as a transformers folder (hf).
+    safetensors as stored, a torch state dict; hf writes a folder Hugging Face tools
+    load: the task's own layout (text tasks: the merged model via save_pretrained) or
+    model.safetensors + config.json + README.md (the model card), loaded by
+    fedcommons.releases.hub.FedcommonsModel.from_pretrained(folder); peft (text-task LoRA
+    patches) a PEFT adapter folder.
     """
     from fedcommons.releases.export import FOLDER_FORMATS, export_folder, export_release
 
     reg = _open_registry(registry)
     rel = reg.get(version, name=name)
-    if fmt in FOLDER_FORMATS:
-        export_folder(reg, rel, fmt, output)
-        console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}/")
-        return
-    data = export_release(reg, rel, fmt)
-    _write_atomic(output, data)
-    console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}")
+    with _progress(f"exporting {rel.name} {rel.version} as {fmt.value}", None):
+        if fmt in FOLDER_FORMATS:
+            export_folder(reg, rel, fmt, output)
+        else:
+            _write_atomic(output, export_release(reg, rel, fmt))
+    suffix = "/" if fmt in FOLDER_FORMATS else ""
+    console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}{suffix}")

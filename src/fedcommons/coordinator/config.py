@@ -66,6 +66,9 @@ class RunConfig:
     secagg_clip: float = 4.0  # per-coordinate range [-clip, clip] of quantized deltas
     secagg_max_weight: int = 1024  # cap on a client's weight (examples) in the masked sum
     secagg_stage_timeout: float = 120.0  # seconds per key/unmask stage (training: round-timeout)
+    # -- MLflow mirror (#17), see docs/operations.md --
+    mlflow_tracking_uri: str = ""  # e.g. sqlite:///mlflow.db or http://host:5000; "": off
+    mlflow_experiment: str = ""  # MLflow experiment of the run; "": the release line
 
     @property
     def central_dp(self) -> CentralDPConfig | None:
@@ -109,6 +112,11 @@ class RunConfig:
         self._validate_secagg()
         self._validate_release_options()
         self._validate_round_policy()
+        if self.mlflow_tracking_uri:
+            from fedcommons.releases.mlflow_mirror import check_available, check_tracking_uri
+
+            check_tracking_uri(self.mlflow_tracking_uri)
+            check_available()
 
     def _validate_round_policy(self) -> None:
         """Durable-round keys (#8): deadline policy and the run's name."""

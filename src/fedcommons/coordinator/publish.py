@@ -22,6 +22,7 @@ from fedcommons.releases.patches import diff_weights
 from fedcommons.releases.registry import Registry, Release
 from fedcommons.releases.signing import Signer
 from fedcommons.releases.versioning import decide_bump
+from fedcommons.strategies import strategy_code
 from fedcommons.tasks import Task
 from fedcommons.wire import ReleaseManifest
 
@@ -104,6 +105,7 @@ def publish(
             task=config.task,
             strategy=prepared.strategy.name,
             strategy_params=prepared.strategy.params(),
+            strategy_code=strategy_code(prepared.strategy),
             rounds=config.rounds,
             clients_per_round=config.clients_per_round,
             contributors=contributors,

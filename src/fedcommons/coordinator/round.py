@@ -39,15 +39,17 @@ from fedcommons.observability import events as observe
 from fedcommons.strategies import (
     guarded_begin,
     guarded_finalize,
-    guarded_fold,
+    guarded_fold_many,
 )
 from fedcommons.tasks import Task
-from fedcommons.wire import keys
+from fedcommons.wire import ClientUpdate, keys
 from fedcommons.wire.codec import dense_fp32_bytes
 
 log = get_logger("fedcommons.coordinator")
 
 POLL_INTERVAL_S = 0.05
+#: Valid replies held (their received bytes) before they are folded in one pass.
+FOLD_BATCH_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -167,8 +169,31 @@ def run_round(
     deadline = started + config.round_timeout
     # a reply's arrays: the update plus its optional Fisher codes and mask
     reply_cap = 2 * prepared.max_update_bytes
+
+    def fold(batch: list[ClientUpdate]) -> None:
+        """Fold ``batch`` in one pass over the aggregate, then do the round's bookkeeping.
+
+        FedAvg: the same bits as folding the replies one at a time, in this order.
+        """
+        nonlocal examples, loss_sum
+        guarded_fold_many(strategy, batch)
+        for update in batch:
+            if update.dp_spend is not None:
+                privacy.add_client_spend(update.node_id, update.dp_spend)
+            contributors.add(update.node_id)
+            upload[str(update.node_id)] = update.upload_bytes
+            examples += update.num_examples
+            loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
+            faults.reached("collecting", round_no)
+
     while pending and time.monotonic() < deadline:
         pulled = 0
+        # Valid replies not folded yet, in arrival order, and the bytes they hold. Small
+        # updates are folded a pull at a time; once they hold FOLD_BATCH_BYTES they are
+        # folded at once, so a model-sized update is folded (and freed) before the next
+        # reply is pulled: the coordinator holds one reply, not one per site.
+        accepted: list[ClientUpdate] = []
+        held = 0
         for reply in pull_replies(grid, list(pending), max_bytes=reply_cap):
             pulled += 1
             pending.discard(reply.metadata.reply_to_message_id)
@@ -182,7 +207,9 @@ def run_round(
                     max_bytes=prepared.max_update_bytes,
                     expected_seed=seed,
                 )
-                if update.node_id in contributors:
+                if update.node_id in contributors or any(
+                    u.node_id == update.node_id for u in accepted
+                ):
                     raise UpdateRejectedError(
                         "duplicate", f"second update from node {update.node_id}"
                     )
@@ -190,16 +217,17 @@ def run_round(
                 rejections.reject(reply.metadata.src_node_id, exc.reason, exc.detail)
                 reply = update = None  # type: ignore[assignment]  # no bytes held while pulling
                 continue
-            guarded_fold(strategy, update)
-            if update.dp_spend is not None:
-                privacy.add_client_spend(update.node_id, update.dp_spend)
-            contributors.add(update.node_id)
-            upload[str(update.node_id)] = update.upload_bytes
-            examples += update.num_examples
-            loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
-            del update, reply  # the aggregate is all we keep
-            release_freed_memory()  # the reply's pages, not only its objects
-            faults.reached("collecting", round_no)
+            accepted.append(update)
+            held += update.upload_bytes
+            del update, reply  # only `accepted` holds the reply's bytes
+            if held >= FOLD_BATCH_BYTES:
+                fold(accepted)
+                accepted, held = [], 0  # the aggregate is all we keep
+                release_freed_memory()  # the replies' pages, not only their objects
+        if accepted:
+            fold(accepted)
+            accepted = []
+            release_freed_memory()
         if not pulled:
             time.sleep(POLL_INTERVAL_S)
     timed_out = len(pending)

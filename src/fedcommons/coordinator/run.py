@@ -94,7 +94,10 @@ def run_federation(
             resume_after=resumed.next_round - 1,
         )
         observe.run_started(
-            config.registry_path, run_id, {"config": config.to_flat(), "run_name": durable.name}
+            config.registry_path,
+            run_id,
+            {"config": config.to_flat(), "run_name": durable.name},
+            sinks=run_sinks(config),
         )
         if resumed.next_round > 1:
             observe.run_resumed(durable.name, resumed.next_round - 1)
@@ -115,7 +118,7 @@ def run_federation(
                     commit_started = time.monotonic()
                     durable.commit(round_no, weights, report, nodes, attempts)
                     commit_seconds = time.monotonic() - commit_started
-                observe.round_finished(report)
+                observe.round_finished(report, epsilon=_epsilon_spent(prepared))
                 observe.round_committed(durable.name, round_no, commit_seconds)
                 reports.append(report)
                 contributors |= nodes
@@ -148,6 +151,29 @@ def run_federation(
             run_name=durable.name,
         )
         return FederationResult(release, reports, test, run_id)
+
+
+def run_sinks(config: RunConfig) -> list[object]:
+    """The run's event sinks besides metrics and audit log: the MLflow mirror if configured."""
+    if not config.mlflow_tracking_uri:
+        return []
+    from fedcommons.releases.mlflow_mirror import MlflowMirror
+
+    return [
+        MlflowMirror(
+            config.mlflow_tracking_uri,
+            line=config.line,
+            experiment=config.mlflow_experiment,
+            audit=observe.audit,
+        )
+    ]
+
+
+def _epsilon_spent(prepared: PreparedRun) -> float | None:
+    """The line's cumulative central-DP ε after the last committed round (``None``: no DP)."""
+    if prepared.privacy is None or prepared.privacy.central is None:
+        return None
+    return prepared.privacy.spent()
 
 
 def _run_round_with_policy(

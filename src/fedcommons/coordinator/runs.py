@@ -65,6 +65,8 @@ MUTABLE_KEYS = frozenset(
         "node-wait-timeout",
         "on-round-failure",
         "round-retries",
+        "mlflow-tracking-uri",
+        "mlflow-experiment",
     }
 )
 RUNS_DIR = "runs"

@@ -262,6 +262,10 @@ class _Stages:
                 except SecAggProtocolError as exc:
                     self.reject(index, "secagg-malformed", str(exc), stage)
                     continue
+                except Exception as exc:  # whatever a reply breaks, the round goes on
+                    detail = f"{type(exc).__name__}: {exc}"[:500]
+                    self.reject(index, "malformed", detail, stage)
+                    continue
                 self.upload[index] += _reply_bytes(reply)
                 if on_accepted is not None:
                     on_accepted(index, reply)

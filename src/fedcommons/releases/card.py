@@ -40,6 +40,7 @@ them; the coordinator merged their updates with `{{ strategy }}` over {{ rounds 
 | parameters | {{ num_parameters }} |
 | weights | `{{ weights_sha256 }}` (safetensors, {{ weights_bytes }} bytes) |
 | strategy | `{{ strategy }}` {{ strategy_params }} |
+| aggregated by | {{ strategy_code }} |
 | code version | fedcommons {{ code_version }} |
 | signed by | Ed25519 key `{{ key_id }}` |
 
@@ -95,6 +96,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _code_text(code: dict[str, Any]) -> str:
+    """``pkg 1.2 (plugin, `mod:fn`)`` from a manifest's ``strategy_code``."""
+    if not code:
+        return "-"
+    package = " ".join(str(code[k]) for k in ("package", "version") if code.get(k))
+    return (
+        f"{package or 'unpackaged code'} ({code.get('origin', '?')}, `{code.get('object', '?')}`)"
+    )
+
+
 def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> str:
     """The card's text (Markdown with YAML front matter) for ``manifest``."""
     validation = manifest.validation or {}
@@ -113,10 +124,14 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
         if t.get("candidate") is not None and t["candidate"] == t["candidate"]
     ]
     base_model = f"{manifest.name}@{manifest.parent_version}" if manifest.parent_version else None
+    # validation/test sets by name ("digits/validation" -> "digits"); the institutions'
+    # training data is private and listed nowhere
+    datasets = sorted({str(t["dataset"]).split("/")[0] for t in tasks} | {manifest.task})
     if manifest.base:
         base_model = manifest.base.get("name") or base_model
     data = ModelCardData(
         license=license,
+        datasets=datasets,
         library_name="pytorch",
         tags=["fedcommons", "federated-learning", manifest.task, f"strategy-{manifest.strategy}"],
         base_model=base_model,
@@ -165,6 +180,7 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
         weights_bytes=manifest.weights_bytes,
         strategy=manifest.strategy,
         strategy_params=json.dumps(manifest.strategy_params, sort_keys=True),
+        strategy_code=_code_text(manifest.strategy_code),
         code_version=manifest.code_version,
         key_id=(manifest.signing_key_id or "-")[:16],
         contributors=manifest.contributors,

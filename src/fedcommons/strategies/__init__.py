@@ -16,6 +16,7 @@ from fedcommons.strategies.base import (
     guarded_begin,
     guarded_finalize,
     guarded_fold,
+    guarded_fold_many,
 )
 from fedcommons.strategies.fedavg import FedAdam, FedAvg
 from fedcommons.strategies.fisher import FisherMerge
@@ -30,6 +31,7 @@ from fedcommons.strategies.registry import (
     get_spec,
     refresh_plugins,
     register_strategy,
+    strategy_code,
     strategy_specs,
     unregister_strategy,
 )
@@ -55,10 +57,12 @@ __all__ = [
     "guarded_begin",
     "guarded_finalize",
     "guarded_fold",
+    "guarded_fold_many",
     "lora_pairs",
     "refresh_plugins",
     "register_strategy",
     "strategy",
+    "strategy_code",
     "strategy_specs",
     "unregister_strategy",
 ]

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Mapping
 from functools import cache, cached_property
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -281,6 +283,25 @@ class TextClassificationTask(Task):
                 "targets": list(self.lora.targets),
             }
         return info
+
+    # -- release export hooks (fedcommons.releases.export.TASK_HOOKS) ------------------
+    def export_hf(
+        self, weights: Mapping[str, torch.Tensor], folder: Path, *, release: dict, card: str
+    ) -> None:
+        """``release export --format hf``: the merged model as a transformers folder."""
+        from fedcommons.tasks.hf_export import export_hf
+
+        export_hf(self, weights, folder, release=release)
+        (folder / "README.md").write_text(card)
+
+    def export_peft(
+        self, weights: Mapping[str, torch.Tensor], folder: Path, *, release: dict, card: str
+    ) -> None:
+        """``release export --format peft``: a LoRA patch as a PEFT adapter folder."""
+        from fedcommons.tasks.hf_export import export_peft
+
+        export_peft(self, weights, folder, release=release)
+        (folder / "README.md").write_text(card)
 
     def optimizer(self, params: Any, lr: float) -> torch.optim.Optimizer:
         """AdamW over the trainable (patch) parameters; the frozen base gets no state."""
