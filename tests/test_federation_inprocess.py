@@ -222,3 +222,28 @@ def test_a_hostile_encoded_reply_is_rejected_and_the_round_goes_on(tmp_path: Pat
     result = run_in_process(_config(tmp_path, rounds=1, compression="int8"), clients)
     assert result.reports[0].accepted == 2
     assert result.reports[0].rejected == {"malformed": 1}
+
+
+def test_replies_over_the_fold_budget_are_folded_one_at_a_time_to_the_same_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small replies of one pull are folded in one pass; once the replies held reach
+    ``FOLD_BATCH_BYTES`` (here 1 byte: every reply, as a model-sized one does) each is
+    folded before the next is pulled. Both give the same release, bit for bit."""
+    from fedcommons.coordinator import round as round_module
+
+    batches: list[int] = []
+    fold_many = round_module.guarded_fold_many
+
+    def recording(strategy: object, updates: list) -> None:
+        batches.append(len(updates))
+        fold_many(strategy, updates)
+
+    monkeypatch.setattr(round_module, "guarded_fold_many", recording)
+    batched = run_in_process(_config(tmp_path / "a", rounds=1), [fedcommons_client] * 3)
+    assert batches == [3]
+    batches.clear()
+    monkeypatch.setattr(round_module, "FOLD_BATCH_BYTES", 1)
+    one_by_one = run_in_process(_config(tmp_path / "b", rounds=1), [fedcommons_client] * 3)
+    assert batches == [1, 1, 1]
+    assert one_by_one.release.weights_sha256 == batched.release.weights_sha256

@@ -106,10 +106,33 @@ def test_a_multi_chunk_reply_inflates_to_the_same_arrays_and_content(chunk_size:
         assert start <= got.data_ptr() < start + len(array.data)  # a view, not a copy
     assert reply.content["metrics"]["num-examples"] == 3
     assert reply.content["extra"]["note"] == "x"
-    # containers first, then the other leaves, then one pull per array's chunks
+    # containers first, then the other leaves, then the arrays' chunks: both arrays' 6
+    # chunks in one pull (PULL_GROUP_CHUNKS = 8)
     chunk_pulls = store.pulls[2:]
-    assert len(chunk_pulls) == 2
+    assert [len(pull) for pull in chunk_pulls] == [6]
     assert all(contents[c].startswith(b"ArrayChunk") for pull in chunk_pulls for c in pull)
+
+
+def test_arrays_are_pulled_a_few_chunks_at_a_time_and_may_share_chunks(
+    chunk_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Input tried: two all-zero arrays of different lengths, whose chunks after the
+    first (the .npy header) are the same objects, sent once and named by both, and a
+    6-chunk array; at most 6 chunks per pull."""
+    monkeypatch.setattr("fedcommons.coordinator.intake.PULL_GROUP_CHUNKS", 6)
+    rng = np.random.default_rng(1)
+    values = {
+        "z1": np.zeros(512, np.float32),  # 2 kB + header: 3 chunks
+        "z2": np.zeros(768, np.float32),  # 3 kB + header: 4 chunks, 2 of them z1's
+        "w": rng.standard_normal(1280).astype(np.float32),  # 6 chunks
+    }
+    tree, contents = _contents(_reply(ArrayRecord({k: Array(v) for k, v in values.items()})))
+    store = _Store(contents)
+    reply = inflate_reply(tree, store, max_bytes=None)
+    for name, expected in values.items():
+        assert np.array_equal(array_view(reply.content["delta"][name]).numpy(), expected)
+    chunk_pulls = store.pulls[2:]
+    assert [len(pull) for pull in chunk_pulls] == [4, 6]  # z1 + z2 (4 distinct), then w
 
 
 def test_repeated_chunks_are_assembled_in_order(chunk_size: int) -> None:

@@ -455,10 +455,11 @@ def inflate_reply(
     """The message ``tree`` describes, pulled with ``pull`` a part at a time.
 
     First the objects that have children (message, records, arrays: small), then the
-    other leaves (config and metric records), then each array's chunks, array by array:
-    each ``Array`` gets one ``bytearray`` its chunks are copied into (in their order,
-    repeats included), and the array's pulled chunks are dropped before the next array
-    is pulled. Beyond the reply itself, memory holds one array's chunks. Flower's own
+    other leaves (config and metric records), then the arrays' chunks, a few arrays per
+    pull (:data:`PULL_GROUP_CHUNKS`): each ``Array`` gets one ``bytearray`` its chunks
+    are copied into (in their order, repeats included), and the pulled chunks are
+    dropped before the next arrays are pulled. Beyond the reply itself, memory holds one
+    group's chunks. Flower's own
     inflation builds the rest of the message around those arrays. Raises
     :class:`UpdateRejectedError` (``too-large`` before the arrays past ``max_bytes`` are
     allocated, ``malformed``) or Flower's ``ObjectPullError``.
@@ -476,10 +477,17 @@ def inflate_reply(
         contents.update(pull([o for o, kids in children.items() if not (kids or o in chunk_ids)]))
         objects: dict[str, InflatableObject] = {}
         remaining = max_bytes
-        for oid, (meta, kids) in layouts.items():
-            objects[oid] = _assemble(oid, meta, kids, pull(list(dict.fromkeys(kids))), remaining)
-            if remaining is not None:
-                remaining -= len(objects[oid].data)  # type: ignore[attr-defined]
+        for group in _array_groups(layouts):
+            uses = Counter(  # a chunk two arrays of the group share is kept for both
+                layouts[oid][1][int(i)] for oid in group for i in layouts[oid][0]["arraychunk_ids"]
+            )
+            chunks = pull(list(dict.fromkeys(c for oid in group for c in layouts[oid][1])))
+            for oid in group:
+                meta, kids = layouts[oid]
+                objects[oid] = _assemble(oid, meta, kids, chunks, remaining, uses)
+                if remaining is not None:
+                    remaining -= len(objects[oid].data)  # type: ignore[attr-defined]
+            del chunks
         for oid, (kind, _, _) in list(heads.items()):
             if kind == "ArrayRecord":  # its inflate would re-create every Array (bytes only)
                 record = ArrayRecord()
@@ -495,18 +503,47 @@ def inflate_reply(
     return message
 
 
+#: Arrays whose chunks are pulled together, up to this many distinct chunks (5 MB at most
+#: each): a model's many small arrays (biases, norms) cost a few round trips to the
+#: SuperLink instead of one each, and memory holds at most this many chunks beyond the
+#: reply. An array with more chunks is pulled on its own.
+PULL_GROUP_CHUNKS = 8
+
+
+def _array_groups(layouts: dict[str, tuple[dict[str, Any], list[str]]]) -> list[list[str]]:
+    """The arrays of ``layouts`` in order, grouped to at most :data:`PULL_GROUP_CHUNKS`."""
+    groups: list[list[str]] = []
+    count = PULL_GROUP_CHUNKS
+    for oid, (_, kids) in layouts.items():
+        n = len(set(kids))
+        if count + n > PULL_GROUP_CHUNKS:
+            groups.append([])
+            count = 0
+        groups[-1].append(oid)
+        count += n
+    return groups
+
+
 def _assemble(
-    oid: str, meta: dict[str, Any], kids: list[str], chunks: dict[str, bytes], cap: int | None
+    oid: str,
+    meta: dict[str, Any],
+    kids: list[str],
+    chunks: dict[str, bytes],
+    cap: int | None,
+    uses: Counter[str] | None = None,
 ) -> Array:
-    """One ``Array`` from its pulled ``chunks``, in ``meta``'s order; ``chunks`` is emptied.
+    """One ``Array`` from its pulled ``chunks``, in ``meta``'s order.
+
+    Each chunk is dropped from ``chunks`` once its last use is copied (``uses``: the
+    uses left across the arrays pulled together; by default this array's own).
 
     Raises ``too-large`` when the array would exceed ``cap`` bytes (checked while adding
     up the chunk sizes, before the buffer exists), ``malformed`` for a chunk that is no
     ``ArrayChunk``.
     """
     sizes = {}
-    for cid, content in chunks.items():
-        kind, _, body_len = get_object_head_values_from_object_content(content)
+    for cid in set(kids):
+        kind, _, body_len = get_object_head_values_from_object_content(chunks[cid])
         if kind != "ArrayChunk":
             raise UpdateRejectedError("malformed", f"array {oid[:12]} names a {kind}")
         sizes[cid] = body_len
@@ -516,7 +553,8 @@ def _assemble(
         size += sizes[cid]
         if cap is not None and size > cap:
             raise UpdateRejectedError("too-large", f"arrays exceed the cap of {cap} bytes")
-    uses = Counter(order)
+    if uses is None:
+        uses = Counter(order)
     buffer = bytearray(size)
     offset = 0
     for cid in order:
