@@ -11,7 +11,7 @@ the same model, data and optimiser:
 - ``fedcommons-dense``: ``fedcommons client join`` (warm worker) with fedcommons'
   ServerApp and ClientApp, dense fp32 deltas;
 - ``fedcommons-int8``: the same with ``compression = "int8"`` (stochastic rounding, one
-  fp32 scale per tensor);
+  fp32 scale per 256 values);
 - ``fedcommons-dense-subprocess`` (not in the default set): fedcommons with Flower's
   process model (``--mode subprocess``), the like-for-like comparison of the apps alone.
 
