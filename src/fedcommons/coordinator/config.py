@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcommons.errors import ConfigError
+from fedcommons.names import NameKind, check_name
 from fedcommons.privacy.config import CentralDPConfig
 from fedcommons.wire import keys
 from fedcommons.wire.codec import CompressionSpec
@@ -51,7 +52,7 @@ class RunConfig:
     patch_max_changed: float = 0.1  # max fraction of entries a PATCH release may change
     version_bump: str = ""  # operator override: "patch" | "minor" | "major"
     version_bump_reason: str = ""  # required with version-bump; recorded in the manifest
-    signing_key: str = ""  # Ed25519 PEM; empty: $FEDCOMMONS_SIGNING_KEY or <registry>/private/
+    signing_key: str = ""  # Ed25519 PEM; empty: $FEDCOMMONS_SIGNING_KEY or ~/.config/fedcommons/
     #: Central (user-level) DP of the line, "dp.<key>" options; any key turns it on (#6).
     dp_params: dict[str, Any] = field(default_factory=dict)
     # -- durable rounds (#8) --
@@ -112,19 +113,14 @@ class RunConfig:
 
     def _validate_round_policy(self) -> None:
         """Durable-round keys (#8): deadline policy and the run's name."""
-        import re
-
         if self.on_round_failure not in {"abort", "retry"}:
             raise ConfigError(
                 f"on-round-failure must be abort or retry, got {self.on_round_failure!r}"
             )
         if not 0 <= self.round_retries <= 100:
             raise ConfigError(f"round-retries must lie in 0..100, got {self.round_retries}")
-        if self.run_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.run_name):
-            raise ConfigError(
-                f"run-name {self.run_name!r} must be 1-100 letters, digits, '.', '_' or '-' "
-                "and start with a letter or digit"
-            )
+        if self.run_name:
+            check_name(self.run_name, NameKind.run)  # runs/<run-name>/ holds its checkpoints
 
     def _validate_secagg(self) -> None:
         """Secure-aggregation keys (#7): ranges, and a threshold that is safe."""
@@ -166,11 +162,17 @@ class RunConfig:
             )
         if self.version_bump and not self.version_bump_reason.strip():
             raise ConfigError("version-bump needs version-bump-reason (recorded in the manifest)")
+        check_name(self.line, NameKind.line)  # releases/<line>/ and privacy/<line>/
 
     @property
     def line(self) -> str:
-        """Release line (name) this run publishes into."""
-        return self.release_name or self.task
+        """Release line (name) this run publishes into.
+
+        ``release-name``, else the task: a task reference ``pkg.module:Class`` names the
+        line ``pkg.module.Class`` (a line name becomes a directory; see
+        :mod:`fedcommons.names`).
+        """
+        return self.release_name or self.task.replace(":", ".")
 
     @property
     def registry_path(self) -> Path:
