@@ -16,8 +16,13 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(autouse=True)
 def private_client_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Client state (error feedback, FISH masks, DP accountants) stays in the test's tmp."""
+    """Client state (error feedback, FISH masks, DP accountants) stays in the test's tmp.
+
+    So does the user's configuration directory: the default signing key and the trust
+    file (pinned signers, accepted registry heads) are the test's own.
+    """
     monkeypatch.setenv("FEDCOMMONS_STATE_DIR", str(tmp_path / "client-state"))
+    monkeypatch.setenv("FEDCOMMONS_CONFIG_DIR", str(tmp_path / "user-config"))
 
 
 @pytest.fixture
