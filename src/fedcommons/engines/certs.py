@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcommons.errors import CertificateError
+from fedcommons.errors import CertificateError, InvalidNameError
+from fedcommons.names import NameKind, check_name
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -233,8 +234,10 @@ def create_node_keys(out_dir: Path, name: str, *, overwrite: bool = False) -> No
     The private key stays at the institution (``fedcommons client join --key``); the
     public key goes to the coordinator's allowlist.
     """
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise CertificateError(f"node name {name!r}: use letters, digits, '-', '_' or '.'")
+    try:
+        check_name(name, NameKind.key)  # it names two files in out_dir
+    except InvalidNameError as exc:
+        raise CertificateError(f"node name: {exc}") from None
     key = ec.generate_private_key(CURVE())
     private = key.private_bytes(
         serialization.Encoding.PEM,
