@@ -19,6 +19,10 @@ class UnknownTaskError(ConfigError):
     """The task reference names no built-in task and no importable ``module:attr``."""
 
 
+class TaskRefusedError(FedcommonsError):
+    """A round asked an institution for a task its own configuration does not allow."""
+
+
 class UnknownStrategyError(ConfigError):
     """The strategy name is not registered."""
 

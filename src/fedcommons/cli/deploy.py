@@ -248,7 +248,18 @@ def client_join(
         str | None,
         typer.Option("--coordinator", "--superlink", help="Coordinator's SuperLink HOST:PORT."),
     ] = None,
-    task: Annotated[str | None, typer.Option(help="Your Task: name or 'pkg.module:Class'.")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Your Task (name or 'pkg.module:Class'): it trains every round."),
+    ] = None,
+    allow_task: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-task",
+            help="A task name a round may ask for (repeatable; built-in and installed "
+            "tasks are allowed already). Rounds asking for any other task are refused.",
+        ),
+    ] = None,
     node_config: Annotated[
         list[str] | None, typer.Option("--node-config", "-n", help="key=value (repeatable).")
     ] = None,
@@ -318,6 +329,19 @@ def client_join(
     if task:
         resolve_task_class(task)  # fail here, not in the first round
         settings["task"] = task
+    if allow_task:
+        from fedcommons.client_sdk.site_tasks import ALLOWED_TASKS_KEY
+
+        settings[ALLOWED_TASKS_KEY] = ",".join(allow_task)
+    if mode == "subprocess":
+        configure_logging()
+        from fedcommons.logs import get_logger
+
+        get_logger("fedcommons.cli").warning(
+            "client.subprocess_mode",
+            detail="subprocess mode runs the ClientApp the run's app bundle names, including "
+            "code it ships: join in the default warm mode unless you trust whoever submits runs",
+        )
     from fedcommons.client_sdk.node import run_node, supernode_argv, worker_argv
 
     argv = supernode_argv(
