@@ -206,6 +206,43 @@ def create_server_cert(
     )
 
 
+def create_operator_cert(
+    out_dir: Path, name: str, *, days: int = 397, overwrite: bool = False
+) -> tuple[Path, Path]:
+    """Sign a TLS *client* certificate for operator ``name`` with the CA in ``out_dir``.
+
+    It authenticates an operator at the coordinator's ``operator-address`` (the Control
+    API served beyond loopback). Written as ``operators/NAME.pem`` and ``NAME.key``
+    (0600); returns (cert, key) paths.
+    """
+    try:
+        check_name(name, NameKind.key)
+    except InvalidNameError as exc:
+        raise CertificateError(f"operator name: {exc}") from None
+    if days < 1:
+        raise CertificateError(f"days must be >= 1, got {days}")
+    ca_cert, ca_key = load_ca(out_dir)
+    key = ec.generate_private_key(CURVE())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    folder = Path(out_dir) / "operators"
+    return _write_cert_and_key(folder / f"{name}.pem", folder / f"{name}.key", cert, key, overwrite)
+
+
 def server_cert_hosts(cert_path: Path) -> list[str]:
     """The DNS names and IP addresses a certificate is valid for."""
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
