@@ -27,14 +27,8 @@ from fedcommons.releases.registry import Registry
 from fedcommons.releases.signing import key_id
 from fedcommons.releases.trust import TrustStore
 from tests.cli_helpers import run_cli
+from tests.test_privacy_federation import CENTRAL
 
-CENTRAL = {
-    "dp.mechanism": "dp-fedavg",
-    "dp.noise-multiplier": 1.0,
-    "dp.clip-norm": 0.5,
-    "dp.epsilon": 20.0,
-    "dp.delta": 1e-5,
-}
 LEDGER = Path("privacy") / "digits" / "ledger.jsonl"
 
 

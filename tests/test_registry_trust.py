@@ -50,6 +50,21 @@ def _resign_everything(reg: Registry, forger: Signer) -> None:
     reg.write_head(forger)
 
 
+def _legacy_head(reg: Registry, signer: Signer, keep: int | None = None) -> str:
+    """A format-1 HEAD.json (no sequence, no aliases) of the first ``keep`` releases."""
+    attestation = {
+        "format": HEAD_FORMAT_V1,
+        "created": "2024-01-01T00:00:00+00:00",
+        "releases": [
+            {"name": r.name, "version": r.version, "manifest_sha256": r.manifest_sha256}
+            for r in reg.releases()[:keep]
+        ],
+    }
+    return json.dumps(
+        {"attestation": attestation, "signature": signer.sign(head_body(attestation))}
+    )
+
+
 def _verify(reg: Registry, store: TrustStore, **kwargs):
     plain = Registry(reg.root, create=False)
     return verify_registry(plain, plain.releases(), store=store, **kwargs)
@@ -118,21 +133,10 @@ def test_a_head_that_drops_an_accepted_release_fails_even_without_sequence_numbe
 ) -> None:
     """Input tried: a legacy format-1 head signed by the real key that omits 1.0.1."""
     store = TrustStore()
-    attestation = {
-        "format": HEAD_FORMAT_V1,
-        "created": "2024-01-01T00:00:00+00:00",
-        "releases": [
-            {"name": r.name, "version": r.version, "manifest_sha256": r.manifest_sha256}
-            for r in reg.releases()
-        ],
-    }
-    doc = {"attestation": attestation, "signature": signer.sign(head_body(attestation))}
-    reg.head_path.write_text(json.dumps(doc))
+    reg.head_path.write_text(_legacy_head(reg, signer))
     first = _verify(reg, store)
     assert first.ok and any("legacy HEAD.json" in n for n in first.head.notes)
-    attestation["releases"] = attestation["releases"][:1]
-    doc = {"attestation": attestation, "signature": signer.sign(head_body(attestation))}
-    reg.head_path.write_text(json.dumps(doc))
+    reg.head_path.write_text(_legacy_head(reg, signer, keep=1))
     outcome = _verify(reg, store)
     assert not outcome.ok and "line 1.0.1 was attested" in outcome.head.error
 
@@ -142,17 +146,7 @@ def test_a_legacy_head_is_upgraded_by_the_next_publish_and_cannot_come_back(
 ) -> None:
     """Input tried: the format-1 head restored after the registry moved to format 2."""
     store = TrustStore()
-    attestation = {
-        "format": HEAD_FORMAT_V1,
-        "created": "2024-01-01T00:00:00+00:00",
-        "releases": [
-            {"name": r.name, "version": r.version, "manifest_sha256": r.manifest_sha256}
-            for r in reg.releases()
-        ],
-    }
-    legacy = json.dumps(
-        {"attestation": attestation, "signature": signer.sign(head_body(attestation))}
-    )
+    legacy = _legacy_head(reg, signer)
     reg.head_path.write_text(legacy)
     assert _verify(reg, store).ok
     reg.promote("1.0.1", "stable", signer=signer)  # rewrites HEAD.json, continuing it

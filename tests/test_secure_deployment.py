@@ -186,7 +186,7 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
                 "num-partitions=3",
                 *(slow if i == 2 else []),
             )
-            wait_for_port(port, proc, log)
+            wait_for_port(port, proc, log, timeout=180)  # 2 shared cores: imports are slow
             sites.append((proc, log))
 
         assert _wait_exit(intruder, 60) not in (0, -999), tail(intruder_log)

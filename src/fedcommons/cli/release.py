@@ -50,6 +50,8 @@ def _signer(registry_root: Path, signing_key: Path | None):
     path = signing_key_path(
         RunConfig(registry=str(registry_root), signing_key=str(signing_key or ""))
     )
+    if (Path(registry_root) / "keys" / "ed25519.pub").exists():
+        return Signer.load(path)  # the registry's key exists somewhere: never make a new one
     return Signer.load_or_create(path)
 
 

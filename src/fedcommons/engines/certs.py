@@ -166,6 +166,36 @@ def load_ca(out_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     return cert, key
 
 
+def _sign_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    days: int,
+    usage: x509.ObjectIdentifier,
+    *extensions: x509.ExtensionType,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A fresh key and its certificate for ``usage`` (server or client auth), signed by the CA."""
+    key = ec.generate_private_key(CURVE())
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(ca_key, hashes.SHA384()), key
+
+
 def create_server_cert(
     out_dir: Path, hosts: Sequence[str] = (), *, days: int = 397, overwrite: bool = False
 ) -> tuple[Path, Path]:
@@ -182,24 +212,14 @@ def create_server_cert(
         parsed = _parse_host(host.strip())
         if parsed not in names:
             names.append(parsed)
-    key = ec.generate_private_key(CURVE())
-    now = _now()
     first = next((h for h in hosts if h.strip()), "localhost")
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA384())
+    cert, key = _sign_leaf(
+        ca_cert,
+        ca_key,
+        first,
+        days,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        x509.SubjectAlternativeName(names),
     )
     return _write_cert_and_key(
         Path(out_dir) / SERVER_CERT, Path(out_dir) / SERVER_KEY, cert, key, overwrite
@@ -222,23 +242,7 @@ def create_operator_cert(
     if days < 1:
         raise CertificateError(f"days must be >= 1, got {days}")
     ca_cert, ca_key = load_ca(out_dir)
-    key = ec.generate_private_key(CURVE())
-    now = _now()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA384())
-    )
+    cert, key = _sign_leaf(ca_cert, ca_key, name, days, ExtendedKeyUsageOID.CLIENT_AUTH)
     folder = Path(out_dir) / "operators"
     return _write_cert_and_key(folder / f"{name}.pem", folder / f"{name}.key", cert, key, overwrite)
 

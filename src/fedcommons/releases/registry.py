@@ -702,25 +702,33 @@ class Registry:
             return None
         return read_head(self.head_path, key)
 
-    def verified_manifest(self, release: Release) -> ReleaseManifest:
+    def verified_manifest(
+        self,
+        release: Release,
+        *,
+        key: Ed25519PublicKey | None = None,
+        data: bytes | None = None,
+    ) -> ReleaseManifest:
         """``release``'s manifest after checking its signature; never the index's word.
 
-        Raises :class:`~fedcommons.errors.SignatureError` naming the file when the
-        manifest is unsigned, signed by another key or altered, and
+        ``key`` defaults to :meth:`reader_key`; ``data`` (the manifest's bytes, if read
+        already) to the file. Raises :class:`~fedcommons.errors.SignatureError` naming the
+        file when the manifest is unsigned, signed by another key or altered, and
         :class:`~fedcommons.errors.VerificationError` when it names another release.
         """
-        key = self.reader_key()
+        key = key or self.reader_key()
         if key is None:
             raise SigningKeyError(
                 f"registry {str(self.root)!r} publishes no key ({self.public_key_path}) and "
                 "none is trusted: its releases cannot be checked"
             )
-        try:
-            data = release.manifest_path.read_bytes()
-        except FileNotFoundError as exc:
-            raise VerificationError(
-                f"manifest {release.manifest_path} is missing", str(release.manifest_path)
-            ) from exc
+        if data is None:
+            try:
+                data = release.manifest_path.read_bytes()
+            except FileNotFoundError as exc:
+                raise VerificationError(
+                    f"manifest {release.manifest_path} is missing", str(release.manifest_path)
+                ) from exc
         try:
             sig = release.signature_path.read_bytes()
         except FileNotFoundError as exc:

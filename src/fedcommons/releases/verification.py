@@ -39,13 +39,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedcommons.errors import (
     RollbackError,
-    SignatureError,
     SigningKeyError,
     VerificationError,
 )
 from fedcommons.releases.head import HEAD_FORMAT_V1, SignedHead, read_head
 from fedcommons.releases.registry import Registry, Release
-from fedcommons.releases.signing import key_id, verify_signature
+from fedcommons.releases.signing import key_id
 from fedcommons.releases.trust import TrustDecision, TrustStore, check_head_progress, resolve_trust
 from fedcommons.wire.manifest import ReleaseManifest
 
@@ -130,28 +129,7 @@ class Verifier:
                 f"{release.manifest_sha256}",
                 str(release.manifest_path),
             )
-        try:
-            manifest = ReleaseManifest.from_json(data)
-        except (ValueError, TypeError) as exc:
-            raise VerificationError(
-                f"manifest {release.manifest_path} does not parse: {exc}",
-                str(release.manifest_path),
-            ) from exc
-        if (manifest.name, manifest.version) != (release.name, release.version):
-            raise VerificationError(
-                f"manifest {release.manifest_path} is {manifest.name} {manifest.version}, "
-                f"but the index lists it as {release.name} {release.version}",
-                str(release.manifest_path),
-            )
-        sig_path = release.signature_path
-        try:
-            sig = sig_path.read_bytes()
-        except FileNotFoundError as exc:
-            raise SignatureError(f"signature {sig_path} is missing", str(sig_path)) from exc
-        try:
-            verify_signature(self.public_key, data, sig, where=str(sig_path))
-        except SignatureError as exc:
-            raise SignatureError(str(exc), str(sig_path)) from exc
+        manifest = self.registry.verified_manifest(release, key=self.public_key, data=data)
         _check_file(release.weights_path, "weights file", manifest.weights_sha256)
         if manifest.card_sha256:
             _check_file(release.card_path, "model card", manifest.card_sha256)
