@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedcommons.errors import ConfigError
+from fedcommons.errors import ConfigError, InvalidNameError
 from fedcommons.names import NameKind, check_name
 from fedcommons.privacy.config import CentralDPConfig
 from fedcommons.wire import keys
@@ -119,8 +119,8 @@ class RunConfig:
             )
         if not 0 <= self.round_retries <= 100:
             raise ConfigError(f"round-retries must lie in 0..100, got {self.round_retries}")
-        if self.run_name:
-            check_name(self.run_name, NameKind.run)  # runs/<run-name>/ holds its checkpoints
+        if self.run_name:  # runs/<run-name>/ holds its checkpoints
+            _check_key_name("run-name", self.run_name, NameKind.run)
 
     def _validate_secagg(self) -> None:
         """Secure-aggregation keys (#7): ranges, and a threshold that is safe."""
@@ -162,7 +162,8 @@ class RunConfig:
             )
         if self.version_bump and not self.version_bump_reason.strip():
             raise ConfigError("version-bump needs version-bump-reason (recorded in the manifest)")
-        check_name(self.line, NameKind.line)  # releases/<line>/ and privacy/<line>/
+        # releases/<line>/ and privacy/<line>/
+        _check_key_name("release-name" if self.release_name else "task", self.line, NameKind.line)
 
     @property
     def line(self) -> str:
@@ -216,6 +217,14 @@ class RunConfig:
             else:
                 flat[key.replace("_", "-")] = value
         return flat
+
+
+def _check_key_name(key: str, value: str, kind: NameKind) -> None:
+    """:func:`check_name`, with the run-config key named in the error."""
+    try:
+        check_name(value, kind)
+    except InvalidNameError as exc:
+        raise InvalidNameError(f"{key}: {exc}") from None
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
