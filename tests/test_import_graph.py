@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "fedcommons"
 
 #: Shared leaf modules every part may import.
-BASE = {"errors", "logs", "fileio"}
+BASE = {"errors", "logs", "fileio", "names"}
 
 #: part -> the parts (besides BASE and itself) it may import; "flwr" marks Flower.
 ALLOWED: dict[str, set[str]] = {

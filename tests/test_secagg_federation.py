@@ -147,7 +147,7 @@ def test_fedavg_under_secagg_matches_plaintext_fedavg(tmp_path: Path) -> None:
         [client_app] * 5,
     )
     w_s = Registry(tmp_path / "s" / "registry").load_weights(secure.release)
-    w_p = Registry(tmp_path / "p" / "registry").load_weights(plain.release)
+    w_p = Registry(tmp_path / "p").load_weights(plain.release)  # the plain run's registry
     step = 4.0 / ((1 << 23) - 1)  # default secagg-clip over the fp32 coding's levels
     for name, plain_w in w_p.items():
         ulp = 2 * float(torch.finfo(torch.float32).eps) * float(plain_w.abs().max())

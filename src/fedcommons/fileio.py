@@ -4,6 +4,8 @@
   (readers see the old file or the new one, never half of either), then fsync the
   directory so the rename itself survives a crash.
 - :func:`default_state_root`: where a site keeps its client state by default.
+- :func:`config_dir`: where a user keeps fedcommons' private settings (signing key,
+  trusted signers).
 - :func:`exclusive_lock`: an advisory POSIX ``flock`` on an open file with a bounded wait,
   so two processes never interleave writes and none waits forever.
 """
@@ -32,6 +34,22 @@ def default_state_root() -> Path:
     if os.environ.get(STATE_DIR_ENV):
         return Path(os.environ[STATE_DIR_ENV]).expanduser()
     xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg).expanduser() / "fedcommons"
+
+
+#: Environment variable naming the user's fedcommons configuration directory.
+CONFIG_DIR_ENV = "FEDCOMMONS_CONFIG_DIR"
+
+
+def config_dir() -> Path:
+    """``$FEDCOMMONS_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/fedcommons`` (``~/.config``).
+
+    Private to the user (created 0700 by the code that writes in it): the default
+    signing key and the trust file (pinned signers, last accepted registry heads).
+    """
+    if os.environ.get(CONFIG_DIR_ENV):
+        return Path(os.environ[CONFIG_DIR_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(xdg).expanduser() / "fedcommons"
 
 

@@ -50,9 +50,13 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point: typed errors become one red line and exit code 2."""
+    """Console-script entry point: typed errors become one red line and exit code 2.
+
+    In click's non-standalone mode a command that raises ``typer.Exit(code)`` does not
+    raise out of ``app()``: click *returns* the code. It is passed on to ``sys.exit``
+    here, so a command that reports a failure exits non-zero.
+    """
     try:
-        # without standalone mode click *returns* a command's typer.Exit code
         code = app(standalone_mode=False)
     except FedcommonsError as exc:
         err_console.print(f"[bold red]error[/] ({type(exc).__name__}): {exc}")
@@ -69,5 +73,5 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
-    if isinstance(code, int) and code:
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
         sys.exit(code)

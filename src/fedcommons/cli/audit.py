@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from enum import StrEnum
@@ -12,7 +11,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedcommons.cli.common import DEFAULT_REGISTRY, OutputFormat, RegistryOpt, console
+from fedcommons.cli.common import (
+    DEFAULT_REGISTRY,
+    OutputFormat,
+    RegistryOpt,
+    console,
+    err_console,
+)
 
 audit_app = typer.Typer(
     help="Audit differential-privacy claims: ledger recomputation and canary audits.",
@@ -33,30 +38,46 @@ def audit_ledger_cmd(
     version: Annotated[str, typer.Argument(help="Release version, or 'latest'.")],
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: Annotated[str | None, typer.Option(help="Release line (if several).")] = None,
+    trust: Annotated[
+        str | None,
+        typer.Option("--trust", help="The signer you trust: public key (PEM file) or fingerprint."),
+    ] = None,
+    first_use: Annotated[
+        bool,
+        typer.Option("--trust-on-first-use", help="Pin the registry's key if none is pinned."),
+    ] = False,
     fmt: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
 ) -> None:
     """Recompute a release's ε from its privacy ledger with Google's dp-accounting.
 
-    Fails (exit 2) naming the round when the ledger was edited, when an entry's ε does
-    not reproduce, or when a round was under-noised.
+    The release, its chain and HEAD.json must verify against the signer you trust
+    (--trust, or the one pinned for the registry). Fails (exit 2) naming the round when
+    the ledger was edited, when an entry's ε does not reproduce, or when a round was
+    under-noised; exits 1 when the ledger holds entries no signed release covers
+    (appended, or a run still in progress).
     """
-    from fedcommons.errors import PrivacyAuditError
-    from fedcommons.privacy.audit import audit_ledger
+    from fedcommons.releases.ledger_audit import audit_signed_ledger
     from fedcommons.releases.registry import Registry
 
-    rel = Registry(registry, create=False).get(version, name=name)
-    if hashlib.sha256(rel.manifest_path.read_bytes()).hexdigest() != rel.manifest_sha256:
-        raise PrivacyAuditError(
-            f"manifest {rel.manifest_path} does not match the SHA-256 the registry index "
-            "recorded at publication: its privacy claim cannot be trusted"
-        )
-    result = audit_ledger(Path(registry), rel.manifest().privacy)
+    signed = audit_signed_ledger(
+        Registry(registry, create=False), version, name=name, trust=trust, first_use=first_use
+    )
+    result = signed.audit
+    flagged = [
+        f"round {u['round']} of run {u['run_id']} (entry {u['seq']})" for u in signed.unreleased
+    ]
     if fmt is OutputFormat.json:
         doc = asdict(result)
-        doc["release"] = {"name": rel.name, "version": rel.version}
-        doc["verdict"] = "ok"
+        doc["release"] = {"name": signed.name, "version": signed.version}
+        doc["trust"] = {"key_id": signed.trust.key_id, "source": signed.trust.source.value}
+        doc["covered_by"] = signed.covered_by
+        doc["unreleased_entries"] = signed.unreleased
+        doc["verdict"] = "flagged" if signed.flagged else "ok"
         print(json.dumps(doc, indent=2))
+        if signed.flagged:
+            raise typer.Exit(1)
         return
+    err_console.print(f"[{'dim' if signed.trust.pinned else 'yellow'}]{signed.trust.note}[/]")
     table = Table(
         "round",
         "run",
@@ -69,7 +90,8 @@ def audit_ledger_cmd(
         "q",
         "ε recorded",
         "ε recomputed",
-        title=f"{rel.name} {rel.version}: {result.entries} ledger entries, chain intact",
+        title=f"{signed.name} {signed.version}: {result.entries} ledger entries, chain "
+        f"intact, signed by {signed.trust.key_id[:16]}…",
     )
     for r in result.rounds:
         table.add_row(
@@ -98,8 +120,17 @@ def audit_ledger_cmd(
             f"reported ε={c['reported_epsilon']:.4f}, recomputed {c['recomputed_epsilon']:.4f}"
             f" (budget {c['budget_epsilon']:g}, {c['steps']} DP-SGD steps)",
         )
-    summary.add_row("verdict", "[green]ok[/]: every claim reproduces")
+    if signed.flagged:
+        summary.add_row(
+            "verdict",
+            f"[red]flagged[/]: the claim reproduces, but {len(flagged)} ledger entries follow "
+            f"the newest signed release ({signed.covered_by}): " + "; ".join(flagged),
+        )
+    else:
+        summary.add_row("verdict", "[green]ok[/]: every claim reproduces")
     console.print(summary)
+    if signed.flagged:
+        raise typer.Exit(1)
 
 
 @audit_app.command("canary")

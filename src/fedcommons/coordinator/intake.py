@@ -97,6 +97,7 @@ _ERROR_REASONS = {
     keys.DP_BUDGET_EXHAUSTED_CODE: "dp-budget-exhausted",
     keys.SECAGG_REQUIRED_CODE: "secagg-required",  # the site requires secagg (#7)
     keys.SECAGG_PROTOCOL_ERROR_CODE: "secagg-refused",
+    keys.TASK_REFUSED_CODE: "task-refused",  # the site does not run the task asked for
 }
 
 

@@ -153,7 +153,7 @@ def run_sinks(config: RunConfig) -> list[object]:
     """The run's event sinks besides metrics and audit log: the MLflow mirror if configured."""
     if not config.mlflow_tracking_uri:
         return []
-    from fedcommons.releases.mlflow_mirror import MlflowMirror
+    from fedcommons.releases.integrations.mlflow_mirror import MlflowMirror
 
     return [
         MlflowMirror(

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedcommons.client_sdk.site_tasks import ALLOWED_TASKS_KEY
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.prepare import prepare_run
 from fedcommons.coordinator.run import FederationResult, RunObserver
@@ -132,13 +133,18 @@ def run_in_process(
     """Run ``config`` with the given ClientApps as institutions, in this process.
 
     ``node_configs`` (one mapping per app) is added to each node's config, as a site's
-    ``flower-supernode --node-config`` would.
+    ``flower-supernode --node-config`` would. The operator runs these sites, so each
+    allows the run's task (``allowed-tasks``) unless its node config says otherwise.
     """
     config.task_options.setdefault("num-partitions", len(client_apps))
     prepared = prepare_run(config)
     results: list[FederationResult] = []
     server_app = make_server_app(config, observer=observer, prepared=prepared, results=results)
-    grid = InProcessGrid(client_apps, node_configs=node_configs)
+    sites = [
+        {ALLOWED_TASKS_KEY: config.task, **(node_configs[i] if node_configs else {})}
+        for i in range(len(client_apps))
+    ]
+    grid = InProcessGrid(client_apps, node_configs=sites)
     context = Context(
         run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
     )

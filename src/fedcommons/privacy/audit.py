@@ -3,8 +3,9 @@
 What :func:`audit_ledger` checks, in order (the first failure raises, naming the round):
 
 1. the hash chain of every ledger entry the release covers (edits, removals, reorders);
-2. that the chain's head after that many entries is the hash the manifest recorded (a
-   ledger rewritten or truncated after publication);
+2. that each entry's hash is the one the manifest recorded (``ledger_entry_sha256``,
+   naming the first rewritten round) and the chain's head after that many entries is the
+   hash the manifest recorded (a ledger rewritten or truncated after publication);
 3. per central-DP round: the effective noise multiplier recomputed from the recorded
    noise std, denominator and clip norm, and that it is at least the configured z;
 4. per central-DP round: the cumulative ε at δ recomputed with Google's dp-accounting
@@ -85,6 +86,14 @@ def audit_ledger(
             "entries were removed",
             seq=len(records),
         )
+    for rec, signed in zip(records, privacy.get("ledger_entry_sha256") or [], strict=False):
+        if rec.sha256 != signed:
+            raise LedgerTamperedError(
+                f"{_round_of(rec.entry, rec.seq)}: the entry's hash {rec.sha256[:12]}… is not "
+                f"the {signed[:12]}… the release signed: the ledger was rewritten from here on",
+                round_no=rec.round,
+                seq=rec.seq,
+            )
     head = records[-1]
     if head.sha256 != privacy["ledger_head_sha256"]:
         raise LedgerTamperedError(

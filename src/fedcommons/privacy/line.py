@@ -366,6 +366,9 @@ class LinePrivacy:
             "ledger": f"{LEDGER_DIR}/{self.line}/{LEDGER_FILE}",
             "ledger_entries": len(records),
             "ledger_head_sha256": records[-1].sha256,
+            # each entry's hash, signed with the manifest: an audit names the first
+            # round of a ledger rewritten after publication, not only its last one
+            "ledger_entry_sha256": [r.sha256 for r in records],
             "rounds_this_run": self.run_entries,
         }
         central = [e for e in entries if e.get("mechanism") == "dp-fedavg"]
