@@ -65,6 +65,8 @@ MUTABLE_KEYS = frozenset(
         "node-wait-timeout",
         "on-round-failure",
         "round-retries",
+        "private-dir",
+        "population",  # a DP round records its own q and W in the ledger
     }
 )
 RUNS_DIR = "runs"
