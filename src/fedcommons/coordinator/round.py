@@ -31,7 +31,7 @@ from fedcommons.errors import (
 )
 from fedcommons.logs import get_logger
 from fedcommons.observability import events as observe
-from fedcommons.privacy.line import LinePrivacy
+from fedcommons.privacy.line import LinePrivacy, round_claim_config
 from fedcommons.privacy.seeded_bugs import active_bug
 from fedcommons.strategies import (
     guarded_begin,
@@ -145,6 +145,15 @@ def round_content(
     }
     for key, value in config.task_options.items():
         train_cfg[f"{keys.TASK_OPTION_PREFIX}{key}"] = value
+    train_cfg.update(  # the line's public DP mechanism, for the institutions' receipts
+        round_claim_config(
+            config.central_dp,
+            line=config.line,
+            clients_per_round=config.clients_per_round,
+            population=config.population,
+            rounds=config.rounds,
+        )
+    )
     if needs_fisher:
         train_cfg[keys.FISHER_REQUEST] = True
         if fisher_samples:

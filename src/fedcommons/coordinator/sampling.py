@@ -65,8 +65,8 @@ def sample_round(
     """Wait for the declared population, then sample the round's clients.
 
     The round waits (at most ``node-wait-timeout``) until the declared ``population`` is
-    connected, then goes on with whoever is (at least ``min-clients``). Without central DP the sample is seeded from the run's
-    seed; with it, the line's privacy bookkeeping draws a secret Poisson or fixed-size
+    connected, then goes on with whoever is (at least ``min-clients``). Without central
+    DP the sample is seeded from the run's seed; with it, the line's privacy bookkeeping draws a secret Poisson or fixed-size
     sample whose rate and denominator depend only on the declared population.
     """
     config = prepared.config

@@ -78,6 +78,40 @@ class RoundSample:
     expected: float
 
 
+def public_sample_rate(
+    central: CentralDPConfig | None, clients_per_round: int, population: int
+) -> float:
+    """q: Poisson rate clients-per-round / N (1 when 0 or ≥ N); 1 for fixed-size samples."""
+    if central is None or central.sampling == "fixed":
+        return 1.0
+    k, n = clients_per_round, population
+    return k / n if 0 < k < n else 1.0
+
+
+def round_claim_config(
+    central: CentralDPConfig | None,
+    *,
+    line: str,
+    clients_per_round: int,
+    population: int,
+    rounds: int,
+) -> dict[str, Any]:
+    """The round-config keys that tell institutions the line's public mechanism.
+
+    They keep them in their own receipts (:mod:`fedcommons.privacy.receipts`).
+    """
+    if central is None:
+        return {}
+    return {
+        "dp-line": line,
+        "dp-noise-multiplier": central.noise_multiplier,
+        "dp-sample-rate": public_sample_rate(central, clients_per_round, population),
+        "dp-delta": central.delta,
+        "dp-rounds": rounds,
+        "dp-sampling": central.sampling,
+    }
+
+
 def check_dp_round_policy(
     *, central: CentralDPConfig | None, population: int, min_clients: int, on_round_failure: str
 ) -> None:
@@ -272,11 +306,7 @@ class LinePrivacy:
     @property
     def sample_rate(self) -> float:
         """q: Poisson rate clients-per-round / N (1 when 0 or ≥ N); 1 for fixed-size."""
-        cfg = self.central
-        if cfg is None or cfg.sampling == "fixed":
-            return 1.0
-        k, n = self.clients_per_round, self.population
-        return k / n if 0 < k < n else 1.0
+        return public_sample_rate(self.central, self.clients_per_round, self.population)
 
     @property
     def expected_participants(self) -> float:
