@@ -167,6 +167,7 @@ def audit_canary_cmd(
             "sampling": central["sampling"],
             "accountant": str(central["accountant"]).removeprefix("opacus-"),
             "task": manifest.task,
+            "task_options": {"hidden": "64"} if manifest.task == "digits" else {},
         }
     cfg = PipelineAuditConfig(
         canaries=canaries,

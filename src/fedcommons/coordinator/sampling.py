@@ -66,8 +66,9 @@ def sample_round(
 
     The round waits (at most ``node-wait-timeout``) until the declared ``population`` is
     connected, then goes on with whoever is (at least ``min-clients``). Without central
-    DP the sample is seeded from the run's seed; with it, the line's privacy bookkeeping draws a secret Poisson or fixed-size
-    sample whose rate and denominator depend only on the declared population.
+    DP the sample is seeded from the run's seed; with it, the line's privacy bookkeeping
+    draws a secret Poisson or fixed-size sample whose rate and denominator depend only on
+    the declared population.
     """
     config = prepared.config
     nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout, config.population)

@@ -272,7 +272,7 @@ def run_pipeline_audit(
     per_round = max(1, round(cfg.sample_rate * cfg.population)) if cfg.sample_rate < 1 else 0
     config = RunConfig(
         task=cfg.task,
-        task_options={**cfg.task_options, "num-partitions": len(apps)},
+        task_options={**cfg.task_options, "num-partitions": 1},  # canaries hold no data
         strategy="fedavg",
         rounds=cfg.rounds,
         clients_per_round=per_round,

@@ -49,9 +49,8 @@ from fedcommons.privacy.config import (
     check_epsilon,
     check_noise_multiplier,
 )
-from fedcommons.privacy.receipts import site_state_dir
+from fedcommons.privacy.receipts import STATE_FILE, site_state_dir
 
-STATE_FILE = "dp-sgd-accountant.json"
 STATE_SCHEMA = 1
 NODE_KEYS = (
     "dp-epsilon",

@@ -49,6 +49,8 @@ from fedcommons.privacy.accounting import (
 )
 
 RECEIPTS_FILE = "privacy-receipts.jsonl"
+#: The site's DP-SGD accountant state (written by :mod:`fedcommons.privacy.client_dp`).
+STATE_FILE = "dp-sgd-accountant.json"
 #: Round-config keys of a central-DP round's public mechanism (coordinator → institution).
 LINE_KEY = "dp-line"
 CLAIM_KEYS = ("dp-noise-multiplier", "dp-sample-rate", "dp-delta", "dp-rounds", "dp-sampling")
@@ -246,8 +248,6 @@ def compose_receipts(
 
 def _record_level(state_dir: Path) -> dict[str, Any] | None:
     """The site's DP-SGD spend from its accountant state, recomputed with dp-accounting."""
-    from fedcommons.privacy.client_dp import STATE_FILE
-
     path = state_dir / STATE_FILE
     if not path.exists():
         return None
