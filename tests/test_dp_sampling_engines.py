@@ -7,7 +7,6 @@ file under the registry.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from fedcommons.privacy.disclosure import PrivateRoundLog
 from fedcommons.releases.registry import Registry
 from tests.conftest import BIN
-from tests.processes import ProcessGroup, start_insecure_supernodes, start_superlink, tail
+from tests.processes import ProcessGroup, start_insecure_supernodes, start_superlink, submit_run
 
 pytestmark = pytest.mark.slow
 
@@ -93,16 +92,7 @@ def test_deployment_engine_samples_2_of_3_supernodes_with_and_without_dp(
         base += [f"private-dir={tmp_path / 'private'}"]
         dp = ["dp.noise-multiplier=1.0", "dp.clip-norm=0.5", "dp.epsilon=30", "dp.delta=1e-5"]
         for name, extra in (("plain", []), ("dp", [*dp, "release-name=dpline"])):
-            argv = [str(BIN / "fedcommons"), "coordinator", "submit", "--insecure"]
-            argv += ["--superlink", f"127.0.0.1:{link_port}", "--timeout", "400"]
-            for item in [*base, *extra]:
-                argv += ["-c", item]
-            submit = subprocess.run(
-                argv, env=flower_env, capture_output=True, text=True, timeout=480, check=False
-            )
-            logs = "\n".join(tail(p) for p in sorted(tmp_path.glob("*.log")))
-            assert submit.returncode == 0, f"{name}: {submit.stdout}\n{submit.stderr}\n{logs}"
-            status = json.loads(submit.stdout[submit.stdout.index("{") :])
+            status = submit_run(BIN, flower_env, link_port, [*base, *extra], tmp_path)
             assert status["status"] == "finished:completed", name
         plain = Registry(registry, create=False).get("latest", name="digits").manifest()
         assert [r["sampled"] for r in plain.round_metrics] == [2, 2]

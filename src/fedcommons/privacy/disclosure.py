@@ -20,14 +20,13 @@ whole. Files are created with mode 0600 inside a 0700 directory.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from fedcommons.errors import ConfigError
-from fedcommons.fileio import default_state_root, exclusive_lock
+from fedcommons.fileio import append_json_line, default_state_root, read_json_lines
 
 ENV = "FEDCOMMONS_COORDINATOR_DIR"
 ROUNDS_FILE = "rounds.jsonl"
@@ -63,22 +62,10 @@ class PrivateRoundLog:
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Append one record durably (exclusive lock, fsync)."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        line = json.dumps(dict(record), sort_keys=True, default=str) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with (
-            os.fdopen(fd, "a", encoding="utf-8") as fh,
-            exclusive_lock(fh, 30.0, lambda: ConfigError(f"{self.path} is locked")),
-        ):
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_json_line(self.path, record, lambda: ConfigError(f"{self.path} is locked"))
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every record, oldest first (nothing when the log does not exist)."""
-        if not self.path.exists():
-            return
-        with self.path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield json.loads(line)
+        return read_json_lines(
+            self.path, lambda n: ConfigError(f"{self.path} line {n} is not JSON")
+        )

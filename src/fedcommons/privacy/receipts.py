@@ -30,7 +30,6 @@ never Flower's node id, which changes when a node registers again.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcommons.errors import ConfigError
-from fedcommons.fileio import default_state_root, exclusive_lock
+from fedcommons.fileio import append_json_line, default_state_root, read_json_lines
 from fedcommons.privacy.accounting import (
     AUDIT_METHOD,
     Step,
@@ -102,28 +101,14 @@ class ReceiptLog:
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Append one receipt durably (0600, exclusive lock, fsync)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"time": _now(), **record}, sort_keys=True) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with (
-            os.fdopen(fd, "a", encoding="utf-8") as fh,
-            exclusive_lock(fh, 30.0, lambda: ConfigError(f"{self.path} is locked")),
-        ):
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        locked = lambda: ConfigError(f"{self.path} is locked")  # noqa: E731
+        append_json_line(self.path, {"time": _now(), **record}, locked)
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every receipt, oldest first."""
-        if not self.path.exists():
-            return
-        with self.path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except ValueError:
-                        raise ConfigError(f"{self.path} line {n} is not JSON") from None
+        return read_json_lines(
+            self.path, lambda n: ConfigError(f"{self.path} line {n} is not JSON")
+        )
 
 
 def _now() -> str:
