@@ -106,6 +106,9 @@ def test_fixed_sampling_is_accounted_without_amplification(tmp_path: Path) -> No
     assert all(e["private"]["sampled"] == 10 for e in entries)
     assert all(e["sensitivity"] == 2.0 for e in entries)  # 2C: a fixed sample swaps members
     assert "no amplification" in line.manifest_privacy()["guarantee"]
+    audit = audit_ledger(tmp_path, line.manifest_privacy())  # Δ derived from the scheme
+    assert [c.sensitivity for c in audit.rounds] == [2.0, 2.0]
+    assert min(c.effective_noise_multiplier for c in audit.rounds) == pytest.approx(2.0)
 
 
 def test_a_run_that_cannot_fit_the_budget_is_refused_at_configuration(tmp_path: Path) -> None:
