@@ -132,7 +132,7 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_module_imports_itself_through_a_circle() -> None:
-    edges, where = _graph()
+    edges, _where = _graph()
     # ``from fedcommons.x import y`` also reads the package ``fedcommons.x``'s __init__;
     # a package that re-exports its own modules is not a circle between parts.
     module_edges = {
