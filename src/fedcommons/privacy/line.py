@@ -543,13 +543,18 @@ class LinePrivacy:
             f"{self.line!r}; declared population {self.population}, "
             + (
                 f"Poisson sampling q={self.sample_rate:.4g}, amplification accounted"
-                if amplified
+                if cfg.sampling == "poisson" and self.sample_rate < 1
                 else (
                     f"fixed-size samples of {self.clients_per_round} (sensitivity 2C), no "
                     "amplification accounted"
                     if cfg.sampling == "fixed" and self.clients_per_round > 0
                     else "every institution each round, no amplification accounted"
                 )
+            )
+            + (
+                "; earlier rounds of the line as their ledger entries record"
+                if len({(e.get("sampling"), e.get("sample_rate")) for e in central}) > 1
+                else ""
             )
             + f" (z={cfg.noise_multiplier:g}, C={cfg.clip_norm:g}, accountant "
             f"{last['accountant']})"
