@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "observability": set(),
     "client_sdk": {"flwr", "privacy", "tasks", "wire"},
     "coordinator": {"flwr", "observability", "privacy", "releases", "strategies", "tasks", "wire"},
-    "engines": {"flwr", "client_sdk", "coordinator", "observability", "wire"},
+    "engines": {"flwr", "client_sdk", "coordinator", "observability", "privacy", "tasks", "wire"},
     "merge": {"client_sdk", "releases", "strategies", "tasks", "wire"},
     "cli": {
         "client_sdk",

@@ -8,16 +8,18 @@
   trusted signers).
 - :func:`exclusive_lock`: an advisory POSIX ``flock`` on an open file with a bounded wait,
   so two processes never interleave writes and none waits forever.
+- :func:`append_json_line`, :func:`read_json_lines`: private append-only JSON-lines logs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -106,3 +108,31 @@ def exclusive_lock(
         yield
     finally:
         fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def append_json_line(
+    path: Path, record: Mapping[str, Any], on_timeout: Callable[[], Exception]
+) -> None:
+    """Append one JSON object as a line: file mode 0600, exclusive lock, fsync."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    line = json.dumps(dict(record), sort_keys=True, default=str) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as fh, exclusive_lock(fh, 30.0, on_timeout):
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_json_lines(
+    path: Path, on_bad_line: Callable[[int], Exception]
+) -> Iterator[dict[str, Any]]:
+    """Every JSON object of a JSON-lines file, oldest first (none when it does not exist)."""
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    raise on_bad_line(number) from None

@@ -16,6 +16,7 @@ from fedcommons.cli.certs import certs_app
 from fedcommons.cli.common import console, err_console
 from fedcommons.cli.demo import demo
 from fedcommons.cli.deploy import client_app, coordinator_app
+from fedcommons.cli.receipt import receipt
 from fedcommons.cli.release import release_app
 from fedcommons.cli.rounds import round_app
 from fedcommons.cli.secagg import secagg_app
@@ -31,6 +32,7 @@ app = typer.Typer(
 app.command()(demo)
 app.add_typer(release_app, name="release")
 app.add_typer(coordinator_app, name="coordinator")
+client_app.command("receipt")(receipt)
 app.add_typer(client_app, name="client")
 app.add_typer(audit_app, name="audit")
 app.add_typer(strategies_app, name="strategies")

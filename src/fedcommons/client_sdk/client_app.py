@@ -43,6 +43,7 @@ from fedcommons.client_sdk.training import LocalResult, train_local
 from fedcommons.errors import EncodingError, PrivacyBudgetExceededError, TaskRefusedError
 from fedcommons.logs import get_logger
 from fedcommons.privacy.client_dp import ClientDPConfig, train_local_dp
+from fedcommons.privacy.receipts import LINE_KEY, ReceiptLog, round_claim, site_state_dir
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import keys
 from fedcommons.wire.codec import CompressionSpec
@@ -107,7 +108,7 @@ def local_round(msg: Message, context: Context) -> LocalRound | Message:
     grad_mask = None
     if spec.sparsifier == "fish":  # FISH trains only the parameters in its fixed mask
         grad_mask = fish_grad_mask(spec, cfg, context, task, base, seed)
-    dp = ClientDPConfig.from_node_config(context.node_config, context.node_id)
+    dp = ClientDPConfig.from_node_config(context.node_config)
     if dp is not None and grad_mask is not None:
         raise EncodingError(
             "FISH masks restrict which parameters train, which DP-SGD's accounting does not "
@@ -135,7 +136,25 @@ def local_round(msg: Message, context: Context) -> LocalRound | Message:
             return Message(error, reply_to=msg)
     else:
         result = train_local(task, base, **schedule, grad_mask=grad_mask)
+    _keep_receipt(cfg, context, round_no, result)
     return LocalRound(task, base, cfg, spec, seed, dp, result)
+
+
+def _keep_receipt(cfg: Any, context: Context, round_no: int, result: Any) -> None:
+    """Append this contribution to the site's own receipt log, before the reply leaves."""
+    spend = getattr(result, "spend", None)
+    ReceiptLog(site_state_dir(context.node_config)).append(
+        {
+            "line": str(cfg.get(LINE_KEY, "")),
+            "run_tag": str(cfg.get(keys.RUN_TAG, "")),
+            "flower_run_id": int(context.run_id),
+            "round": round_no,
+            "central": round_claim(cfg),
+            "dp_sgd": None
+            if spend is None
+            else {"epsilon": spend.epsilon, "delta": spend.delta, "steps": spend.steps},
+        }
+    )
 
 
 @dataclass

@@ -32,6 +32,9 @@ class RunConfig:
     strategy_params: dict[str, Any] = field(default_factory=dict)
     rounds: int = 10
     clients_per_round: int = 0  # 0: every available node
+    #: Declared number of institutions a round samples from: each round waits for them;
+    #: required with dp.* (q and W derive from it). 0: whoever is connected.
+    population: int = 0
     min_clients: int = 1
     local_epochs: int = 5
     lr: float = 0.05
@@ -53,6 +56,9 @@ class RunConfig:
     version_bump: str = ""  # operator override: "patch" | "minor" | "major"
     version_bump_reason: str = ""  # required with version-bump; recorded in the manifest
     signing_key: str = ""  # Ed25519 PEM; empty: $FEDCOMMONS_SIGNING_KEY or ~/.config/fedcommons/
+    #: The coordinator's private state (per-node round records, a DP line's audit log),
+    #: never inside the registry; empty: see fedcommons.privacy.disclosure.private_dir.
+    private_dir: str = ""
     #: Central (user-level) DP of the line, "dp.<key>" options; any key turns it on (#6).
     dp_params: dict[str, Any] = field(default_factory=dict)
     # -- durable rounds (#8) --
@@ -89,6 +95,12 @@ class RunConfig:
             raise ConfigError(f"clients-per-round must be >= 0, got {self.clients_per_round}")
         if self.min_clients < 1:
             raise ConfigError(f"min-clients must be >= 1, got {self.min_clients}")
+        if self.population < 0:
+            raise ConfigError(f"population must be >= 0, got {self.population}")
+        if self.population and self.min_clients > self.population:
+            raise ConfigError(
+                f"min-clients ({self.min_clients}) exceeds the population ({self.population})"
+            )
         if self.clients_per_round and self.min_clients > self.clients_per_round:
             raise ConfigError(
                 f"min-clients ({self.min_clients}) exceeds clients-per-round "

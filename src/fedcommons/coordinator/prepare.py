@@ -26,7 +26,9 @@ from fedcommons.errors import (
 )
 from fedcommons.fileio import config_dir
 from fedcommons.logs import get_logger
-from fedcommons.privacy.line import LinePrivacy
+from fedcommons.privacy import seeded_bugs
+from fedcommons.privacy.disclosure import private_dir
+from fedcommons.privacy.line import LinePrivacy, check_dp_round_policy
 from fedcommons.releases.gate import ValidationSuite, load_suite
 from fedcommons.releases.registry import Registry, Release, check_key_outside, check_writable
 from fedcommons.releases.signing import Signer
@@ -107,13 +109,27 @@ def prepare_run(config: RunConfig) -> PreparedRun:
                 f"the signing key {str(key_path)!r} does not exist (set signing-key)"
             )
         registry.publish_key(signer)  # raises unless the key is the registry's
-    privacy = LinePrivacy(config.registry_path, config.line, config.central_dp)
-    remaining = config.rounds - committed_rounds(config)  # a resumed run plans what is left
-    if remaining > 0:
-        privacy.check_plan(remaining)
     faults.check_environment()
     check_dp_compatible(strategy, config)
     check_secagg_compatible(strategy, config)  # refuses what would leak individual updates (#7)
+    check_dp_round_policy(
+        central=config.central_dp,
+        population=config.population,
+        min_clients=config.min_clients,
+        on_round_failure=config.on_round_failure,
+    )
+    private_dir(config.registry_path, config.private_dir)  # refuses one inside the registry
+    seeded_bugs.check_environment(config.registry_path)
+    privacy = LinePrivacy(
+        config.registry_path,
+        config.line,
+        config.central_dp,
+        clients_per_round=config.clients_per_round,
+        population=config.population,
+    )
+    remaining = config.rounds - committed_rounds(config)  # a resumed run plans what is left
+    if remaining > 0:
+        privacy.check_plan(remaining)
     return PreparedRun(config, task, strategy, weights, parent, registry, suite, signer, privacy)
 
 

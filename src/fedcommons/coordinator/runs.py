@@ -68,6 +68,8 @@ MUTABLE_KEYS = frozenset(
         "round-retries",
         "mlflow-tracking-uri",
         "mlflow-experiment",
+        "private-dir",
+        "population",  # a DP round records its own q and W in the ledger
     }
 )
 RUNS_DIR = "runs"

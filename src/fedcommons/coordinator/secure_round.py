@@ -291,7 +291,8 @@ def run_secure_round(
     """
     config, strategy = prepared.config, prepared.strategy
     started = time.monotonic()
-    privacy, nodes, sampled, rate, expected = sample_round(grid, prepared, round_no)
+    privacy, nodes, sample = sample_round(grid, prepared, round_no)
+    sampled, rate, expected = sample.nodes, sample.sample_rate, sample.expected
     n = len(sampled)
     if n < 2:
         raise SecAggAbortedError(
@@ -385,7 +386,7 @@ def run_secure_round(
     )
     outcome = server.finish()
     survivors = outcome.survivors
-    if len(survivors) < config.min_clients:
+    if len(survivors) < config.min_clients and privacy.central is None:
         raise RoundFailedError(
             f"round {round_no}: {len(survivors)} client(s) in the secure sum, need "
             f"{config.min_clients} (rejected: {dict(stages.rejections.counts) or 0})"
@@ -443,6 +444,7 @@ def run_secure_round(
         train_loss=math.nan,  # individual losses are not sent under secure aggregation
         started=started,
         upload_bytes={str(node_of[i]): int(stages.upload[i]) for i in survivors},
+        connected=len(nodes),
     )
     log.info(
         "secagg.round_finished",
@@ -451,8 +453,6 @@ def run_secure_round(
         dropped={k: len(v) for k, v in outcome.dropped.items()},
         timed_out_by_stage=dict(stages.timed_out),
     )
-    if privacy.central is not None:
-        report.examples = 0
     return new_weights, report, {node_of[i] for i in survivors}
 
 

@@ -47,6 +47,15 @@ def run_simulation(
     config.task_options.setdefault("num-partitions", num_institutions)
     if int(config.task_options["num-partitions"]) != num_institutions:
         raise ConfigError("task.num-partitions must equal the number of institutions")
+    # Rounds sample from the declared population: round 1 waits until every simulated
+    # institution has registered (Flower starts the ServerApp before all SuperNodes are up).
+    if not config.population:
+        config.population = num_institutions
+    if config.population > num_institutions:
+        raise ConfigError(
+            f"population ({config.population}) exceeds the {num_institutions} simulated "
+            "institutions"
+        )
     prepared = prepare_run(config)
 
     quiet_flower_env()
