@@ -41,16 +41,18 @@ import numpy as np
 from fedcommons.errors import SecAggAbortedError, SecAggProtocolError
 from fedcommons.privacy.secagg import graph, shamir
 from fedcommons.privacy.secagg.primitives import (
+    PROTOCOL,
+    add_mask,
     agree,
     context_info,
-    expand_mask,
     new_private_key,
     open_sealed,
+    private_key,
     public_key,
     seal,
     share_ad,
 )
-from fedcommons.privacy.secagg.quantize import RingSpec, pack, unpack
+from fedcommons.privacy.secagg.quantize import PackedSum, RingSpec, pack
 
 STAGE_ADVERTISE = "advertise-keys"
 STAGE_SHARE = "share-keys"
@@ -103,6 +105,7 @@ class RoundParams:
         """Plain fields for a message."""
         ring = self.ring.to_dict()
         return {
+            "protocol": PROTOCOL.decode(),
             "run-tag": self.run_tag,
             "round": self.round_no,
             "n": self.n,
@@ -115,7 +118,17 @@ class RoundParams:
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> RoundParams:
-        """Inverse of :meth:`to_record`; :class:`SecAggProtocolError` if malformed."""
+        """Inverse of :meth:`to_record`.
+
+        Raises :class:`SecAggProtocolError` if malformed or of another protocol version
+        (its masks would not cancel against ours).
+        """
+        version = rec.get("protocol")
+        if version != PROTOCOL.decode():
+            raise SecAggProtocolError(
+                f"round uses secure-aggregation protocol {version!r}, this party speaks "
+                f"{PROTOCOL.decode()!r}: upgrade the older side"
+            )
         try:
             ring = RingSpec(
                 bits=int(rec["ring-bits"]),
@@ -302,19 +315,15 @@ class ClientSession:
         total = p.length + p.ring.aux
         if y.shape != (total,):
             raise SecAggProtocolError(f"input has {y.size} elements, the round expects {total}")
-        bits = p.ring.bits
-        masked = y + expand_mask(self.b_seed, total, bits)
+        masked = y.copy()
+        add_mask(masked, self.b_seed)
+        s_sk = private_key(self.s_sk)
         for v in sorted(self.held):
-            pair = expand_mask(
-                agree(self.s_sk, self.peers[v][1], self._info("mask", v)), total, bits
-            )
-            if _sign_for(self.index, v) > 0:
-                masked += pair
-            else:
-                masked -= pair
+            pair = agree(s_sk, self.peers[v][1], self._info("mask", v))
+            add_mask(masked, pair, _sign_for(self.index, v))
         masked &= p.ring.modulus_mask
         self.stage = STAGE_UNMASK
-        return {"masked": pack(masked, bits)}
+        return {"masked": pack(masked, p.ring.bits)}
 
     def masked_input(self, request: Mapping[str, Any], ring_vector: np.ndarray) -> dict[str, Any]:
         """Stage 3 in one call: :meth:`receive_shares`, then :meth:`mask`."""
@@ -429,7 +438,8 @@ class ServerSession:
         self.commit: dict[int, bytes] = {}
         self.b_shares: dict[int, dict[int, bytes]] = {}
         self.s_shares: dict[int, dict[int, bytes]] = {}
-        self.total = np.zeros(params.length + params.ring.aux, dtype=np.uint64)
+        #: Running sum of the masked inputs (O(model) memory, whatever the clients).
+        self.sum = PackedSum(params.length + params.ring.aux, params.ring.bits)
         self._expected_dst: dict[int, list[int]] = {}
         self._unmask_asked: dict[int, tuple[list[int], list[int]]] = {}
 
@@ -519,9 +529,7 @@ class ServerSession:
         data = reply.get("masked")
         if not isinstance(data, bytes):
             raise SecAggProtocolError("masked-input reply lacks the masked vector")
-        vec = unpack(data, self.total.size, self.params.ring.bits)
-        self.total += vec
-        self.total &= self.params.ring.modulus_mask
+        self.sum.add(data)  # mod 2^64 here, mod 2^bits once in finish()
         self.u3.add(index)
 
     def unmask_requests(self) -> dict[int, dict[str, Any]]:
@@ -563,8 +571,8 @@ class ServerSession:
         reconstruction does not match what the client committed to.
         """
         p = self.params
-        t, bits, size = p.threshold, p.ring.bits, self.total.size
-        total = self.total.copy()
+        t = p.threshold
+        total = self.sum.total()
         for v in sorted(self.u3):
             shares = self.b_shares.get(v, {})
             if len(shares) < t:
@@ -575,7 +583,7 @@ class ServerSession:
             b = shamir.reconstruct(shares.items(), t)
             if hashlib.sha256(b).digest() != self.commit[v]:
                 raise SecAggAbortedError(f"reconstructed self-mask of {v} fails its commitment")
-            total -= expand_mask(b, size, bits)
+            add_mask(total, b, -1)
         for d in sorted(self.u2 - self.u3):
             partners = sorted(self._nbrs(d) & self.u3)
             if not partners:
@@ -586,16 +594,14 @@ class ServerSession:
                     f"secure aggregation aborted at unmask: {len(shares)} share(s) of dropped "
                     f"client {d}'s mask key, threshold {t}"
                 )
-            s_sk = shamir.reconstruct(shares.items(), t)
-            if public_key(s_sk) != self.keys[d][1]:
+            raw = shamir.reconstruct(shares.items(), t)
+            if public_key(raw) != self.keys[d][1]:
                 raise SecAggAbortedError(f"reconstructed mask key of {d} fails its public key")
+            s_sk = private_key(raw)
             for u in partners:
                 info = context_info("mask", p.run_tag, p.round_no, d, u)
-                pair = expand_mask(agree(s_sk, self.keys[u][1], info), size, bits)
-                if _sign_for(u, d) > 0:  # u added +PRG(s_ud): take it out
-                    total -= pair
-                else:
-                    total += pair
+                # u added sign(u, d)·PRG(s_ud): take it out
+                add_mask(total, agree(s_sk, self.keys[u][1], info), -_sign_for(u, d))
         total &= p.ring.modulus_mask
         n_all = set(range(1, p.n + 1))
         return SecAggOutcome(
