@@ -11,6 +11,12 @@ the individual update) and sends only the masked vector: no individual metrics.
 
 A site that sets ``secagg-required = true`` in its node config refuses every plaintext
 round with error code :data:`~fedcommons.wire.keys.SECAGG_REQUIRED_CODE`.
+
+A site that sets ``secagg-roster`` (the consortium's roster of Ed25519 keys, see
+:mod:`fedcommons.privacy.secagg.roster`) and ``secagg-signing-key`` (its own key) signs
+its key advertisements and refuses any round in which a neighbour's advertisement does
+not verify against the roster: a coordinator that substitutes keys is caught before the
+site derives a pairwise key or sends a share.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedcommons.client_sdk.compression import ClientState
-from fedcommons.errors import SecAggProtocolError
+from fedcommons.errors import SecAggProtocolError, SecAggRosterError
 from fedcommons.logs import get_logger
 from fedcommons.privacy.secagg.protocol import (
     STAGE_ADVERTISE,
@@ -33,6 +39,7 @@ from fedcommons.privacy.secagg.protocol import (
     RoundParams,
 )
 from fedcommons.privacy.secagg.quantize import clip_l2_and_round, quantize, support, to_ring
+from fedcommons.privacy.secagg.roster import AdvertisementSigner, Roster
 from fedcommons.wire import keys
 from fedcommons.wire.codec import flatten
 
@@ -83,6 +90,38 @@ def check_site_minimum(params: RoundParams, node_config: Mapping[str, Any]) -> N
         )
 
 
+def site_roster(node_config: Mapping[str, Any]) -> Roster | None:
+    """The roster this institution authenticates key advertisements with, if it set one.
+
+    Raises :class:`~fedcommons.errors.SecAggRosterError` when the file is unreadable or
+    does not verify under the pinned ``secagg-roster-signer``.
+    """
+    path = str(node_config.get(keys.SECAGG_ROSTER, "") or "")
+    if not path:
+        return None
+    signer = str(node_config.get(keys.SECAGG_ROSTER_SIGNER, "") or "") or None
+    return Roster.load(path, signer)
+
+
+def site_signer(
+    node_config: Mapping[str, Any], roster: Roster | None
+) -> AdvertisementSigner | None:
+    """This institution's advertisement signer (required once it holds a roster)."""
+    path = str(node_config.get(keys.SECAGG_SIGNING_KEY, "") or "")
+    if roster is None:
+        if path:
+            raise SecAggRosterError(
+                f"{keys.SECAGG_SIGNING_KEY} is set but {keys.SECAGG_ROSTER} is not: set both"
+            )
+        return None
+    if not path:
+        raise SecAggRosterError(
+            f"{keys.SECAGG_ROSTER} is set: {keys.SECAGG_SIGNING_KEY} must name this "
+            "institution's Ed25519 key, listed in the roster"
+        )
+    return AdvertisementSigner.load(path, roster)
+
+
 def handle_secagg(
     msg: Message, context: Context, local_round: Callable[[Message, Context], Any]
 ) -> Message:
@@ -99,7 +138,8 @@ def handle_secagg(
             params = RoundParams.from_record(record)
             check_site_minimum(params, context.node_config)
             session = ClientSession(params, int(record[keys.SECAGG_INDEX]))
-            payload = session.advertise()
+            roster = site_roster(context.node_config)
+            payload = session.advertise(site_signer(context.node_config, roster))
         else:
             session = _load(context)
             if int(record.get("round", -1)) != session.params.round_no:
@@ -108,7 +148,7 @@ def handle_secagg(
                     f"{session.params.round_no}"
                 )
             if stage == STAGE_SHARE:
-                payload = session.share_keys(record)
+                payload = session.share_keys(record, site_roster(context.node_config))
             elif stage == STAGE_MASKED:
                 session.receive_shares(record)  # authenticate before training or sending
                 trained = local_round(msg, context)
@@ -123,7 +163,7 @@ def handle_secagg(
             else:
                 raise SecAggProtocolError(f"unknown secure-aggregation stage {stage!r}")
         _save(context, None if session.stage == "done" else session)
-    except SecAggProtocolError as exc:
+    except (SecAggProtocolError, SecAggRosterError) as exc:
         _save(context, None)  # a refused round leaves no secrets behind
         log.warning("client.secagg-refused", stage=stage, detail=str(exc))
         return Message(

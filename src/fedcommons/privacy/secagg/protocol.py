@@ -53,6 +53,12 @@ from fedcommons.privacy.secagg.primitives import (
     share_ad,
 )
 from fedcommons.privacy.secagg.quantize import PackedSum, RingSpec, pack
+from fedcommons.privacy.secagg.roster import (
+    SIGNATURE_BYTES,
+    AdvertisementSigner,
+    Roster,
+    params_digest,
+)
 
 STAGE_ADVERTISE = "advertise-keys"
 STAGE_SHARE = "share-keys"
@@ -115,6 +121,11 @@ class RoundParams:
             "length": self.length,
             **{f"ring-{k.replace('_', '-')}": v for k, v in ring.items()},
         }
+
+    @cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of the public parameters: what signed key advertisements bind to."""
+        return params_digest(self.to_record())
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> RoundParams:
@@ -208,6 +219,8 @@ class ClientSession:
     #: U2 ∩ N(u): neighbour -> (share of its b, share of its s_sk)
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
     own_b_share: bytes = field(default=b"", repr=False)
+    #: This institution's roster name when it signed its advertisement ("" unsigned).
+    member: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.index <= self.params.n:
@@ -220,15 +233,29 @@ class ClientSession:
             )
 
     # stage 1 -------------------------------------------------------------------------
-    def advertise(self) -> dict[str, Any]:
-        """Stage 1: the two public keys."""
+    def advertise(self, signer: AdvertisementSigner | None = None) -> dict[str, Any]:
+        """Stage 1: the two public keys, signed with the institution's roster key if given."""
         self._expect(STAGE_ADVERTISE)
+        c_pk, s_pk = public_key(self.c_sk), public_key(self.s_sk)
+        out: dict[str, Any] = {"c-pk": c_pk, "s-pk": s_pk}
+        if signer is not None:
+            self.member = signer.member
+            out["member"] = signer.member
+            out["sig"] = signer.sign(self.params.digest, self.index, c_pk, s_pk)
         self.stage = STAGE_SHARE
-        return {"c-pk": public_key(self.c_sk), "s-pk": public_key(self.s_sk)}
+        return out
 
     # stage 2 -------------------------------------------------------------------------
-    def share_keys(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Stage 2: check the neighbours' keys; return encrypted shares and a commitment."""
+    def share_keys(
+        self, request: Mapping[str, Any], roster: Roster | None = None
+    ) -> dict[str, Any]:
+        """Stage 2: check the neighbours' keys; return encrypted shares and a commitment.
+
+        With a ``roster``, every neighbour's advertisement must carry a signature by a
+        distinct roster member (not this institution) over this round's parameters, its
+        seat and its keys (:meth:`Roster.verify`); nothing secret is derived or sent
+        before all of them verify.
+        """
         self._expect(STAGE_SHARE)
         p = self.params
         idx = _as_int_list(request.get("idx"), "idx")
@@ -236,6 +263,8 @@ class ClientSession:
         s_pks = _as_bytes_list(request.get("s-pk"), "s-pk")
         if not len(idx) == len(c_pks) == len(s_pks):
             raise SecAggProtocolError("share-keys request: lists of different lengths")
+        if roster is not None:
+            self._verify_peers(roster, request, idx, c_pks, s_pks)
         mine = p.neighbours_of(self.index)
         if len(set(idx)) != len(idx) or not set(idx) <= mine:
             raise SecAggProtocolError(
@@ -266,6 +295,40 @@ class ClientSession:
             )
         self.stage = STAGE_MASKED
         return {"dst": dst, "ct": cts, "b-commit": hashlib.sha256(self.b_seed).digest()}
+
+    def _verify_peers(
+        self,
+        roster: Roster,
+        request: Mapping[str, Any],
+        idx: list[int],
+        c_pks: list[bytes],
+        s_pks: list[bytes],
+    ) -> None:
+        """Every neighbour's advertisement is signed by its own roster member."""
+        members = request.get("member")
+        sigs = _as_bytes_list(request.get("sig"), "sig")
+        if not isinstance(members, list | tuple) or not all(isinstance(m, str) for m in members):
+            raise SecAggProtocolError(
+                "share-keys request carries no roster signatures, and this institution accepts "
+                "only authenticated key advertisements: refusing the round"
+            )
+        if not len(members) == len(sigs) == len(idx):
+            raise SecAggProtocolError("share-keys request: signature lists of different lengths")
+        if not self.member:
+            raise SecAggProtocolError("this institution did not sign its own advertisement")
+        seen = {self.member}
+        for v, member, sig, c, s in zip(idx, members, sigs, c_pks, s_pks, strict=True):
+            if not member or len(sig) != SIGNATURE_BYTES:
+                raise SecAggProtocolError(
+                    f"participant {v}'s key advertisement is not signed: refusing the round"
+                )
+            if member in seen:
+                raise SecAggProtocolError(
+                    f"roster member {member!r} holds two seats in this round (participant {v}): "
+                    "the coordinator is impersonating participants; refusing the round"
+                )
+            seen.add(member)
+            roster.verify(self.params.digest, v, member, c, s, sig)
 
     def _info(self, purpose: str, other: int) -> bytes:
         return context_info(purpose, self.params.run_tag, self.params.round_no, self.index, other)
@@ -379,6 +442,7 @@ class ClientSession:
             "peers": {str(k): [c.hex(), s.hex()] for k, (c, s) in self.peers.items()},
             "held": {str(k): [b.hex(), s.hex()] for k, (b, s) in self.held.items()},
             "own_b_share": self.own_b_share.hex(),
+            "member": self.member,
         }
         return json.dumps(state, sort_keys=True).encode()
 
@@ -403,6 +467,7 @@ class ClientSession:
                     int(k): (bytes.fromhex(b), bytes.fromhex(x)) for k, (b, x) in s["held"].items()
                 },
                 own_b_share=bytes.fromhex(s["own_b_share"]),
+                member=str(s.get("member", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SecAggProtocolError(f"corrupt secure-aggregation client state: {exc}") from exc
@@ -427,9 +492,13 @@ class ServerSession:
     ciphertexts, whatever the number of participants.
     """
 
-    def __init__(self, params: RoundParams) -> None:
+    def __init__(self, params: RoundParams, *, require_signatures: bool = False) -> None:
         self.params = params
+        #: Refuse advertisements without a roster signature (run config ``secagg-auth``).
+        self.require_signatures = require_signatures
         self.keys: dict[int, tuple[bytes, bytes]] = {}
+        #: participant -> (roster member, signature), for signed advertisements
+        self.signed: dict[int, tuple[str, bytes]] = {}
         self.u1: set[int] = set()
         self.u2: set[int] = set()
         self.u3: set[int] = set()
@@ -471,13 +540,34 @@ class ServerSession:
             raise SecAggProtocolError("advertise reply needs two 32-byte public keys")
         if index in self.keys or not 1 <= index <= self.params.n:
             raise SecAggProtocolError(f"unexpected advertise reply from participant {index}")
+        member, sig = reply.get("member"), reply.get("sig")
+        if member is None and sig is None:
+            if self.require_signatures:
+                raise SecAggProtocolError(
+                    "advertise reply is not signed, and this run requires roster-signed keys "
+                    "(secagg-auth = roster)"
+                )
+        elif not (
+            isinstance(member, str)
+            and 0 < len(member) <= 64
+            and isinstance(sig, bytes)
+            and len(sig) == SIGNATURE_BYTES
+        ):
+            raise SecAggProtocolError("advertise reply: malformed roster member or signature")
+        else:
+            self.signed[index] = (member, sig)
         self.keys[index] = (c, s)
 
     def share_keys_requests(self) -> dict[int, dict[str, Any]]:
         """Stage 2 requests: each client's advertised neighbours' keys."""
         seen = Counter(k for pair in self.keys.values() for k in pair)
         dup = {k for k, count in seen.items() if count > 1}
-        alive = {u for u, pair in self.keys.items() if not set(pair) & dup}
+        members = Counter(m for m, _ in self.signed.values())
+        alive = {
+            u
+            for u, pair in self.keys.items()
+            if not set(pair) & dup and members[self.signed.get(u, ("", b""))[0]] <= 1
+        }  # a roster member in two seats would be refused by its neighbours: drop both
         self.u1 = self._prune(alive)
         self._need(self.u1, STAGE_ADVERTISE)
         out = {}
@@ -489,6 +579,9 @@ class ServerSession:
                 "c-pk": [self.keys[v][0] for v in peers],
                 "s-pk": [self.keys[v][1] for v in peers],
             }
+            if self.signed:  # relayed as advertised; unsigned seats as ("", b"")
+                out[u]["member"] = [self.signed.get(v, ("", b""))[0] for v in peers]
+                out[u]["sig"] = [self.signed.get(v, ("", b""))[1] for v in peers]
         return out
 
     # stage 2 -> 3 ------------------------------------------------------------------------
