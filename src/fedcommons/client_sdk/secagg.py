@@ -21,6 +21,7 @@ site derives a pairwise key or sends a share.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from fedcommons.client_sdk.compression import ClientState
 from fedcommons.errors import SecAggProtocolError, SecAggRosterError
 from fedcommons.logs import get_logger
+from fedcommons.privacy.distributed import norm_bound, skellam_noise
 from fedcommons.privacy.secagg.protocol import (
     STAGE_ADVERTISE,
     STAGE_MASKED,
@@ -87,6 +89,40 @@ def check_site_minimum(params: RoundParams, node_config: Mapping[str, Any]) -> N
         raise SecAggProtocolError(
             f"round threshold {params.threshold} is below this institution's "
             f"secagg-min-threshold {minimum}"
+        )
+
+
+def check_site_noise(
+    params: RoundParams, record: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> None:
+    """Refuse a round whose distributed DP noise is below the site's own floor.
+
+    With node config ``dp-min-noise-multiplier`` z_site, the noise every surviving client
+    adds must sum, with only ``threshold`` of them (the fewest a round can unmask with),
+    to at least ``(z_site·Δ₂)²``; a round without distributed noise, or whose clip exceeds
+    the ring's range, is refused. The site does not take the coordinator's word for it.
+    """
+    raw = node_config.get(keys.SECAGG_DP_MIN_NOISE, 0)
+    try:
+        floor = float(raw or 0)
+    except (TypeError, ValueError):
+        raise SecAggProtocolError(f"{keys.SECAGG_DP_MIN_NOISE} {raw!r} is not a number") from None
+    variance = float(record.get(keys.SECAGG_DP_NOISE, 0.0) or 0.0)
+    if variance > 0 and float(record.get(keys.SECAGG_DP_CLIP, 0.0) or 0.0) > params.ring.clip:
+        raise SecAggProtocolError("distributed DP round clips beyond the ring's range")
+    if floor <= 0:
+        return
+    if variance <= 0:
+        raise SecAggProtocolError(
+            f"this institution sends updates only with distributed DP noise (its "
+            f"{keys.SECAGG_DP_MIN_NOISE} is {floor:g}); the round adds none"
+        )
+    bound = norm_bound(params.ring.levels, params.length)
+    z = math.sqrt(variance * params.threshold) / bound
+    if z < floor:
+        raise SecAggProtocolError(
+            f"the round's distributed noise gives noise multiplier {z:.4g} with "
+            f"{params.threshold} survivors, below this institution's floor {floor:g}"
         )
 
 
@@ -151,6 +187,7 @@ def handle_secagg(
                 payload = session.share_keys(record, site_roster(context.node_config))
             elif stage == STAGE_MASKED:
                 session.receive_shares(record)  # authenticate before training or sending
+                check_site_noise(session.params, record, context.node_config)
                 trained = local_round(msg, context)
                 if isinstance(trained, Message):
                     _save(context, None)
@@ -203,7 +240,11 @@ def encode_input(
             f"update has {x.size} coordinates to send, the round expects {params.length}"
         )
     dp_clip = float(record.get(keys.SECAGG_DP_CLIP, 0.0) or 0.0)
-    if dp_clip > 0:
+    variance = float(record.get(keys.SECAGG_DP_NOISE, 0.0) or 0.0)
+    if variance > 0:  # distributed DP: clip, round within Δ₂; the noise is added below
+        codes, _ = clip_l2_and_round(x, ring, dp_clip, norm_bound=norm_bound(ring.levels, x.size))
+        weight, aux = 1, [1]  # no clipped flag: nothing un-noised about the update leaves
+    elif dp_clip > 0:
         codes, clipped = clip_l2_and_round(x, ring, dp_clip)
         weight, aux = 1, [1, int(clipped)]
     else:
@@ -220,6 +261,8 @@ def encode_input(
         if idx is not None:
             recon[idx] = sent
         state.save_flat(state.residual_path, "residual", (flat - recon).astype(np.float32))
+    if variance > 0:  # after error feedback: the noise is never carried into later rounds
+        codes = codes + skellam_noise(codes.size, variance)
     return to_ring(codes, weight, aux, ring)
 
 

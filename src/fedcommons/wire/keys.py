@@ -48,6 +48,10 @@ SECAGG_STAGE = (
 )
 SECAGG_INDEX = "index"  # int inside SECAGG_RECORD: the node's participant number (1..n)
 SECAGG_DP_CLIP = "dp-clip-norm"  # float inside SECAGG_RECORD: clients L2-clip (central DP), 0: off
+#: float inside SECAGG_RECORD: variance of the Skellam noise each client adds (distributed DP)
+SECAGG_DP_NOISE = "dp-local-variance"
+#: node config (#14): refuse secure rounds whose distributed noise at the threshold is lower
+SECAGG_DP_MIN_NOISE = "dp-min-noise-multiplier"
 SECAGG_REQUIRED = "secagg-required"  # node config: the institution refuses plaintext rounds
 SECAGG_MIN_THRESHOLD = "secagg-min-threshold"  # node config: refuse rounds with a lower threshold
 # node config (#13): the consortium roster of Ed25519 keys; with it, only signed advertisements

@@ -330,14 +330,18 @@ def clip_l2_and_round(
     *,
     tries: int = 8,
     rng: np.random.Generator | None = None,
+    norm_bound: float | None = None,
 ) -> tuple[np.ndarray, bool]:
-    """Central-DP encoding: L2-clip to ``clip_norm``, round so the result stays within it.
+    """DP encoding: L2-clip to ``clip_norm``, round so the result stays within a bound.
 
-    Stochastic rounding is redrawn (up to ``tries`` times) while the dequantized vector's
-    norm exceeds ``clip_norm``; the last resort rounds toward zero, which never increases
-    a coordinate's magnitude. So the contribution that enters the sum always has L2 norm
-    ≤ ``clip_norm``: the sensitivity DP-FedAvg's noise is calibrated for.
-    Returns ``(codes, whether the input was clipped)``.
+    Stochastic rounding is redrawn (up to ``tries`` times) while the integer vector's L2
+    norm exceeds ``norm_bound`` (default ``clip_norm / step``: the dequantized vector
+    within ``clip_norm``); the last resort rounds toward zero, which never increases a
+    coordinate's magnitude. So the contribution that enters the sum always has integer
+    L2 norm ≤ ``norm_bound``: the sensitivity the DP noise is calibrated for (central
+    DP-FedAvg: ``clip_norm``; distributed Skellam: Kairouz et al.'s conditional-rounding
+    bound, slightly above ``clip_norm / step``). Returns ``(codes, whether the input was
+    clipped)``.
     """
     rng = rng or np.random.default_rng(secrets.randbits(128))
     x = np.asarray(values, dtype=np.float64)
@@ -349,7 +353,10 @@ def clip_l2_and_round(
         x = x * (clip_norm / norm)
     for _ in range(tries):
         codes, _ = quantize(x, spec, rng)
-        if float(np.linalg.norm(codes.astype(np.float64) * spec.step)) <= clip_norm:
+        if norm_bound is None:
+            if float(np.linalg.norm(codes.astype(np.float64) * spec.step)) <= clip_norm:
+                return codes, clipped
+        elif float(np.linalg.norm(codes.astype(np.float64))) <= norm_bound:
             return codes, clipped
     scaled = np.clip(x, -spec.clip, spec.clip) * (spec.levels / spec.clip)
     return np.trunc(scaled).astype(np.int64), clipped
