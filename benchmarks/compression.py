@@ -114,9 +114,9 @@ def pretrain(registry: Path, hidden: str, seed: int) -> str:
     import torch
 
     from fedcommons.coordinator.config import RunConfig
-    from fedcommons.coordinator.federation import signing_key_path
-    from fedcommons.coordinator.registry import Registry
-    from fedcommons.coordinator.signing import Signer
+    from fedcommons.coordinator.prepare import signing_key_path
+    from fedcommons.releases.registry import Registry
+    from fedcommons.releases.signing import Signer
     from fedcommons.tasks.digits import DigitsTask, digits_split
     from fedcommons.wire import ReleaseManifest
 
@@ -155,7 +155,7 @@ def run_job(job: Job) -> dict[str, Any]:
     _setup_worker()
     from fedcommons.client_sdk.client_app import app as client_app
     from fedcommons.coordinator.config import RunConfig
-    from fedcommons.coordinator.inprocess import run_in_process
+    from fedcommons.engines.inprocess import run_in_process
 
     started = time.perf_counter()
     registry = Path(tempfile.mkdtemp(prefix="fc-bench-reg-"))

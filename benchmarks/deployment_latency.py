@@ -38,8 +38,8 @@ from rich.console import Console
 from rich.table import Table
 from tests.processes import ProcessGroup, free_port, start_superlink, wait_for_port
 
-from fedcommons.coordinator.deployment import submit_run, write_connection, write_flower_app
-from fedcommons.coordinator.registry import Registry
+from fedcommons.engines.submission import submit_run, write_connection, write_flower_app
+from fedcommons.releases.registry import Registry
 
 console = Console(width=150)
 BIN = Path(sys.executable).parent

@@ -25,7 +25,7 @@ def run(alpha: float, shared: bool, rounds: int, density: float) -> tuple[list[f
     from benchmarks.compression import pretrain
     from fedcommons.client_sdk.client_app import app
     from fedcommons.coordinator.config import RunConfig
-    from fedcommons.coordinator.inprocess import run_in_process
+    from fedcommons.engines.inprocess import run_in_process
     from fedcommons.tasks.digits import DigitsTask
 
     original = fm.fish_mask

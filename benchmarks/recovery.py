@@ -71,7 +71,7 @@ def child(registry: Path, rounds: int, clients: int) -> None:
     torch.set_num_threads(1)
     from fedcommons.client_sdk.client_app import app
     from fedcommons.coordinator.config import RunConfig
-    from fedcommons.coordinator.inprocess import run_in_process
+    from fedcommons.engines.inprocess import run_in_process
     from fedcommons.logs import configure_logging
     from fedcommons.privacy.line import LinePrivacy
 
@@ -149,7 +149,7 @@ def run_to_end(workdir: Path, rounds: int, clients: int) -> dict[str, Any]:
         tail = log.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"coordinator exited rc={proc.returncode}:\n{tail}")
     result = json.loads(stdout.decode().strip().splitlines()[-1])
-    from fedcommons.coordinator.audit_log import read
+    from fedcommons.observability.audit_log import read
 
     records = list(read(workdir / "registry" / "audit.jsonl"))
     commits = [r["details"]["seconds"] for r in records if r["action"] == "round.commit"]
@@ -190,8 +190,8 @@ def kill_and_restart(
     workdir: Path, point: str, round_no: int, rounds: int, clients: int, baseline: str
 ) -> Trial:
     """One trial: pause at ``point`` of ``round_no``, SIGKILL by PID, restart, compare."""
-    from fedcommons.coordinator.audit_log import read
     from fedcommons.coordinator.runs import RunStore
+    from fedcommons.observability.audit_log import read
     from fedcommons.privacy.ledger import PrivacyLedger, ledger_path
 
     started = time.monotonic()

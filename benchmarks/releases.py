@@ -26,13 +26,13 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save as st_save
 
-from fedcommons.coordinator.card import render_card
-from fedcommons.coordinator.patches import apply_patch, make_patch
-from fedcommons.coordinator.registry import Registry, Release
-from fedcommons.coordinator.signing import Signer
-from fedcommons.coordinator.validation import default_suite, run_gate
-from fedcommons.coordinator.verification import Verifier
 from fedcommons.logs import configure_logging
+from fedcommons.releases.card import render_card
+from fedcommons.releases.gate import default_suite, run_gate
+from fedcommons.releases.patches import apply_patch, make_patch
+from fedcommons.releases.registry import Registry, Release
+from fedcommons.releases.signing import Signer
+from fedcommons.releases.verification import Verifier
 from fedcommons.tasks.digits import DigitsTask
 from fedcommons.wire.manifest import ReleaseManifest
 

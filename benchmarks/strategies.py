@@ -160,8 +160,8 @@ def _federate(
 ) -> tuple[list[float], list[int]]:
     """Validation accuracy and cumulative upload bytes after each round."""
     from fedcommons.coordinator.config import RunConfig
-    from fedcommons.coordinator.federation import RoundReport
-    from fedcommons.coordinator.inprocess import run_in_process
+    from fedcommons.coordinator.round import RoundReport
+    from fedcommons.engines.inprocess import run_in_process
 
     meter = [0]
     acc: list[float] = []
@@ -237,7 +237,7 @@ def part_throughput(clients: int, params: int, tensors: int, repeats: int) -> li
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from fedcommons.coordinator.arrays import record_tensors
+    from fedcommons.coordinator.intake import record_tensors
     from fedcommons.strategies import FedAvg
     from fedcommons.wire.update import ClientUpdate, decode_dense_delta
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from fedcommons.coordinator.card import render_card
-from fedcommons.coordinator.registry import Registry, Release
-from fedcommons.coordinator.signing import Signer
+from fedcommons.releases.card import render_card
+from fedcommons.releases.registry import Registry, Release
+from fedcommons.releases.signing import Signer
 from fedcommons.wire.manifest import ReleaseManifest
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedcommons.coordinator import certs
-from fedcommons.coordinator.deployment import sync_allowlist
+from fedcommons.engines import certs
+from fedcommons.engines.superlink import sync_allowlist
 from tests.conftest import BIN
 from tests.processes import ProcessGroup, free_port, wait_for_coordinator_ready
 

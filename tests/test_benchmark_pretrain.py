@@ -4,8 +4,8 @@ from pathlib import Path
 
 from benchmarks.compression import pretrain
 
-from fedcommons.coordinator.registry import Registry
-from fedcommons.coordinator.verification import verify_release
+from fedcommons.releases.registry import Registry
+from fedcommons.releases.verification import verify_release
 
 
 def test_pretrained_base_is_published_signed_and_verifiable(tmp_path: Path) -> None:

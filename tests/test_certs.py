@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.cli.supernode.register import try_load_public_key
 
-from fedcommons.coordinator import certs
+from fedcommons.engines import certs
 from fedcommons.errors import CertificateError
 
 

@@ -11,7 +11,7 @@ import pytest
 from fedcommons.cli import main
 from fedcommons.client_sdk.client_app import app as client
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.inprocess import run_in_process
+from fedcommons.engines.inprocess import run_in_process
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:

@@ -13,9 +13,10 @@ from flwr.clientapp import ClientApp
 
 from fedcommons.client_sdk.client_app import app as client_app
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.federation import FederationResult, prepare_run
-from fedcommons.coordinator.inprocess import InProcessGrid, run_in_process
+from fedcommons.coordinator.prepare import prepare_run
+from fedcommons.coordinator.run import FederationResult
 from fedcommons.coordinator.server_app import make_server_app
+from fedcommons.engines.inprocess import InProcessGrid, run_in_process
 from fedcommons.errors import CompressionSpecError, ConfigError
 from fedcommons.wire import keys
 from fedcommons.wire.codec import (

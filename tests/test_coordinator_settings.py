@@ -8,12 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedcommons.cli import app
-from fedcommons.coordinator import certs
-from fedcommons.coordinator.deployment import (
-    load_coordinator_settings,
-    service_env,
-    superlink_argv,
-)
+from fedcommons.engines import certs
+from fedcommons.engines.superlink import load_coordinator_settings, service_env, superlink_argv
 from fedcommons.errors import CertificateError, ConfigError
 
 

@@ -216,7 +216,7 @@ def test_helm_deployment_runs_a_real_command_as_non_root() -> None:
 
 def test_helm_config_map_renders_settings_the_coordinator_accepts(tmp_path: Path) -> None:
     """The chart's coordinator.toml, with its values filled in, loads as settings."""
-    from fedcommons.coordinator.deployment import CoordinatorSettings
+    from fedcommons.engines.superlink import CoordinatorSettings
 
     text = (CHART / "templates" / "configmap.yaml").read_text()
     body = text.split("coordinator.toml: |\n", 1)[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcommons.coordinator.registry import Registry
+from fedcommons.releases.registry import Registry
 from tests.conftest import BIN
 from tests.processes import (
     ProcessGroup,

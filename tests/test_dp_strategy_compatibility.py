@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.federation import prepare_run
+from fedcommons.coordinator.prepare import prepare_run
 from fedcommons.errors import ConfigError
 
 DP = {"noise-multiplier": 1.0, "clip-norm": 0.5, "epsilon": 8.0, "delta": 1e-5}

@@ -17,11 +17,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedcommons.client_sdk.client_app import app as fedcommons_client
-from fedcommons.coordinator import audit_log, faults
+from fedcommons.coordinator import faults
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.inprocess import run_in_process
-from fedcommons.coordinator.registry import Registry
 from fedcommons.coordinator.runs import RunStore
+from fedcommons.engines.inprocess import run_in_process
 from fedcommons.errors import (
     CheckpointError,
     ConfigError,
@@ -30,8 +29,10 @@ from fedcommons.errors import (
     RunCancelledError,
     RunStateError,
 )
+from fedcommons.observability import audit_log
 from fedcommons.privacy.ledger import PrivacyLedger, ledger_path
 from fedcommons.privacy.line import LinePrivacy
+from fedcommons.releases.registry import Registry
 
 
 def _config(registry: Path, **over: object) -> RunConfig:
@@ -302,7 +303,8 @@ def test_a_second_coordinator_on_the_same_run_fences_off_the_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash
 ) -> None:
     """Input tried: the run started again while its first coordinator still runs."""
-    from fedcommons.coordinator.federation import RoundReport, prepare_run
+    from fedcommons.coordinator.prepare import prepare_run
+    from fedcommons.coordinator.round import RoundReport
     from fedcommons.coordinator.runs import DurableRun
 
     _crash_run(crash, monkeypatch, "committed:1", _config(tmp_path / "r"), [fedcommons_client] * 2)

@@ -12,10 +12,10 @@ from flwr.clientapp import ClientApp
 
 from fedcommons.client_sdk.client_app import app as fedcommons_client
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.inprocess import run_in_process
-from fedcommons.coordinator.registry import Registry
+from fedcommons.engines.inprocess import run_in_process
 from fedcommons.errors import RoundFailedError
 from fedcommons.logs import configure_logging
+from fedcommons.releases.registry import Registry
 from fedcommons.wire import keys
 
 

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedcommons.client_sdk.training import train_local
-from fedcommons.coordinator.registry import Registry
-from fedcommons.coordinator.signing import Signer
+from fedcommons.releases.registry import Registry
+from fedcommons.releases.signing import Signer
 from fedcommons.strategies import refresh_plugins
 from fedcommons.tasks import load_task
 from tests import release_helpers

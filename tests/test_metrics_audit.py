@@ -13,10 +13,10 @@ from flwr.clientapp import ClientApp
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedcommons.client_sdk.client_app import app as fedcommons_client
-from fedcommons.coordinator import audit_log, metrics
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.inprocess import run_in_process
+from fedcommons.engines.inprocess import run_in_process
 from fedcommons.errors import AuditLogError, ConfigError, RoundFailedError
+from fedcommons.observability import audit_log, metrics
 from fedcommons.wire import keys
 from tests.processes import free_port
 
@@ -82,7 +82,7 @@ def test_metrics_endpoint_counts_rounds_updates_bytes_and_releases_after_a_run(
 
 
 def result_weights_shapes(tmp_path: Path):
-    from fedcommons.coordinator.registry import Registry
+    from fedcommons.releases.registry import Registry
 
     registry = Registry(tmp_path / "reg", create=False)
     return registry.load_weights(registry.releases()[0]).values()

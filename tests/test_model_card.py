@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from fedcommons.coordinator.card import render_card
-from fedcommons.coordinator.registry import Registry
-from fedcommons.coordinator.signing import Signer
+from fedcommons.releases.card import render_card
+from fedcommons.releases.registry import Registry
+from fedcommons.releases.signing import Signer
 from tests.release_helpers import publish, weights
 
 SECTIONS = (

@@ -13,7 +13,7 @@ from benchmarks.plain_flower_app import clientapp as quickstart_client
 
 from fedcommons.client_sdk.client_app import app as fedcommons_client
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.inprocess import run_in_process
+from fedcommons.engines.inprocess import run_in_process
 
 
 def test_quickstart_clients_train_the_model_as_dense_updates(tmp_path: Path) -> None:

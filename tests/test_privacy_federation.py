@@ -12,10 +12,10 @@ from flwr.clientapp import ClientApp
 
 from fedcommons.client_sdk.client_app import app as client_app
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.inprocess import run_in_process
-from fedcommons.coordinator.registry import Registry
+from fedcommons.engines.inprocess import run_in_process
 from fedcommons.errors import PrivacyBudgetExceededError
 from fedcommons.privacy.client_dp import STATE_FILE
+from fedcommons.releases.registry import Registry
 from fedcommons.wire import keys
 from tests.cli_helpers import run_cli
 

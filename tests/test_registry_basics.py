@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedcommons.coordinator.registry import Registry, check_writable
-from fedcommons.coordinator.signing import Signer
 from fedcommons.errors import RegistryError, RegistryNotWritableError, ReleaseNotFoundError
+from fedcommons.releases.registry import Registry, check_writable
+from fedcommons.releases.signing import Signer
 from tests.release_helpers import publish, weights
 
 

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from fedcommons.coordinator.registry import (
+from fedcommons.errors import RegistryError, ReleaseNotFoundError, SigningKeyError
+from fedcommons.releases.registry import (
     _SCHEMA_V1,
     INDEX_SCHEMA_VERSION,
     Registry,
     SqliteIndexStore,
 )
-from fedcommons.coordinator.signing import Signer
-from fedcommons.coordinator.verification import Verifier
-from fedcommons.errors import RegistryError, ReleaseNotFoundError, SigningKeyError
+from fedcommons.releases.signing import Signer
+from fedcommons.releases.verification import Verifier
 from tests.release_helpers import publish, run_python, weights
 
 
@@ -80,7 +80,7 @@ def test_schema_1_releases_can_be_signed_after_migration(tmp_path: Path, signer:
     """A release written the foundation's way (no signature, no card) verifies once adopted."""
     from safetensors.torch import save as st_save
 
-    from fedcommons.coordinator.verification import Verifier
+    from fedcommons.releases.verification import Verifier
     from fedcommons.wire.manifest import ReleaseManifest
 
     root = tmp_path / "reg"
@@ -143,10 +143,10 @@ def test_crash_before_commit_leaves_old_state_and_next_publish_succeeds(
     code = f"""
 import os
 from pathlib import Path
-from fedcommons.coordinator.registry import Registry
-from fedcommons.coordinator.signing import Signer
+from fedcommons.releases.registry import Registry
+from fedcommons.releases.signing import Signer
 from tests.release_helpers import publish, weights
-import fedcommons.coordinator.registry as registry
+import fedcommons.releases.registry as registry
 real = registry._SqliteWriter.insert_release
 def insert_then_die(self, row):
     real(self, row)  # the row is written inside the open transaction...
@@ -173,8 +173,8 @@ def test_crash_while_writing_release_files_leaves_old_state(tmp_path: Path, sign
     publish(reg, signer, weights(0))
     code = f"""
 import os
-import fedcommons.coordinator.registry as registry
-from fedcommons.coordinator.signing import Signer
+import fedcommons.releases.registry as registry
+from fedcommons.releases.signing import Signer
 from tests.release_helpers import publish, weights
 calls = []
 real = registry._fsync_write
@@ -198,7 +198,7 @@ def test_failed_publish_in_process_rolls_back(
     tmp_path: Path, signer: Signer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Input: an index insert that fails after the release files were written."""
-    import fedcommons.coordinator.registry as registry
+    import fedcommons.releases.registry as registry
 
     reg = Registry(tmp_path / "reg")
     publish(reg, signer, weights(0))
@@ -223,8 +223,8 @@ def test_two_processes_publishing_at_once_do_not_corrupt_the_registry(
     script.write_text(
         f"""
 import sys
-from fedcommons.coordinator.registry import Registry
-from fedcommons.coordinator.signing import Signer
+from fedcommons.releases.registry import Registry
+from fedcommons.releases.signing import Signer
 from tests.release_helpers import publish, weights
 reg = Registry({str(root)!r})
 signer = Signer.load({str(signer.path)!r})

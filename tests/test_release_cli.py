@@ -11,9 +11,9 @@ from safetensors.torch import load as st_load
 from typer.testing import CliRunner
 
 from fedcommons.cli import app
-from fedcommons.coordinator.registry import Registry
-from fedcommons.coordinator.signing import Signer, public_pem
 from fedcommons.errors import PatchBaseMismatchError, ReleaseNotFoundError
+from fedcommons.releases.registry import Registry
+from fedcommons.releases.signing import Signer, public_pem
 from tests.release_helpers import publish, run_python, weights
 
 runner = CliRunner()

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedcommons.coordinator.patches import (
+from fedcommons.errors import PatchBaseMismatchError, PatchError
+from fedcommons.releases.patches import (
     apply_patch,
     decode_varints,
     diff_weights,
@@ -16,7 +17,6 @@ from fedcommons.coordinator.patches import (
     make_patch,
     sha256_hex,
 )
-from fedcommons.errors import PatchBaseMismatchError, PatchError
 from fedcommons.tasks.digits import DigitsTask
 
 

@@ -8,11 +8,11 @@ import pytest
 
 from fedcommons.client_sdk.client_app import app as client_app
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.federation import prepare_run
-from fedcommons.coordinator.inprocess import run_in_process
-from fedcommons.coordinator.registry import Registry
-from fedcommons.coordinator.verification import verify_release
+from fedcommons.coordinator.prepare import prepare_run
+from fedcommons.engines.inprocess import run_in_process
 from fedcommons.errors import CandidateRejectedError, ConfigError, SigningKeyError
+from fedcommons.releases.registry import Registry
+from fedcommons.releases.verification import verify_release
 
 
 def _config(registry: Path, **kw) -> RunConfig:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fedcommons.coordinator.registry import Registry, Release
-from fedcommons.coordinator.signing import Signer, public_pem
-from fedcommons.coordinator.verification import Verifier, verify_release
 from fedcommons.errors import SigningKeyError
+from fedcommons.releases.registry import Registry, Release
+from fedcommons.releases.signing import Signer, public_pem
+from fedcommons.releases.verification import Verifier, verify_release
 from tests.release_helpers import publish, weights
 
 
@@ -153,7 +153,7 @@ def test_registry_public_key_replaced_is_detected_by_pinning(
     rel = releases[0]
     rel.signature_path.write_text(json.dumps(attacker.sign(rel.manifest_path.read_bytes())))
     reg.public_key_path.write_bytes(public_pem(attacker.public_key))
-    from fedcommons.coordinator.signing import load_public_key
+    from fedcommons.releases.signing import load_public_key
 
     pinned = load_public_key(original)
     assert not Verifier(reg, pinned).verify(rel).ok

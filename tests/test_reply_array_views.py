@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedcommons.coordinator.arrays import array_view, record_tensors
+from fedcommons.coordinator.intake import array_view, record_tensors
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int64, np.bool_])

@@ -16,12 +16,13 @@ from typer.testing import CliRunner
 
 from fedcommons.cli import app
 from fedcommons.client_sdk.client_app import app as fedcommons_client
-from fedcommons.coordinator import audit_log, faults
+from fedcommons.coordinator import faults
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.inprocess import run_in_process
-from fedcommons.coordinator.registry import Registry
 from fedcommons.coordinator.runs import RunRecord, RunStore
-from fedcommons.coordinator.schedule import Scheduler
+from fedcommons.engines.inprocess import run_in_process
+from fedcommons.engines.schedule import Scheduler
+from fedcommons.observability import audit_log
+from fedcommons.releases.registry import Registry
 
 runner = CliRunner()
 SMALL = ["-c", "local-epochs=1", "-c", "batch-size=32", "-c", "task.hidden=32"]

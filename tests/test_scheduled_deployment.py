@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fedcommons.coordinator import audit_log
-from fedcommons.coordinator.registry import Registry
 from fedcommons.coordinator.runs import RunStore
+from fedcommons.observability import audit_log
+from fedcommons.releases.registry import Registry
 from tests.conftest import BIN
 from tests.processes import (
     ProcessGroup,

@@ -15,11 +15,11 @@ import fedcommons.client_sdk.secagg as client_secagg
 import fedcommons.coordinator.secure_round as secure_round
 from fedcommons.client_sdk.client_app import app as client_app
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.federation import prepare_run
-from fedcommons.coordinator.inprocess import InProcessGrid, run_in_process
-from fedcommons.coordinator.registry import Registry
+from fedcommons.coordinator.prepare import prepare_run
+from fedcommons.engines.inprocess import InProcessGrid, run_in_process
 from fedcommons.errors import ConfigError, SecAggAbortedError, SecAggIncompatibleError
 from fedcommons.privacy.secagg.quantize import dequantize
+from fedcommons.releases.registry import Registry
 from fedcommons.wire import keys
 
 
@@ -303,7 +303,7 @@ def test_tampered_ciphertext_in_a_round_is_refused_by_its_receiver(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A coordinator-side bit flip: the receiving site refuses, the round goes on without it."""
-    import fedcommons.coordinator.inprocess as inprocess
+    import fedcommons.engines.inprocess as inprocess
 
     monkeypatch.setattr(inprocess, "InProcessGrid", _TamperingGrid)
     report = run_in_process(_config(tmp_path), [client_app] * 7).reports[0]

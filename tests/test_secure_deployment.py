@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from fedcommons.coordinator import audit_log, certs
-from fedcommons.coordinator.registry import Registry
+from fedcommons.engines import certs
+from fedcommons.observability import audit_log
+from fedcommons.releases.registry import Registry
 from tests.conftest import BIN
 from tests.processes import (
     ProcessGroup,

@@ -7,7 +7,7 @@ import torch
 
 from fedcommons.client_sdk.client_app import app as client
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.inprocess import run_in_process
+from fedcommons.engines.inprocess import run_in_process
 from fedcommons.wire.codec import decode_update, encode_update
 
 DELTA = {"w": torch.tensor([[0.0, 5.0, 0.1], [-4.0, 0.2, 0.0]]), "b": torch.tensor([0.3, 3.0])}

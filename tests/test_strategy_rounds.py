@@ -13,9 +13,9 @@ from flwr.clientapp import ClientApp
 from fedcommons.client_sdk.client_app import app as fedcommons_client
 from fedcommons.client_sdk.client_app import train
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.inprocess import run_in_process
-from fedcommons.coordinator.registry import Registry
+from fedcommons.engines.inprocess import run_in_process
 from fedcommons.errors import StrategyError, StrategyParameterError
+from fedcommons.releases.registry import Registry
 from fedcommons.strategies import refresh_plugins
 from fedcommons.wire import keys
 from tests.plugin_env import install_example_plugin, install_fake_distribution
@@ -170,7 +170,7 @@ def test_failing_plugin_fails_the_round_and_publishes_nothing(
 def test_round_config_asks_for_the_fisher_only_when_needed() -> None:
     import torch as _torch
 
-    from fedcommons.coordinator.federation import round_content
+    from fedcommons.coordinator.round import round_content
 
     config = RunConfig()
     weights = {"w": _torch.zeros(2)}

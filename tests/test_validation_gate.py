@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcommons.coordinator.validation import (
+from fedcommons.errors import ConfigError
+from fedcommons.releases.gate import (
     ValidationSuite,
     ValidationTask,
     default_suite,
@@ -13,7 +14,6 @@ from fedcommons.coordinator.validation import (
     load_suite,
     run_gate,
 )
-from fedcommons.errors import ConfigError
 from fedcommons.tasks.digits import DigitsTask
 
 

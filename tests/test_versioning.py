@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcommons.coordinator.patches import diff_weights
-from fedcommons.coordinator.versioning import decide_bump, next_version
 from fedcommons.errors import VersionOverrideError
+from fedcommons.releases.patches import diff_weights
+from fedcommons.releases.versioning import decide_bump, next_version
 
 
 def _w() -> dict[str, torch.Tensor]:

@@ -32,7 +32,8 @@ from flwr.supernode.start_client_internal import _insert_message
 
 from fedcommons.client_sdk.warm import WarmWorker
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.federation import decode_reply, round_content
+from fedcommons.coordinator.intake import decode_reply
+from fedcommons.coordinator.round import round_content
 from fedcommons.tasks.digits import DigitsTask
 
 NODE_ID = 7

@@ -56,7 +56,7 @@ def load_checkpoint(ref: str, registry: Path | None = None, line: str | None = N
         return Checkpoint(ref, dict(weights), hashlib.sha256(data).hexdigest())
     if registry is None:
         raise MergeError(f"{ref}: no such file (and no --registry to look it up as a release)")
-    from fedcommons.coordinator.registry import Registry
+    from fedcommons.releases.registry import Registry
 
     name, _, version = ref.rpartition("@")
     try:

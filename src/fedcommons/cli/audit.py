@@ -40,9 +40,9 @@ def audit_ledger_cmd(
     Fails (exit 2) naming the round when the ledger was edited, when an entry's ε does
     not reproduce, or when a round was under-noised.
     """
-    from fedcommons.coordinator.registry import Registry
     from fedcommons.errors import PrivacyAuditError
     from fedcommons.privacy.audit import audit_ledger
+    from fedcommons.releases.registry import Registry
 
     rel = Registry(registry, create=False).get(version, name=name)
     if hashlib.sha256(rel.manifest_path.read_bytes()).hexdigest() != rel.manifest_sha256:
@@ -134,7 +134,7 @@ def audit_canary_cmd(
     from fedcommons.privacy.canary import run_canary_audit
 
     if release is not None:
-        from fedcommons.coordinator.registry import Registry
+        from fedcommons.releases.registry import Registry
 
         manifest = Registry(registry, create=False).get(release, name=name).manifest()
         central = manifest.privacy.get("central")

@@ -25,7 +25,7 @@ def certs_ca(
     force: ForceOpt = False,
 ) -> None:
     """Create a development CA (ca.pem, ca.key)."""
-    from fedcommons.coordinator.certs import create_ca
+    from fedcommons.engines.certs import create_ca
 
     cert, key = create_ca(out, days=days, overwrite=force)
     console.print(f"CA certificate {cert}\nCA key         {key} (keep it private)")
@@ -42,7 +42,7 @@ def certs_server(
     force: ForceOpt = False,
 ) -> None:
     """Sign the SuperLink's certificate (SANs: localhost, 127.0.0.1 and each --host)."""
-    from fedcommons.coordinator.certs import create_server_cert, server_cert_hosts
+    from fedcommons.engines.certs import create_server_cert, server_cert_hosts
 
     cert, key = create_server_cert(out, host or [], days=days, overwrite=force)
     console.print(f"server certificate {cert} for {', '.join(server_cert_hosts(cert))}")
@@ -58,7 +58,7 @@ def certs_node(
     force: ForceOpt = False,
 ) -> None:
     """Create SuperNode key pairs (OpenSSH ECDSA P-384) for node authentication."""
-    from fedcommons.coordinator.certs import create_node_keys
+    from fedcommons.engines.certs import create_node_keys
 
     for name in names:
         pair = create_node_keys(out, name, overwrite=force)
@@ -79,7 +79,7 @@ def certs_dev(
     force: ForceOpt = False,
 ) -> None:
     """All at once: CA, server certificate and ``nodes`` node key pairs under --dir."""
-    from fedcommons.coordinator.certs import create_ca, create_node_keys, create_server_cert
+    from fedcommons.engines.certs import create_ca, create_node_keys, create_server_cert
     from fedcommons.errors import CertificateError
 
     if nodes < 0:

@@ -82,7 +82,7 @@ def demo(
     """Federate N simulated institutions on Flower's simulation engine and publish a release."""
     from fedcommons.cli.common import parse_settings
     from fedcommons.coordinator.config import RunConfig
-    from fedcommons.coordinator.simulation import run_simulation
+    from fedcommons.engines.simulation import run_simulation
 
     configure_logging(log_level)
     config = RunConfig(

@@ -109,7 +109,7 @@ def coordinator_start(
     options (highest). The allowlisted public keys are registered once the SuperLink is
     up; keys registered earlier but no longer listed are revoked.
     """
-    from fedcommons.coordinator.deployment import (
+    from fedcommons.engines.superlink import (
         load_coordinator_settings,
         run_coordinator,
         superlink_argv,
@@ -165,8 +165,8 @@ def coordinator_allowlist_sync(
     ] = False,
 ) -> None:
     """Register these node keys on a running SuperLink and revoke the others."""
-    from fedcommons.coordinator.certs import allowlist_keys
-    from fedcommons.coordinator.deployment import sync_allowlist
+    from fedcommons.engines.certs import allowlist_keys
+    from fedcommons.engines.superlink import sync_allowlist
 
     if root_cert is None:
         raise FedcommonsError("node authentication needs TLS: pass --root-cert CA.pem")
@@ -185,7 +185,7 @@ def coordinator_app_dir(
     run_config: RunConfigOpt = None,
 ) -> None:
     """Write the Flower app directory for ``flwr run`` (components + run-config defaults)."""
-    from fedcommons.coordinator.deployment import write_flower_app
+    from fedcommons.engines.submission import write_flower_app
 
     console.print(str(write_flower_app(out, parse_settings(run_config))))
 
@@ -205,7 +205,7 @@ def coordinator_submit(
     """Submit a federation run to a SuperLink (``flwr run``) and report its outcome."""
     import tempfile
 
-    from fedcommons.coordinator.deployment import submit_run, write_connection, write_flower_app
+    from fedcommons.engines.submission import submit_run, write_connection, write_flower_app
 
     _warn_insecure(insecure, root_cert)
     settings = parse_settings(run_config)
@@ -229,7 +229,7 @@ def coordinator_audit_log(
     last: Annotated[int, typer.Option(help="Show the last N records (0: none).")] = 20,
 ) -> None:
     """Verify the audit log's hash chain and show its last records."""
-    from fedcommons.coordinator import audit_log
+    from fedcommons.observability import audit_log
 
     count = audit_log.verify(path)
     records = list(audit_log.read(path))[-last:] if last > 0 else []
@@ -286,7 +286,7 @@ def client_join(
     from fedcommons.client_sdk.node import check_mode
 
     check_mode(mode)
-    from fedcommons.coordinator.certs import check_node_private_key, check_pem_certificate
+    from fedcommons.engines.certs import check_node_private_key, check_pem_certificate
     from fedcommons.tasks import resolve_task_class
 
     if not superlink:

@@ -6,7 +6,6 @@ import json
 import math
 import sys
 from dataclasses import asdict
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +13,7 @@ import typer
 from rich.table import Table
 
 from fedcommons.cli.common import DEFAULT_REGISTRY, OutputFormat, RegistryOpt, console
+from fedcommons.releases.export import ExportFormat
 
 release_app = typer.Typer(
     help="List, verify, diff, patch and export published releases.", no_args_is_help=True
@@ -24,7 +24,7 @@ FormatOpt = Annotated[OutputFormat, typer.Option("--format")]
 
 
 def _open_registry(path: Path):
-    from fedcommons.coordinator.registry import Registry
+    from fedcommons.releases.registry import Registry
 
     return Registry(path, create=False)
 
@@ -249,8 +249,8 @@ def release_sign_legacy(
 ) -> None:
     """Sign releases published before signing existed (after checking their hashes)."""
     from fedcommons.coordinator.config import RunConfig
-    from fedcommons.coordinator.federation import signing_key_path
-    from fedcommons.coordinator.signing import Signer
+    from fedcommons.coordinator.prepare import signing_key_path
+    from fedcommons.releases.signing import Signer
 
     reg = _open_registry(registry)
     # the key the coordinator signs with (same lookup as a run's)
@@ -303,9 +303,9 @@ def release_verify(
 
     Exit code 0 when everything verifies, 1 when a release fails.
     """
-    from fedcommons.coordinator.signing import load_public_key
-    from fedcommons.coordinator.verification import Verifier
     from fedcommons.errors import ConfigError
+    from fedcommons.releases.signing import load_public_key
+    from fedcommons.releases.verification import Verifier
 
     reg = _open_registry(registry)
     if all_ == (version is not None):
@@ -366,7 +366,7 @@ def release_diff(
     """Changed tensors, the fraction of entries changed, and norms of the change."""
     from safetensors.torch import load as st_load
 
-    from fedcommons.coordinator.patches import diff_weights
+    from fedcommons.releases.patches import diff_weights
 
     reg = _open_registry(registry)
     data_a, label_a = _bytes_of(reg, a, name)
@@ -410,7 +410,7 @@ def release_patch(
     name: NameOpt = None,
 ) -> None:
     """Write a patch that turns A's weights into B's (sparse when the change is)."""
-    from fedcommons.coordinator.patches import make_patch
+    from fedcommons.releases.patches import make_patch
 
     reg = _open_registry(registry)
     data_a, label_a = _bytes_of(reg, a, name)
@@ -436,8 +436,8 @@ def release_apply(
     name: NameOpt = None,
 ) -> None:
     """Apply a patch to A; the output equals B bit for bit (its SHA-256 is checked)."""
-    from fedcommons.coordinator.patches import apply_patch, sha256_hex
     from fedcommons.errors import PatchError
+    from fedcommons.releases.patches import apply_patch, sha256_hex
 
     path = Path(a).expanduser()
     if path.is_file():
@@ -454,13 +454,6 @@ def release_apply(
     console.print(f"wrote {output} ({len(out)} bytes, sha256 {sha256_hex(out)})")
 
 
-class ExportFormat(StrEnum):
-    """Export formats."""
-
-    safetensors = "safetensors"
-    torch = "torch"
-
-
 @release_app.command("export")
 def release_export(
     version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
@@ -470,17 +463,10 @@ def release_export(
     name: NameOpt = None,
 ) -> None:
     """Export a release's weights (hash-checked): safetensors as stored, or a torch state dict."""
-    import io
-
-    import torch
-    from safetensors.torch import load as st_load
+    from fedcommons.releases.export import export_release
 
     reg = _open_registry(registry)
     rel = reg.get(version, name=name)
-    data = reg.weights_bytes(rel)
-    if fmt is ExportFormat.torch:
-        buffer = io.BytesIO()
-        torch.save(st_load(data), buffer)
-        data = buffer.getvalue()
+    data = export_release(reg, rel, fmt)
     _write_atomic(output, data)
     console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}")

@@ -35,7 +35,7 @@ def _operator() -> str:
 
 
 def _audit(registry: Path, action: str, outcome: str, details: dict[str, object]) -> None:
-    from fedcommons.coordinator.audit_log import AuditLog, default_path
+    from fedcommons.observability.audit_log import AuditLog, default_path
 
     AuditLog(default_path(registry)).record(action, outcome, actor=_operator(), details=details)
 
@@ -104,9 +104,9 @@ def schedule(
     budget, signing key), before anything is stored.
     """
     from fedcommons.coordinator.config import RunConfig
-    from fedcommons.coordinator.deployment import app_run_config
-    from fedcommons.coordinator.federation import prepare_run
+    from fedcommons.coordinator.prepare import prepare_run
     from fedcommons.coordinator.runs import RunStore
+    from fedcommons.engines.submission import app_run_config
 
     flat: dict[str, object] = dict(parse_settings(run_config))
     given = {

@@ -1,6 +1,6 @@
 """Durable runs: scheduled and running runs, and one atomic commit per finished round.
 
-Tables (registry index schema 3, see :mod:`fedcommons.coordinator.registry`): ``runs``
+Tables (registry index schema 3, see :mod:`fedcommons.releases.registry`): ``runs``
 (one row per run: its flat run config, state, progress, persistent ``run_tag``) and
 ``run_rounds`` (one row per committed round: checkpoint path and SHA-256, the round's
 report, the contributing nodes, the strategy and privacy state, the round's privacy
@@ -48,15 +48,10 @@ from fedcommons.coordinator.checkpoint import (
     write_checkpoint,
 )
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.registry import (
-    Registry,
-    Release,
-    sqlite_connect,
-    sqlite_transaction,
-)
 from fedcommons.errors import CheckpointError, RegistryError, RunStateError
 from fedcommons.logs import get_logger
 from fedcommons.privacy.ledger import LedgerRecord
+from fedcommons.releases.registry import Registry, Release, sqlite_connect, sqlite_transaction
 
 log = get_logger("fedcommons.coordinator")
 

@@ -1,6 +1,6 @@
 """One federated round under secure aggregation (SecAgg+), driven on Flower's ``Grid``.
 
-:func:`fedcommons.coordinator.federation.run_round` hands a round to
+:func:`fedcommons.coordinator.run.run_round` hands a round to
 :func:`run_secure_round` when the run config sets ``secagg = true``. Four stages of
 ``train`` messages (see :mod:`fedcommons.privacy.secagg.protocol`) replace the single
 train message of a plaintext round; the training itself happens in the masked-input
@@ -29,25 +29,25 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from fedcommons.coordinator import faults
-from fedcommons.coordinator import observability as observe
-from fedcommons.coordinator.federation import (
+from fedcommons.coordinator.intake import Rejections, error_reason
+from fedcommons.coordinator.prepare import PreparedRun, check_secagg_compatible
+from fedcommons.coordinator.round import (
     POLL_INTERVAL_S,
-    PreparedRun,
     RoundReport,
     compression_seed,
     report_summary,
     round_content,
-    sample_round,
     score_round,
 )
+from fedcommons.coordinator.sampling import sample_round
 from fedcommons.errors import (
     ConfigError,
     RoundFailedError,
     SecAggAbortedError,
-    SecAggIncompatibleError,
     SecAggProtocolError,
 )
 from fedcommons.logs import get_logger
+from fedcommons.observability import events as observe
 from fedcommons.privacy.central import DPFedAvg
 from fedcommons.privacy.client_spend import parse_spend
 from fedcommons.privacy.secagg import graph
@@ -61,63 +61,11 @@ from fedcommons.privacy.secagg.protocol import (
     check_threshold,
 )
 from fedcommons.privacy.secagg.quantize import LEVELS, RingSpec, dequantize, ring_bits, support
-from fedcommons.strategies import Aggregator, guarded_begin, guarded_finalize, guarded_fold
-from fedcommons.strategies.fedavg import FedAvg
+from fedcommons.strategies import guarded_begin, guarded_finalize, guarded_fold
 from fedcommons.wire import ClientUpdate, keys
 from fedcommons.wire.codec import CompressionSpec
 
 log = get_logger("fedcommons.coordinator")
-
-
-# ---------------------------------------------------------------------------------------
-# Before any round: what secure aggregation can be combined with
-# ---------------------------------------------------------------------------------------
-def check_secagg_compatible(strategy: Aggregator, config: Any) -> None:
-    """Refuse combinations that need what secure aggregation hides: individual updates.
-
-    Raises :class:`~fedcommons.errors.SecAggIncompatibleError` saying why. Allowed:
-    FedAvg-family strategies (linear in the sum; plugins opt in with a class attribute
-    ``secagg_compatible = True``), central DP, quantized value codings, shared-seed
-    random-k.
-    """
-    if not config.secagg:
-        return
-    name = getattr(strategy, "name", type(strategy).__name__)
-    why = None
-    if strategy.needs_fisher:
-        why = (
-            f"strategy {name!r} weights every coordinate by each client's own Fisher "
-            "information; under secure aggregation the coordinator sees only the sum"
-        )
-    elif strategy.uses_mask:
-        why = (
-            f"strategy {name!r} aligns each client's mask (TIES-style sign election and "
-            "masked means need individual supports and signs); only the sum is revealed"
-        )
-    elif not strategy.streaming:
-        why = (
-            f"strategy {name!r} is a robust aggregator that needs every individual update "
-            "(median, trimmed mean); secure aggregation reveals only their sum"
-        )
-    elif getattr(strategy, "clip_norm", None) is not None:
-        why = (
-            f"strategy {name!r} bounds each update's norm on the server (clip_norm), which "
-            "needs individual updates; use central DP (dp.clip-norm): clients clip themselves"
-        )
-    elif not (isinstance(strategy, FedAvg) or getattr(strategy, "secagg_compatible", False)):
-        why = (
-            f"strategy {name!r} does not declare secagg_compatible = True: only rules that "
-            "depend on the updates through their weighted sum can run on a secure sum"
-        )
-    spec = CompressionSpec.parse(config.compression)
-    if why is None and spec.sparsifier in {"topk", "topk-tensor", "fish"}:
-        why = (
-            f"compression {config.compression!r} selects client-specific coordinates "
-            f"({spec.sparsifier}); their supports would leak and the masked vectors could "
-            "not be summed: use dense, a quantized coding (int8, int4) or randk (shared seed)"
-        )
-    if why:
-        raise SecAggIncompatibleError(f"secure aggregation refused: {why}")
 
 
 def round_threshold(config: Any, shares: int) -> int:
@@ -247,15 +195,6 @@ def _reply_bytes(reply: Message) -> int:
     return int(recorddict_to_proto(reply.content).ByteSize())
 
 
-def _error_reason(reply: Message) -> str:
-    code = reply.error.code
-    if code == keys.SECAGG_PROTOCOL_ERROR_CODE:
-        return "secagg-refused"
-    if code == keys.DP_BUDGET_EXHAUSTED_CODE:
-        return "dp-budget-exhausted"
-    return "client-error"
-
-
 class _Stages:
     """Pushes one stage's requests and pulls the replies until all came or time ran out."""
 
@@ -263,15 +202,12 @@ class _Stages:
         self.grid = grid
         self.round_no = round_no
         self.node_of = dict(node_of)
-        self.rejected: Counter[str] = Counter()
+        self.rejections = Rejections(round_no)
         self.timed_out: Counter[str] = Counter()
         self.upload: Counter[int] = Counter()
 
     def reject(self, index: int, reason: str, detail: str, stage: str) -> None:
-        node = self.node_of[index]
-        self.rejected[reason] += 1
-        observe.update_rejected(self.round_no, node, reason, f"{stage}: {detail}")
-        log.warning("secagg.rejected", node=node, stage=stage, reason=reason, detail=detail)
+        self.rejections.reject(self.node_of[index], reason, detail, stage)
 
     def exchange(
         self,
@@ -314,7 +250,7 @@ class _Stages:
                 if stage == STAGE_MASKED:  # the stage that carries the update
                     observe.reply_received(reply)
                 if reply.has_error():
-                    self.reject(index, _error_reason(reply), str(reply.error.reason), stage)
+                    self.reject(index, error_reason(reply), str(reply.error.reason), stage)
                     continue
                 record = reply.content.config_records.get(keys.SECAGG_RECORD)
                 if record is None or record.get(keys.SECAGG_STAGE) != stage:
@@ -343,7 +279,7 @@ def _request(stage: str, payload: Mapping[str, Any], round_no: int) -> RecordDic
 def run_secure_round(
     grid: Grid, prepared: PreparedRun, weights: dict[str, torch.Tensor], round_no: int
 ) -> tuple[dict[str, torch.Tensor], RoundReport, set[int]]:
-    """Run one SecAgg+ round; same contract as :func:`~.federation.run_round`.
+    """Run one SecAgg+ round; same contract as :func:`~.round.run_round`.
 
     Raises :class:`~fedcommons.errors.SecAggAbortedError` (a ``RoundFailedError``: the run
     stops, nothing is published) when fewer participants than the threshold remain at any
@@ -448,7 +384,7 @@ def run_secure_round(
     if len(survivors) < config.min_clients:
         raise RoundFailedError(
             f"round {round_no}: {len(survivors)} client(s) in the secure sum, need "
-            f"{config.min_clients} (rejected: {dict(stages.rejected) or 0})"
+            f"{config.min_clients} (rejected: {dict(stages.rejections.counts) or 0})"
         )
     values, aux = dequantize(outcome.total, ring)
     if idx is None:
@@ -486,7 +422,7 @@ def run_secure_round(
         privacy.add_client_spend(node_of[i], parse_spend(record))
     faults.reached("aggregating", round_no)
     step = guarded_finalize(strategy, weights)
-    rejected_total = sum(stages.rejected.values())
+    rejected_total = stages.rejections.total
     timed_out = sum(stages.timed_out.values())
     privacy.commit_round(accepted=len(survivors), rejected=rejected_total, timed_out=timed_out)
     new_weights = {k: weights[k] + step[k] for k in weights}
@@ -497,7 +433,7 @@ def run_secure_round(
         round=round_no,
         sampled=n,
         accepted=len(survivors),
-        rejected=dict(stages.rejected),
+        rejected=dict(stages.rejections.counts),
         timed_out=timed_out,
         examples=examples,
         train_loss=math.nan,  # individual losses are not sent under secure aggregation

@@ -11,12 +11,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.federation import (
-    FederationResult,
-    PreparedRun,
-    RunObserver,
-    run_federation,
-)
+from fedcommons.coordinator.prepare import PreparedRun
+from fedcommons.coordinator.run import FederationResult, RunObserver, run_federation
 from fedcommons.logs import configure_logging
 
 app = ServerApp()

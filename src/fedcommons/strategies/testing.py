@@ -260,7 +260,7 @@ def check_leaves_inputs_untouched(factory: Factory, *, seed: int = 9) -> None:
     """``fold`` and ``finalize`` never write into an update's tensors.
 
     The coordinator hands aggregators zero-copy, read-only views of the reply bytes
-    (:mod:`fedcommons.coordinator.arrays`): an in-place op on ``update.delta``, its mask
+    (:mod:`fedcommons.coordinator.intake`): an in-place op on ``update.delta``, its mask
     or its Fisher would corrupt a message, so every input must be bit-identical after a
     round.
     """

@@ -19,7 +19,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.federation import FederationResult, RunObserver, prepare_run
+from fedcommons.coordinator.prepare import prepare_run
+from fedcommons.coordinator.run import FederationResult, RunObserver
 from fedcommons.coordinator.server_app import make_server_app
 from fedcommons.errors import FedcommonsError
 

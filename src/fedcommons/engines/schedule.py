@@ -15,7 +15,8 @@ registry and, per run:
 
 Runs the ServerApp ended itself (``finished``, ``failed``, ``cancelled``) are left alone.
 How a run is submitted and how its Flower status is read are injected
-(:class:`FlowerSubmitter` on the deployment engine), so one scheduler serves any engine.
+(:class:`~fedcommons.engines.submission.FlowerSubmitter` on the deployment engine), so
+one scheduler serves any engine.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedcommons.coordinator import audit_log
 from fedcommons.coordinator.runs import RunRecord, RunStore
 from fedcommons.errors import FedcommonsError
 from fedcommons.logs import get_logger
+from fedcommons.observability import audit_log
 
 log = get_logger("fedcommons.scheduler")
 
@@ -165,39 +166,6 @@ class Scheduler:
             except Exception as exc:  # a bad tick must not end the coordinator
                 log.error("scheduler.tick_failed", error=f"{type(exc).__name__}: {exc}")
             stop.wait(poll)
-
-
-class FlowerSubmitter:
-    """Submits runs to a SuperLink with ``flwr run`` (Flower's deployment engine)."""
-
-    CONNECTION = "fedcommons-scheduler"
-
-    def __init__(self, address: str, *, root_cert: Path | None, insecure: bool) -> None:
-        from fedcommons.coordinator.deployment import write_connection
-
-        write_connection(self.CONNECTION, address, insecure=insecure, root_cert=root_cert)
-
-    def submit(self, record: RunRecord) -> int:
-        """``flwr run`` the Flower app with the run's stored config."""
-        import tempfile
-
-        from fedcommons.coordinator.deployment import submit_run, write_flower_app
-
-        with tempfile.TemporaryDirectory(prefix="fedcommons-app-") as tmp:
-            app_dir = write_flower_app(Path(tmp), record.config)
-            status = submit_run(app_dir, self.CONNECTION, wait=False)
-        return int(status["run-id"])
-
-    def status(self, run_id: int) -> str:
-        """The run's status from ``flwr ls`` (``unknown`` when the SuperLink lost it)."""
-        from fedcommons.coordinator.deployment import DeploymentError, run_status
-
-        try:
-            return str(run_status(self.CONNECTION, run_id).get("status", UNKNOWN))
-        except DeploymentError as exc:
-            if "not found" in str(exc):
-                return UNKNOWN
-            raise
 
 
 def start_scheduler_thread(

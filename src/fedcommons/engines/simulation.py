@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from fedcommons.coordinator.config import RunConfig
-from fedcommons.coordinator.federation import FederationResult, RunObserver, prepare_run
+from fedcommons.coordinator.prepare import prepare_run
+from fedcommons.coordinator.run import FederationResult, RunObserver
 from fedcommons.coordinator.server_app import make_server_app
 from fedcommons.errors import ConfigError, FedcommonsError
 

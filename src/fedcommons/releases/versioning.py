@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from fedcommons.coordinator.patches import WeightsDiff
 from fedcommons.errors import VersionOverrideError
+from fedcommons.releases.patches import WeightsDiff
 
 BUMPS = ("patch", "minor", "major")
 DEFAULT_MAX_CHANGED_FRACTION = 0.1

@@ -32,13 +32,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedcommons.coordinator.registry import HEAD_FORMAT, Registry, Release, head_body
-from fedcommons.coordinator.signing import key_id, load_public_key, verify_signature
 from fedcommons.errors import (
     SignatureError,
     SigningKeyError,
     VerificationError,
 )
+from fedcommons.releases.registry import HEAD_FORMAT, Registry, Release, head_body
+from fedcommons.releases.signing import key_id, load_public_key, verify_signature
 from fedcommons.wire.manifest import ReleaseManifest
 
 

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedcommons.coordinator import metrics
-from fedcommons.coordinator.audit_log import AuditLog, default_path
+from fedcommons.observability import metrics
+from fedcommons.observability.audit_log import AuditLog, default_path
 
 _run: contextvars.ContextVar[tuple[AuditLog, int] | None] = contextvars.ContextVar(
     "fedcommons_audit_run", default=None

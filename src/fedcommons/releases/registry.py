@@ -50,8 +50,6 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedcommons.coordinator.signing import Signer, public_pem
-from fedcommons.coordinator.versioning import next_version
 from fedcommons.errors import (
     RegistryError,
     RegistryNotWritableError,
@@ -59,6 +57,8 @@ from fedcommons.errors import (
     SigningKeyError,
 )
 from fedcommons.fileio import atomic_write, fsync_dir
+from fedcommons.releases.signing import Signer, public_pem
+from fedcommons.releases.versioning import next_version
 from fedcommons.wire.manifest import ReleaseManifest
 
 INDEX_SCHEMA_VERSION = 3

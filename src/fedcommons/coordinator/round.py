@@ -1,0 +1,268 @@
+"""One plaintext round on a Flower ``Grid``, and the round's report.
+
+Per round: sample nodes, push the base weights and the round config, pull replies as
+they arrive, hand each to the reply intake (:mod:`.intake`: decode, validate, reject) and
+fold the accepted ones into the streaming aggregator right away (no list of client
+updates is kept), apply the step, score the candidate on the validation split. The
+secure variant is :mod:`.secure_round`; the run around both is :mod:`.run`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedcommons.coordinator import faults
+from fedcommons.coordinator.config import RunConfig
+from fedcommons.coordinator.intake import Rejections, decode_reply
+from fedcommons.coordinator.prepare import PreparedRun
+from fedcommons.coordinator.sampling import sample_round
+from fedcommons.errors import (
+    RoundFailedError,
+    UpdateRejectedError,
+)
+from fedcommons.logs import get_logger
+from fedcommons.observability import events as observe
+from fedcommons.strategies import (
+    guarded_begin,
+    guarded_finalize,
+    guarded_fold,
+)
+from fedcommons.tasks import Task
+from fedcommons.wire import keys
+from fedcommons.wire.codec import dense_fp32_bytes
+
+log = get_logger("fedcommons.coordinator")
+
+POLL_INTERVAL_S = 0.05
+
+
+@dataclass
+class RoundReport:
+    """What happened in one round (also the per-round metrics of the manifest)."""
+
+    round: int
+    sampled: int
+    accepted: int
+    rejected: dict[str, int]
+    timed_out: int
+    examples: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+    #: Bytes each accepted client uploaded (node id -> encoded payload bytes) (#3).
+    upload_bytes: dict[str, int] = field(default_factory=dict)
+    #: Bytes of one update as dense fp32, and the round's ratio dense / uploaded.
+    dense_bytes: int = 0
+    ratio_vs_dense: float = 1.0
+
+
+def compression_seed(run_tag: str, round_no: int) -> int:
+    """The round's shared seed (random-k indices): a 63-bit hash of run tag and round."""
+    digest = hashlib.sha256(f"{run_tag}/{round_no}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def round_content(
+    config: RunConfig,
+    weights: Mapping[str, torch.Tensor],
+    round_no: int,
+    run_tag: str = "",
+    *,
+    needs_fisher: bool = False,
+    fisher_samples: int | None = None,
+) -> RecordDict:
+    """The train message every sampled node receives in ``round_no``.
+
+    ``needs_fisher`` asks clients for their diagonal Fisher (Fisher-weighted strategies),
+    estimated on min(|D|, ``fisher_samples``) examples (client default: 256).
+    """
+    train_cfg: dict[str, Any] = {
+        keys.ROUND: round_no,
+        keys.SERVER_ROUND: round_no,
+        keys.TASK: config.task,
+        keys.LOCAL_EPOCHS: config.local_epochs,
+        keys.LEARNING_RATE: config.lr,
+        keys.BATCH_SIZE: config.batch_size,
+        keys.SEED: config.seed,
+        keys.RUN_TAG: run_tag,
+        keys.COMPRESSION: config.compression,
+        keys.ERROR_FEEDBACK: config.error_feedback,
+        keys.COMPRESSION_SEED: compression_seed(run_tag, round_no),
+        keys.FISH_MASK: config.fish_mask,
+    }
+    for key, value in config.task_options.items():
+        train_cfg[f"{keys.TASK_OPTION_PREFIX}{key}"] = value
+    if needs_fisher:
+        train_cfg[keys.FISHER_REQUEST] = True
+        if fisher_samples:
+            train_cfg[keys.FISHER_SAMPLES] = int(fisher_samples)
+    return RecordDict(
+        {
+            keys.BASE_ARRAYS: ArrayRecord(dict(weights)),
+            keys.TRAIN_CONFIG: ConfigRecord(train_cfg),
+        }
+    )
+
+
+def run_round(
+    grid: Grid, prepared: PreparedRun, weights: dict[str, torch.Tensor], round_no: int
+) -> tuple[dict[str, torch.Tensor], RoundReport, set[int]]:
+    """Run one plaintext round; return the new weights, the report and the contributors."""
+    config, strategy = prepared.config, prepared.strategy
+    started = time.monotonic()
+    privacy, nodes, sampled, rate, expected = sample_round(grid, prepared, round_no)
+    strategy = privacy.start_round(  # refuses a round past the line's budget
+        round_no,
+        strategy,
+        population=len(nodes),
+        sampled=len(sampled),
+        sample_rate=rate,
+        expected=expected,
+    )
+    content = round_content(
+        config,
+        weights,
+        round_no,
+        prepared.run_tag,
+        needs_fisher=strategy.needs_fisher,
+        fisher_samples=getattr(strategy, "fisher_samples", None),
+    )
+    seed = compression_seed(prepared.run_tag, round_no)
+    messages = [
+        Message(
+            content=content,
+            dst_node_id=node,
+            message_type="train",
+            group_id=str(round_no),
+            ttl=config.round_timeout,
+        )
+        for node in sampled
+    ]
+    pending = set(grid.push_messages(messages))
+    log.info("round.started", sampled=len(sampled), connected=len(nodes))
+    guarded_begin(strategy, weights)
+    rejections = Rejections(round_no)
+    contributors: set[int] = set()
+    upload: dict[str, int] = {}
+    loss_sum = 0.0
+    examples = 0
+    deadline = started + config.round_timeout
+    while pending and time.monotonic() < deadline:
+        replies = list(grid.pull_messages(list(pending)))
+        if not replies:
+            time.sleep(POLL_INTERVAL_S)
+            continue
+        for reply in replies:
+            pending.discard(reply.metadata.reply_to_message_id)
+            observe.reply_received(reply)
+            try:
+                update = decode_reply(
+                    reply,
+                    weights,
+                    round_no,
+                    needs_fisher=strategy.needs_fisher,
+                    max_bytes=prepared.max_update_bytes,
+                    expected_seed=seed,
+                )
+                if update.node_id in contributors:
+                    raise UpdateRejectedError(
+                        "duplicate", f"second update from node {update.node_id}"
+                    )
+            except UpdateRejectedError as exc:
+                rejections.reject(reply.metadata.src_node_id, exc.reason, exc.detail)
+                continue
+            guarded_fold(strategy, update)
+            if update.dp_spend is not None:
+                privacy.add_client_spend(update.node_id, update.dp_spend)
+            contributors.add(update.node_id)
+            upload[str(update.node_id)] = update.upload_bytes
+            examples += update.num_examples
+            loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
+            del update  # the aggregate is all we keep
+            faults.reached("collecting", round_no)
+    timed_out = len(pending)
+    if len(contributors) < config.min_clients:
+        raise RoundFailedError(
+            f"round {round_no}: {len(contributors)} valid update(s), need {config.min_clients} "
+            f"(rejected: {dict(rejections.counts) or 0}, no reply: {timed_out})"
+        )
+    faults.reached("aggregating", round_no)
+    step = guarded_finalize(strategy, weights)
+    privacy.commit_round(
+        accepted=len(contributors),
+        rejected=rejections.total,
+        timed_out=timed_out,
+    )
+    new_weights = {k: weights[k] + step[k] for k in weights}
+    report = score_round(
+        prepared,
+        weights,
+        new_weights,
+        round=round_no,
+        sampled=len(sampled),
+        accepted=len(contributors),
+        rejected=dict(rejections.counts),
+        timed_out=timed_out,
+        examples=examples,
+        train_loss=loss_sum / max(examples, 1),
+        started=started,
+        upload_bytes=upload,
+    )
+    log.info("round.finished", **report_summary(report))
+    if privacy.central is not None:  # released in the manifest: nothing outside the DP noise
+        report.train_loss, report.examples = float("nan"), 0
+    return new_weights, report, contributors
+
+
+def score_round(
+    prepared: PreparedRun,
+    weights: Mapping[str, torch.Tensor],
+    new_weights: Mapping[str, torch.Tensor],
+    *,
+    started: float,
+    upload_bytes: dict[str, int],
+    **counts: Any,
+) -> RoundReport:
+    """Score the round's candidate on the validation split and build its report.
+
+    ``counts`` are the report's round, sampled, accepted, rejected, timed_out, examples
+    and train_loss; the upload ratio is against dense fp32 copies of ``weights``.
+    """
+    val = evaluate(prepared.task, new_weights, prepared.task.validation_loader())
+    dense_bytes = dense_fp32_bytes(weights)
+    return RoundReport(
+        **counts,
+        val_loss=val.get("loss", float("nan")),
+        val_accuracy=val.get("accuracy", float("nan")),
+        seconds=time.monotonic() - started,
+        upload_bytes=upload_bytes,
+        dense_bytes=dense_bytes,
+        ratio_vs_dense=dense_bytes * len(upload_bytes) / max(sum(upload_bytes.values()), 1),
+    )
+
+
+def report_summary(report: RoundReport) -> dict[str, Any]:
+    """The report as log fields: per-node bytes summed into ``upload_bytes_total``."""
+    summary = {k: v for k, v in asdict(report).items() if k not in {"round", "upload_bytes"}}
+    summary["upload_bytes_total"] = sum(report.upload_bytes.values())
+    return summary
+
+
+def evaluate(task: Task, weights: Mapping[str, torch.Tensor], loader: Any) -> dict[str, float]:
+    """Score ``weights`` with the task's metric on ``loader`` (empty dict if no loader)."""
+    if loader is None:
+        return {}
+    model = task.build_model()
+    model.load_state_dict(dict(weights), strict=True)
+    model.to(task.device())
+    with observe.validation_timer():
+        return task.evaluate(model, loader)
