@@ -219,7 +219,7 @@ def secure(updates: Updates, num_shares: int, dropped: set[int]) -> dict[str, An
     for i, r in ck.on_server(STAGE_SHARE, server.share_keys_requests).items():
         exchange(STAGE_SHARE, i, r, lambda i=i, r=r: clients[i].share_keys(r), server.add_shares)
     for i, r in ck.on_server(STAGE_MASKED, server.masked_input_requests).items():
-        request = {**r, keys.SECAGG_DP_CLIP: 0.0}
+        request = {**r, keys.SECAGG_DP_CLIP: 0.0, keys.SECAGG_DP_NOISE: 0.0}
         if i in dropped:  # it received its shares, then left
             down[i] += _size(_request(STAGE_MASKED, request, 1))
             clients.pop(i)
@@ -432,7 +432,8 @@ def bonawitz_setting(n: int = 1 << 10, d: int = 1 << 20) -> dict[str, Any]:
     up += _size(_reply(STAGE_SHARE, shares))
     rng = np.random.default_rng(0)
     routed = {"src": list(range(2, n + 1)), "ct": [os.urandom(len(c)) for c in shares["ct"]]}
-    down += _size(_request(STAGE_MASKED, {**routed, keys.SECAGG_DP_CLIP: 0.0}, 1))
+    masked_fields = {keys.SECAGG_DP_CLIP: 0.0, keys.SECAGG_DP_NOISE: 0.0}
+    down += _size(_request(STAGE_MASKED, {**routed, **masked_fields}, 1))
     masked_len = math.ceil((d + ring.aux) * ring.bits / 8)
     up += _size(_reply(STAGE_MASKED, {"masked": rng.bytes(masked_len)}))
     down += _size(_request(STAGE_UNMASK, {"survivors": list(range(2, n + 1)), "dropped": []}, 1))

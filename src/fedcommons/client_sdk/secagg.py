@@ -22,6 +22,7 @@ site derives a pairwise key or sends a share.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -126,24 +127,39 @@ def check_site_noise(
         )
 
 
+#: Environment fallbacks of the roster settings, for Flower's simulation engine (it gives
+#: every simulated SuperNode the same environment and no node config of its own):
+#: ``{partition-id}`` in a value becomes the node's partition id.
+SITE_ENV = {
+    keys.SECAGG_ROSTER: "FEDCOMMONS_SECAGG_ROSTER",
+    keys.SECAGG_SIGNING_KEY: "FEDCOMMONS_SECAGG_SIGNING_KEY",
+    keys.SECAGG_ROSTER_SIGNER: "FEDCOMMONS_SECAGG_ROSTER_SIGNER",
+}
+
+
+def _site_setting(node_config: Mapping[str, Any], key: str) -> str:
+    """A roster setting: the node config's, else its environment fallback."""
+    value = str(node_config.get(key, "") or "") or os.environ.get(SITE_ENV[key], "")
+    return value.replace("{partition-id}", str(node_config.get("partition-id", "")))
+
+
 def site_roster(node_config: Mapping[str, Any]) -> Roster | None:
     """The roster this institution authenticates key advertisements with, if it set one.
 
     Raises :class:`~fedcommons.errors.SecAggRosterError` when the file is unreadable or
     does not verify under the pinned ``secagg-roster-signer``.
     """
-    path = str(node_config.get(keys.SECAGG_ROSTER, "") or "")
+    path = _site_setting(node_config, keys.SECAGG_ROSTER)
     if not path:
         return None
-    signer = str(node_config.get(keys.SECAGG_ROSTER_SIGNER, "") or "") or None
-    return Roster.load(path, signer)
+    return Roster.load(path, _site_setting(node_config, keys.SECAGG_ROSTER_SIGNER) or None)
 
 
 def site_signer(
     node_config: Mapping[str, Any], roster: Roster | None
 ) -> AdvertisementSigner | None:
     """This institution's advertisement signer (required once it holds a roster)."""
-    path = str(node_config.get(keys.SECAGG_SIGNING_KEY, "") or "")
+    path = _site_setting(node_config, keys.SECAGG_SIGNING_KEY)
     if roster is None:
         if path:
             raise SecAggRosterError(

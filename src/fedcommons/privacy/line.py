@@ -67,6 +67,21 @@ def skellam_epsilon(entries: list[dict[str, Any]], delta: float, extra: SkellamR
     return epsilon_from_rdp(rdp, delta)[0]
 
 
+def recompute_entry_epsilon(
+    entry: Mapping[str, Any], records: list[LedgerRecord], cfg: CentralDPConfig
+) -> dict[str, Any]:
+    """``entry`` with its cumulative ε recomputed after ``records`` (a roll-forward append)."""
+    out = dict(entry)
+    earlier = [r.entry for r in records]
+    if entry.get("mechanism") == "dp-fedavg":
+        history = central_history(earlier)
+        history.append((float(entry["noise_multiplier"]), float(entry["sample_rate"]), 1))
+        out["epsilon"] = runtime_epsilon(history, cfg.delta, cfg.accountant)
+    elif entry.get("mechanism") == SKELLAM:
+        out["epsilon"] = skellam_epsilon(earlier, cfg.delta, SkellamRound.from_entry(entry))
+    return out
+
+
 def central_history(entries: list[dict[str, Any]]) -> list[Step]:
     """The accounting history ``(z, q, 1)`` of a ledger's central-DP entries."""
     return [

@@ -259,3 +259,30 @@ def params_digest(record: Mapping[str, Any]) -> bytes:
     """SHA-256 of a round's public parameters (:meth:`RoundParams.to_record`)."""
     plain = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in record.items()}
     return hashlib.sha256(_canonical(plain)).digest()
+
+
+def simulated_consortium(directory: str | Path, institutions: int) -> Path:
+    """A consortium for ``institutions`` simulated sites: ``site-<i>.pem`` and ``roster.json``.
+
+    For Flower's simulation engine (``fedcommons demo --secagg-consortium DIR``): keys
+    already in ``directory`` are kept, missing ones created; the roster lists them all.
+    Returns the roster's path.
+    """
+    root = Path(directory).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    members = {}
+    for i in range(institutions):
+        path = root / f"site-{i}.pem"
+        if path.exists():
+            try:
+                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except (OSError, ValueError, TypeError) as exc:
+                raise SecAggRosterError(f"cannot read {path}: {exc}") from None
+            if not isinstance(key, Ed25519PrivateKey):
+                raise SecAggRosterError(f"{path}: not an Ed25519 key")
+            members[f"site-{i}"] = public_hex(key.public_key())
+        else:
+            members[f"site-{i}"] = new_signing_key(path)
+    roster = root / "roster.json"
+    roster.write_text(json.dumps(roster_document("simulated", members), indent=2) + "\n")
+    return roster
