@@ -76,6 +76,14 @@ def demo(
             "updates. See docs/secure-aggregation.md."
         ),
     ] = False,
+    secagg_consortium: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --secagg: authenticated key advertisements. Creates (or reuses) one "
+            "Ed25519 key per simulated institution and their roster in this directory; "
+            "every institution signs its keys and checks its neighbours'."
+        ),
+    ] = None,
     log_level: LogLevelOpt = "WARNING",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
@@ -85,6 +93,21 @@ def demo(
     from fedcommons.engines.simulation import run_simulation
 
     configure_logging(log_level)
+    if secagg_consortium is not None:
+        import os
+
+        from fedcommons.client_sdk.secagg import SITE_ENV
+        from fedcommons.errors import ConfigError
+        from fedcommons.privacy.secagg.roster import simulated_consortium
+        from fedcommons.wire import keys
+
+        if not secagg:
+            raise ConfigError("--secagg-consortium authenticates SecAgg+ keys: add --secagg")
+        roster_path = simulated_consortium(secagg_consortium, institutions)
+        os.environ[SITE_ENV[keys.SECAGG_ROSTER]] = str(roster_path)
+        os.environ[SITE_ENV[keys.SECAGG_SIGNING_KEY]] = str(
+            roster_path.parent / "site-{partition-id}.pem"
+        )
     config = RunConfig(
         task=task,
         task_options={"partition": "iid" if iid else "dirichlet", "alpha": alpha, "seed": seed},
@@ -100,6 +123,7 @@ def demo(
         compression=compression,
         error_feedback=error_feedback,
         secagg=secagg,
+        secagg_auth="roster" if secagg_consortium is not None else "none",
     )
     split = "IID" if iid else f"Dirichlet α={alpha}"
     console.print(
@@ -107,6 +131,7 @@ def demo(
         f"{strategy} on {task} ({split}), Flower simulation engine"
         + (f", updates {config.compression}" if config.compression != "dense" else "")
         + (", secure aggregation (SecAgg+)" if secagg else "")
+        + (", roster-signed keys" if secagg_consortium is not None else "")
     )
     columns = (
         TextColumn("{task.description}"),
