@@ -239,6 +239,9 @@ def encode_input(
     feedback (the part compression and quantization dropped) stays on the client as in
     plaintext rounds. Weight ``w`` = examples capped at the ring's ``max_weight``; under
     central DP ``w`` = 1 and the L2 clip applies here. The aux slots are ``[w, clipped]``.
+    Under distributed DP (the request names a Skellam variance) the update is clipped,
+    rounded within the sensitivity bound Δ₂ and noised here, and the only aux slot is
+    ``[1]`` (:mod:`fedcommons.privacy.distributed`).
     """
     cfg, spec, result = trained.cfg, trained.spec, trained.result
     ring = params.ring

@@ -8,9 +8,10 @@ round's public :class:`RoundParams`.
 Stages (``U1 ⊇ U2 ⊇ U3 ⊇ U4`` are the participants still answering):
 
 1. *advertise keys* — each client sends two X25519 public keys: ``c`` (share encryption)
-   and ``s`` (pairwise masks).
+   and ``s`` (pairwise masks); with a consortium roster, signed (:mod:`.roster`).
 2. *share keys* — the server sends each client its neighbours' keys (neighbours in the
-   round's k-regular graph); the client splits its self-mask seed ``b`` and its mask key
+   round's k-regular graph); a client holding a roster verifies every neighbour's
+   signature first; the client splits its self-mask seed ``b`` and its mask key
    ``s_sk`` t-of-(k+1) with Shamir, and encrypts one share pair per neighbour under the
    key agreed with that neighbour's ``c`` key; it also commits to ``b`` (SHA-256).
 3. *masked input* — the server routes the ciphertexts; the client checks each one

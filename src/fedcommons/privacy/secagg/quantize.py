@@ -8,7 +8,8 @@ an extra ring element so that the sum reveals ``Σ wᵢ qᵢ`` and ``Σ wᵢ`` o
 numbers are two's complement mod 2^b; ``b`` is chosen so that no sum of ``n``
 contributions can wrap around: ``n · max_weight · levels ≤ 2^(b−1) − 1``.
 
-Masked vectors travel bit-packed: ``b`` bits per element, not a whole machine word.
+Masked vectors travel bit-packed: ``b`` bits per element, not a whole machine word. The
+server sums them without unpacking each one (:class:`PackedSum`).
 """
 
 from __future__ import annotations
