@@ -40,31 +40,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedcommons.wire import keys
-
-
-def _dropping(partitions: set[int]):
-    """The real ClientApp; ``partitions`` go offline before sending their masked input."""
-    from flwr.app import Context, Message
-    from flwr.clientapp import ClientApp
-
-    from fedcommons.client_sdk.client_app import app as client_app
-
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        record = msg.content.config_records.get(keys.SECAGG_RECORD)
-        if (
-            record is not None
-            and record[keys.SECAGG_STAGE] == "masked-input"
-            and int(context.node_config["partition-id"]) in partitions
-        ):
-            raise ConnectionError("institution offline before its masked input")
-        return client_app(msg, context)
-
-    return app
-
 
 def rows(z: float, clip: float) -> list[tuple[str, dict[str, Any], set[int]]]:
     """(label, run-config keys, dropping partitions) of every row."""
@@ -90,6 +65,8 @@ def rows(z: float, clip: float) -> list[tuple[str, dict[str, Any], set[int]]]:
 
 def run_row(flat: dict[str, Any], dropped: set[int], rounds: int, seed: int) -> dict[str, Any]:
     """One federation; accuracy, ε and the ledger's noise figures."""
+    from tests.secagg_helpers import dropping
+
     from fedcommons.coordinator.config import RunConfig
     from fedcommons.engines.inprocess import run_in_process
 
@@ -108,7 +85,7 @@ def run_row(flat: dict[str, Any], dropped: set[int], rounds: int, seed: int) -> 
         }
     )
     started = time.perf_counter()
-    result = run_in_process(config, [_dropping(dropped)] * 10)
+    result = run_in_process(config, [dropping("masked-input", dropped)] * 10)
     seconds = time.perf_counter() - started
     privacy = result.release.manifest().privacy
     claim = privacy.get("distributed") or privacy.get("central") or {}

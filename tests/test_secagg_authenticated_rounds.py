@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pytest
-from flwr.app import Message
 from scipy import stats
 
 import fedcommons.client_sdk.secagg as client_secagg
@@ -31,6 +29,7 @@ from fedcommons.privacy.secagg.quantize import signed
 from fedcommons.privacy.secagg.roster import simulated_consortium
 from fedcommons.releases.registry import Registry
 from fedcommons.wire import keys
+from tests.secagg_helpers import dropping, run_secure_demo
 
 
 def _config(tmp_path: Path, **extra: object) -> RunConfig:
@@ -187,26 +186,6 @@ def noise_seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     return seen
 
 
-def _dropping_masked(partitions: set[int]):
-    from flwr.app import Context
-    from flwr.clientapp import ClientApp
-
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        record = msg.content.config_records.get(keys.SECAGG_RECORD)
-        if (
-            record is not None
-            and record[keys.SECAGG_STAGE] == "masked-input"
-            and int(context.node_config["partition-id"]) in partitions
-        ):
-            raise ConnectionError("site went offline before sending its masked input")
-        return client_app(msg, context)
-
-    return app
-
-
 @pytest.mark.parametrize("dropped", [set(), {1, 6}])
 def test_distributed_noise_is_in_the_sum_and_accounted_exactly(
     tmp_path: Path, noise_seen: dict[str, object], dropped: set[int]
@@ -216,7 +195,7 @@ def test_distributed_noise_is_in_the_sum_and_accounted_exactly(
     chi-square interval α = 1e-6); the ledger records m contributors and an ε the auditor
     recomputes; `audit ledger`'s check passes; no per-node value is in the ledger."""
     config = _ddp_config(tmp_path)
-    result = run_in_process(config, [_dropping_masked(dropped)] * 10)
+    result = run_in_process(config, [dropping("masked-input", dropped)] * 10)
     m = 10 - len(dropped)
     assert result.reports[0].accepted == m
     draws = list(noise_seen["noise"].values())
@@ -268,32 +247,9 @@ def test_demo_with_roster_signed_keys_on_the_simulation_engine(
     every simulated institution signs its advertisement with its own key, verifies its
     neighbours against the roster, and the coordinator requires signatures; a release
     recording secagg-auth = roster is published."""
-    from tests.conftest import BIN
-
     registry = tmp_path / "registry"
-    run = subprocess.run(
-        [
-            str(BIN / "fedcommons"),
-            "demo",
-            "--secagg",
-            "--secagg-consortium",
-            str(tmp_path / "consortium"),
-            "--institutions",
-            "4",
-            "--rounds",
-            "1",
-            "--local-epochs",
-            "1",
-            "--registry",
-            str(registry),
-        ],
-        env={**flower_env, "FEDCOMMONS_STATE_DIR": str(tmp_path / "state")},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=tmp_path,
-    )
+    consortium = str(tmp_path / "consortium")
+    run = run_secure_demo(tmp_path, flower_env, 4, 1, "--secagg-consortium", consortium)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "roster-signed keys" in run.stdout
     manifest = Registry(registry).get("1.0.0", name="digits").manifest()

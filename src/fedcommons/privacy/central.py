@@ -234,11 +234,23 @@ class DPFedAvg(Aggregator):
         """The server step: the inner strategy applied to the noisy mean."""
         mean = self.noisy_mean()
         self._sum = {}
-        if self.inner is None:
-            return {k: mean[k].to(self._base[k].dtype) for k in mean}
-        self.inner.begin(self._base)
-        self.inner.fold(ClientUpdate({k: v.to(self._base[k].dtype) for k, v in mean.items()}, 1))
-        return self.inner.finalize()
+        return step_from_mean(self.inner, self._base, mean)
+
+
+def step_from_mean(
+    inner: Aggregator | None,
+    base: Mapping[str, torch.Tensor],
+    mean: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The server step for a released (noisy) mean: ``inner`` folds it as one update.
+
+    Post-processing of the mean; without ``inner`` the mean itself is the step.
+    """
+    if inner is None:
+        return {k: mean[k].to(base[k].dtype) for k in mean}
+    inner.begin(base)
+    inner.fold(ClientUpdate({k: v.to(base[k].dtype) for k, v in mean.items()}, 1))
+    return inner.finalize()
 
 
 def poisson_sample(nodes: list[int], rate: float, rng: np.random.Generator) -> list[int]:

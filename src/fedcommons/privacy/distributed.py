@@ -74,6 +74,7 @@ import torch
 
 from fedcommons.errors import PrivacyConfigError, RoundFailedError
 from fedcommons.privacy.accounting import RDP_ORDERS
+from fedcommons.privacy.central import step_from_mean
 from fedcommons.strategies.base import Aggregator
 from fedcommons.wire.update import ClientUpdate
 
@@ -312,11 +313,7 @@ class SkellamMean(Aggregator):
         done = SkellamRound(**{**asdict(self.calibration), "contributors": self.num_folded})
         self.stats = DistributedStats(self.num_folded, denom, denom, done)
         self._sum = {}
-        if self.inner is None:
-            return {k: mean[k].to(self._base[k].dtype) for k in mean}
-        self.inner.begin(self._base)
-        self.inner.fold(ClientUpdate({k: v.to(self._base[k].dtype) for k, v in mean.items()}, 1))
-        return self.inner.finalize()
+        return step_from_mean(self.inner, self._base, mean)
 
 
 def line_rdp(entries: Iterable[Mapping[str, Any]], orders: Sequence[int] = RDP_ORDERS):

@@ -432,18 +432,32 @@ class LinePrivacy:
             budget_epsilon=cfg.epsilon,
         )
 
-        def with_epsilon(records: list[Any]) -> dict[str, Any]:
+        return self._append_round(
+            current,
+            entry,
+            effective_noise_multiplier=round(stats.effective_noise_multiplier, 6),
+            fraction_clipped=round(stats.fraction_clipped, 4),
+            participating=accepted,
+            sampled=current.sampled,
+        )
+
+    def _append_round(
+        self, current: _Round, entry: dict[str, Any], **log_fields: Any
+    ) -> dict[str, Any]:
+        """Append a DP round's entry with the line's cumulative ε, or refuse past the budget."""
+        assert self.central is not None
+        cfg = self.central
+
+        def with_epsilon(records: list[LedgerRecord]) -> dict[str, Any]:
             # under the ledger's lock: rounds another coordinator committed meanwhile count
-            history = central_history([r.entry for r in records])
-            history.append((cfg.noise_multiplier, current.sample_rate, 1))
-            eps = runtime_epsilon(history, cfg.delta, cfg.accountant)
-            if eps > cfg.epsilon:
+            out = recompute_entry_epsilon(entry, records, cfg)
+            if out["epsilon"] > cfg.epsilon:
                 raise PrivacyBudgetExceededError(
                     f"round {current.round_no} discarded before release: rounds committed "
                     f"concurrently on line {self.line!r} leave no budget for it "
-                    f"(ε would be {eps:.4g} > {cfg.epsilon:g})"
+                    f"(ε would be {out['epsilon']:.4g} > {cfg.epsilon:g})"
                 )
-            return {**entry, "epsilon": eps}
+            return out
 
         record = self._append(with_epsilon)
         self.run_entries += 1
@@ -451,13 +465,11 @@ class LinePrivacy:
             "privacy.round",
             line=self.line,
             round=current.round_no,
+            mechanism=entry["mechanism"],
             epsilon=round(record.entry["epsilon"], 6),
             delta=cfg.delta,
             budget=cfg.epsilon,
-            effective_noise_multiplier=round(stats.effective_noise_multiplier, 6),
-            fraction_clipped=round(stats.fraction_clipped, 4),
-            participating=accepted,
-            sampled=current.sampled,
+            **log_fields,
         )
         return record.entry
 
@@ -483,32 +495,9 @@ class LinePrivacy:
             delta=cfg.delta,
             budget_epsilon=cfg.epsilon,
         )
-
-        def with_epsilon(records: list[Any]) -> dict[str, Any]:
-            # under the ledger's lock: rounds another coordinator committed meanwhile count
-            eps = skellam_epsilon([r.entry for r in records], cfg.delta, done)
-            if eps > cfg.epsilon:
-                raise PrivacyBudgetExceededError(
-                    f"round {current.round_no} discarded before release: rounds committed "
-                    f"concurrently on line {self.line!r} leave no budget for it "
-                    f"(ε would be {eps:.4g} > {cfg.epsilon:g})"
-                )
-            return {**entry, "epsilon": eps}
-
-        record = self._append(with_epsilon)
-        self.run_entries += 1
-        get_logger("fedcommons.privacy").info(
-            "privacy.round",
-            line=self.line,
-            round=current.round_no,
-            mechanism=SKELLAM,
-            epsilon=round(record.entry["epsilon"], 6),
-            delta=cfg.delta,
-            budget=cfg.epsilon,
-            noise_variance=done.variance,
-            contributors=done.contributors,
+        return self._append_round(
+            current, entry, noise_variance=done.variance, contributors=done.contributors
         )
-        return record.entry
 
     # -- per release ----------------------------------------------------------------
     def manifest_privacy(self) -> dict[str, Any]:

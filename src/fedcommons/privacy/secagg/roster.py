@@ -194,18 +194,24 @@ class AdvertisementSigner:
     @classmethod
     def load(cls, path: str | Path, roster: Roster) -> AdvertisementSigner:
         """Load an Ed25519 private key (PEM, PKCS#8, unencrypted) that the roster lists."""
-        p = Path(path).expanduser()
-        try:
-            key = serialization.load_pem_private_key(p.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise SecAggRosterError(f"cannot read the SecAgg+ signing key {p}: {exc}") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise SecAggRosterError(f"{p}: the SecAgg+ signing key must be Ed25519")
+        key = load_private_key(path, "the SecAgg+ signing key")
         return cls(key, roster.member_of(key.public_key()))
 
     def sign(self, params_digest: bytes, index: int, c_pk: bytes, s_pk: bytes) -> bytes:
         """Sign this round's advertisement."""
         return self._key.sign(advertisement_message(params_digest, index, self.member, c_pk, s_pk))
+
+
+def load_private_key(path: str | Path, what: str) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM (PKCS#8, unencrypted) file; else SecAggRosterError."""
+    p = Path(path).expanduser()
+    try:
+        key = serialization.load_pem_private_key(p.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SecAggRosterError(f"cannot read {what} {p}: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SecAggRosterError(f"{p}: {what} must be Ed25519")
+    return key
 
 
 def new_signing_key(path: str | Path) -> str:
@@ -245,13 +251,7 @@ def roster_document(
     Roster.from_document(body)  # refuse malformed keys and duplicates now
     if signing_key is None:
         return body
-    p = Path(signing_key).expanduser()
-    try:
-        key = serialization.load_pem_private_key(p.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise SecAggRosterError(f"cannot read the consortium signing key {p}: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SecAggRosterError(f"{p}: the consortium signing key must be Ed25519")
+    key = load_private_key(signing_key, "the consortium signing key")
     return {**body, "signature": key.sign(_canonical(body)).hex()}
 
 
@@ -274,13 +274,7 @@ def simulated_consortium(directory: str | Path, institutions: int) -> Path:
     for i in range(institutions):
         path = root / f"site-{i}.pem"
         if path.exists():
-            try:
-                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            except (OSError, ValueError, TypeError) as exc:
-                raise SecAggRosterError(f"cannot read {path}: {exc}") from None
-            if not isinstance(key, Ed25519PrivateKey):
-                raise SecAggRosterError(f"{path}: not an Ed25519 key")
-            members[f"site-{i}"] = public_hex(key.public_key())
+            members[f"site-{i}"] = public_hex(load_private_key(path, "a site key").public_key())
         else:
             members[f"site-{i}"] = new_signing_key(path)
     roster = root / "roster.json"
