@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from fedcommons.errors import ConfigError
 from fedcommons.releases.export import ExportFormat, export_folder
-from fedcommons.releases.hub import FedcommonsModel
+from fedcommons.releases.integrations.hf_hub import FedcommonsModel
 from fedcommons.releases.registry import Registry
 from fedcommons.releases.signing import Signer
 from fedcommons.tasks.digits import digits_split

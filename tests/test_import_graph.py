@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "fedcommons"
 
 #: Shared leaf modules every part may import.
-BASE = {"errors", "logs", "fileio", "memory"}
+BASE = {"errors", "logs", "fileio", "memory", "names"}
 
 #: part -> the parts (besides BASE and itself) it may import; "flwr" marks Flower.
 ALLOWED: dict[str, set[str]] = {
@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "observability": set(),
     "client_sdk": {"flwr", "privacy", "tasks", "wire"},
     "coordinator": {"flwr", "observability", "privacy", "releases", "strategies", "tasks", "wire"},
-    "engines": {"flwr", "client_sdk", "coordinator", "observability", "wire"},
+    "engines": {"flwr", "client_sdk", "coordinator", "observability", "privacy", "tasks", "wire"},
     "merge": {"client_sdk", "releases", "strategies", "tasks", "wire"},
     "cli": {
         "client_sdk",

@@ -24,7 +24,7 @@ from fedcommons.coordinator.config import RunConfig
 from fedcommons.engines.inprocess import run_in_process
 from fedcommons.errors import ConfigError
 from fedcommons.observability import audit_log
-from fedcommons.releases.mlflow_mirror import ROUND_METRICS
+from fedcommons.releases.integrations.mlflow_mirror import ROUND_METRICS
 from fedcommons.releases.registry import Registry
 
 BIN = Path(sys.executable).parent
@@ -190,7 +190,7 @@ def test_dp_line_mirrors_no_manifest_holding_per_node_fields(
 
 def test_after_a_failure_live_calls_pause_and_the_pause_doubles(closed_port: int) -> None:
     """Input tried: three rounds against a refusing server; the mirror's clock is not faked."""
-    from fedcommons.releases.mlflow_mirror import MlflowMirror
+    from fedcommons.releases.integrations.mlflow_mirror import MlflowMirror
 
     mirror = MlflowMirror(f"http://127.0.0.1:{closed_port}", line="digits")
     mirror.run_started(1, {"run_name": "r", "config": {"rounds": 3}})

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from fedcommons.releases.integrations.site import build_site
 from fedcommons.releases.registry import Registry
 from fedcommons.releases.signing import Signer, public_pem
-from fedcommons.releases.site import build_site
 from tests.release_helpers import digits_weights, publish_digits
 
 BIN = Path(sys.executable).parent
@@ -31,7 +31,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     parent = None
     for steps in (5, 30, 80, 200):
         parent = publish_digits(reg, signer, digits_weights(steps), parent=parent)
-    reg.promote("1.0.1", "stable")
+    reg.promote("1.0.1", "stable", signer=signer)
     data = bytearray(parent.weights_path.read_bytes())
     data[-1] ^= 1  # one flipped bit in the last release's weights
     parent.weights_path.chmod(0o644)

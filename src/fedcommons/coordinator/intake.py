@@ -155,6 +155,7 @@ _ERROR_REASONS = {
     REPLY_TOO_LARGE_CODE: "too-large",
     REPLY_MALFORMED_CODE: "malformed",
     REPLY_UNAVAILABLE_CODE: "unavailable",
+    keys.TASK_REFUSED_CODE: "task-refused",  # the site does not run the task asked for
 }
 
 

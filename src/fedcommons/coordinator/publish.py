@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 
 from fedcommons import __version__
 from fedcommons.coordinator.prepare import PreparedRun, signing_key_path
-from fedcommons.coordinator.round import RoundReport
+from fedcommons.coordinator.round import RoundReport, published_metrics
 from fedcommons.errors import (
     CandidateRejectedError,
 )
@@ -58,6 +57,9 @@ def publish(
         parent_version=parent.version if parent else None,
         parent_validation=parent_manifest.validation if parent_manifest else None,
     )
+    central = prepared.privacy is not None and prepared.privacy.central is not None
+    if central:  # an un-noised count of who took part: not published on a DP line
+        contributors = 0
     last = reports[-1]
     metrics = {"val_accuracy": last.val_accuracy, "val_loss": last.val_loss}
     metrics.update({f"test_{k}": v for k, v in test.items() if k != "examples"})
@@ -113,7 +115,7 @@ def publish(
             weights_bytes=size,
             num_parameters=sum(v.numel() for v in weights.values()),
             metrics=metrics,
-            round_metrics=[asdict(r) for r in reports],
+            round_metrics=[published_metrics(r, central) for r in reports],
             config=config.to_flat(),
             code_version=__version__,
             flower_run_id=run_id,

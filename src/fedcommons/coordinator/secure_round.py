@@ -51,6 +51,7 @@ from fedcommons.logs import get_logger
 from fedcommons.observability import events as observe
 from fedcommons.privacy.central import DPFedAvg
 from fedcommons.privacy.client_spend import parse_spend
+from fedcommons.privacy.distributed import SkellamMean, SkellamRound, calibrate, ring_bits_for
 from fedcommons.privacy.secagg import graph
 from fedcommons.privacy.secagg.protocol import (
     STAGE_ADVERTISE,
@@ -74,7 +75,24 @@ def round_threshold(config: Any, shares: int) -> int:
     return int(config.secagg_threshold) or (2 * shares) // 3 + 1
 
 
-def ring_for_round(config: Any, spec: CompressionSpec, n: int) -> RingSpec:
+def distributed_calibration(
+    config: Any, spec: CompressionSpec, length: int, threshold: int
+) -> SkellamRound | None:
+    """The round's Skellam noise under distributed DP (``dp.mechanism = skellam``), else None.
+
+    Calibrated so that the fewest inputs a completed round can hold — the threshold, or
+    ``min-clients`` when larger (SecAgg+ aborts below it) — carry variance (z·Δ₂)².
+    """
+    dp = config.central_dp
+    if dp is None or not dp.distributed:
+        return None
+    fewest = max(int(threshold), int(config.min_clients))
+    return calibrate(dp.noise_multiplier, dp.clip_norm, LEVELS[spec.values], length, fewest)
+
+
+def ring_for_round(
+    config: Any, spec: CompressionSpec, n: int, calibration: SkellamRound | None = None
+) -> RingSpec:
     """The public fixed-point encoding of a round with ``n`` participants.
 
     Levels follow the value coding (fp32: 2^23 − 1, fp16/bf16: 2^15 − 1, int8: 127, int4:
@@ -83,6 +101,9 @@ def ring_for_round(config: Any, spec: CompressionSpec, n: int) -> RingSpec:
     1 (DP-FedAvg's uniform user weights). Two aux slots follow the values: the weight,
     and 1 if the client clipped its update (the coordinator learns how many did).
     The ring is the smallest with no possible overflow, or ``secagg-bits`` if that fits.
+    Under distributed DP (``calibration``) one aux slot (the weight, 1 per client: no
+    clipped flag) follows, and the ring also holds the noise of n clients except with
+    probability :data:`~fedcommons.privacy.distributed.WRAP_BETA`.
     """
     levels = LEVELS[spec.values]
     dp = config.central_dp
@@ -90,16 +111,22 @@ def ring_for_round(config: Any, spec: CompressionSpec, n: int) -> RingSpec:
         clip, max_weight = float(dp.clip_norm), 1
     else:
         clip, max_weight = float(config.secagg_clip), int(config.secagg_max_weight)
-    need = ring_bits(n, max_weight, levels)
+    if calibration is not None:
+        need = ring_bits_for(n, levels, calibration.dim, calibration.local_variance)
+    else:
+        need = ring_bits(n, max_weight, levels)
     bits = int(config.secagg_bits) or need
     if need > 64 or bits < need:
         raise SecAggAbortedError(
-            f"{n} participants x weight {max_weight} x {levels} levels need a {need}-bit ring"
+            f"{n} participants x weight {max_weight} x {levels} levels"
+            + (" plus their noise" if calibration is not None else "")
+            + f" need a {need}-bit ring"
             + (f"; secagg-bits is {bits}" if config.secagg_bits else "")
             + ": lower secagg-max-weight or clients-per-round, or use a coarser value coding"
         )
     # aux slots: the weight, and whether the client clipped (the sum counts clipped clients)
-    return RingSpec(bits=bits, levels=levels, clip=clip, max_weight=max_weight, aux=2)
+    aux = 1 if calibration is not None else 2
+    return RingSpec(bits=bits, levels=levels, clip=clip, max_weight=max_weight, aux=aux)
 
 
 def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
@@ -114,6 +141,7 @@ def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
     """
     from fedcommons.privacy.secagg.primitives import NONCE_BYTES
     from fedcommons.privacy.secagg.protocol import _SHARE_PLAIN
+    from fedcommons.privacy.secagg.roster import SIGNATURE_BYTES
     from fedcommons.privacy.secagg.shamir import SHARE_BYTES
     from fedcommons.strategies import create_strategy
 
@@ -127,14 +155,15 @@ def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
         check_threshold(threshold, shares)
     except SecAggProtocolError as exc:
         raise ConfigError(f"{clients} clients: {exc}") from None
-    try:
-        ring = ring_for_round(config, spec, clients)
-    except SecAggAbortedError as exc:
-        raise ConfigError(str(exc)) from None
     if spec.sparsifier == "randk":
         length = min(num_params, max(1, round(spec.density * num_params)))
     else:
         length = num_params
+    calibration = distributed_calibration(config, spec, length, threshold)
+    try:
+        ring = ring_for_round(config, spec, clients, calibration)
+    except SecAggAbortedError as exc:
+        raise ConfigError(str(exc)) from None
     k = shares - 1
     ct = bytes(NONCE_BYTES + _SHARE_PLAIN.size + 16)
     share = bytes(SHARE_BYTES)
@@ -150,8 +179,13 @@ def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
         return int(recorddict_to_proto(RecordDict({keys.SECAGG_RECORD: record})).ByteSize())
 
     masked = bytes(((length + ring.aux) * ring.bits + 7) // 8)
+    signed = config.secagg_auth == "roster"
+    member, sig = "m" * 16, bytes(SIGNATURE_BYTES)  # a 16-character roster name
+    own_sig = {"member": member, "sig": sig} if signed else {}
+    peer_sigs = {"member": [member] * k, "sig": [sig] * k} if signed else {}
+    noise = {keys.SECAGG_DP_NOISE: 0.0}
     up = {
-        STAGE_ADVERTISE: reply_size(STAGE_ADVERTISE, {"c-pk": key, "s-pk": key}),
+        STAGE_ADVERTISE: reply_size(STAGE_ADVERTISE, {"c-pk": key, "s-pk": key, **own_sig}),
         STAGE_SHARE: reply_size(STAGE_SHARE, {"dst": nbrs, "ct": [ct] * k, "b-commit": key}),
         STAGE_MASKED: reply_size(STAGE_MASKED, {"masked": masked}),
         STAGE_UNMASK: reply_size(
@@ -161,8 +195,12 @@ def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
     }
     down = {
         STAGE_ADVERTISE: size(STAGE_ADVERTISE, {**params.to_record(), keys.SECAGG_INDEX: 1}),
-        STAGE_SHARE: size(STAGE_SHARE, {"idx": nbrs, "c-pk": [key] * k, "s-pk": [key] * k}),
-        STAGE_MASKED: size(STAGE_MASKED, {"src": nbrs, "ct": [ct] * k, keys.SECAGG_DP_CLIP: 0.0}),
+        STAGE_SHARE: size(
+            STAGE_SHARE, {"idx": nbrs, "c-pk": [key] * k, "s-pk": [key] * k, **peer_sigs}
+        ),
+        STAGE_MASKED: size(
+            STAGE_MASKED, {"src": nbrs, "ct": [ct] * k, keys.SECAGG_DP_CLIP: 0.0, **noise}
+        ),
         STAGE_UNMASK: size(STAGE_UNMASK, {"survivors": nbrs, "dropped": []}),
     }
     dense = 4 * num_params
@@ -185,6 +223,8 @@ def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
         "download_total": sum(down.values()),
         "dense_fp32_bytes": dense,
         "upload_vs_dense_fp32": sum(up.values()) / dense,
+        "authenticated": signed,
+        "distributed_dp": calibration.to_dict() if calibration is not None else None,
     }
 
 
@@ -292,7 +332,8 @@ def run_secure_round(
     """
     config, strategy = prepared.config, prepared.strategy
     started = time.monotonic()
-    privacy, nodes, sampled, rate, expected = sample_round(grid, prepared, round_no)
+    privacy, nodes, sample = sample_round(grid, prepared, round_no)
+    sampled, rate, expected = sample.nodes, sample.sample_rate, sample.expected
     n = len(sampled)
     if n < 2:
         raise SecAggAbortedError(
@@ -305,10 +346,12 @@ def run_secure_round(
     except SecAggProtocolError as exc:
         raise SecAggAbortedError(f"round {round_no} with {n} sampled client(s): {exc}") from None
     spec = CompressionSpec.parse(config.compression)
-    ring = ring_for_round(config, spec, n)
     seed = compression_seed(prepared.run_tag, round_no)
     total_size = sum(v.numel() for v in weights.values())
     idx = support(spec.sparsifier, spec.density, seed, total_size)
+    length = total_size if idx is None else int(idx.size)
+    calibration = distributed_calibration(config, spec, length, threshold)
+    ring = ring_for_round(config, spec, n, calibration)
     params = RoundParams(
         run_tag=prepared.run_tag,
         round_no=round_no,
@@ -317,14 +360,20 @@ def run_secure_round(
         threshold=threshold,
         graph_seed=graph.graph_seed(prepared.run_tag, round_no),
         ring=ring,
-        length=total_size if idx is None else int(idx.size),
+        length=length,
     )
     strategy = privacy.start_round(
-        round_no, strategy, population=len(nodes), sampled=n, sample_rate=rate, expected=expected
+        round_no,
+        strategy,
+        population=len(nodes),
+        sampled=n,
+        sample_rate=rate,
+        expected=expected,
+        distributed=calibration,
     )
     node_of = {i + 1: int(node) for i, node in enumerate(sampled)}
     stages = _Stages(grid, round_no, node_of)
-    server = ServerSession(params)
+    server = ServerSession(params, require_signatures=config.secagg_auth == "roster")
     log.info(
         "secagg.round_started",
         sampled=n,
@@ -334,6 +383,8 @@ def run_secure_round(
         ring_bits=ring.bits,
         quantization_step=ring.step,
         length=params.length,
+        authenticated=server.require_signatures,
+        distributed_dp=calibration is not None,
     )
     stage_timeout = config.secagg_stage_timeout
     base_record = params.to_record()
@@ -361,7 +412,12 @@ def run_secure_round(
     dp_clip = float(privacy.central.clip_norm) if privacy.central is not None else 0.0
     masked_requests = {}
     for i, r in requests.items():
-        rd = _request(STAGE_MASKED, {**r, keys.SECAGG_DP_CLIP: dp_clip}, round_no)
+        noise = calibration.local_variance if calibration is not None else 0.0
+        rd = _request(
+            STAGE_MASKED,
+            {**r, keys.SECAGG_DP_CLIP: dp_clip, keys.SECAGG_DP_NOISE: noise},
+            round_no,
+        )
         rd[keys.BASE_ARRAYS] = content[keys.BASE_ARRAYS]
         rd[keys.TRAIN_CONFIG] = content[keys.TRAIN_CONFIG]
         masked_requests[i] = rd
@@ -386,7 +442,7 @@ def run_secure_round(
     )
     outcome = server.finish()
     survivors = outcome.survivors
-    if len(survivors) < config.min_clients:
+    if len(survivors) < config.min_clients and privacy.central is None:
         raise RoundFailedError(
             f"round {round_no}: {len(survivors)} client(s) in the secure sum, need "
             f"{config.min_clients} (rejected: {dict(stages.rejections.counts) or 0})"
@@ -399,7 +455,14 @@ def run_secure_round(
         full[idx] = values
     guarded_begin(strategy, weights)
     examples = 0
-    if isinstance(strategy, DPFedAvg):
+    if isinstance(strategy, SkellamMean):  # distributed DP: the noise is in the sum already
+        if int(aux[0]) != len(survivors):
+            raise SecAggAbortedError(
+                f"round {round_no}: the secure sum counts {int(aux[0])} participants, "
+                f"{len(survivors)} survived"
+            )
+        strategy.fold_sum(_unflatten64(full, weights), len(survivors))
+    elif isinstance(strategy, DPFedAvg):
         if int(aux[0]) != len(survivors):
             raise SecAggAbortedError(
                 f"round {round_no}: the secure sum counts {int(aux[0])} participants, "
@@ -444,6 +507,7 @@ def run_secure_round(
         train_loss=math.nan,  # individual losses are not sent under secure aggregation
         started=started,
         upload_bytes={str(node_of[i]): int(stages.upload[i]) for i in survivors},
+        connected=len(nodes),
     )
     log.info(
         "secagg.round_finished",
@@ -452,8 +516,6 @@ def run_secure_round(
         dropped={k: len(v) for k, v in outcome.dropped.items()},
         timed_out_by_stage=dict(stages.timed_out),
     )
-    if privacy.central is not None:
-        report.examples = 0
     return new_weights, report, {node_of[i] for i in survivors}
 
 

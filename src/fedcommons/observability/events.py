@@ -8,7 +8,7 @@ engine only gains a call per event.
 A sink is any object with some of the methods ``run_started(run_id, details)``,
 ``round_finished(report, epsilon=None)``, ``release_published(release)`` and
 ``run_ended(outcome, detail)`` (the MLflow mirror is one,
-:class:`fedcommons.releases.mlflow_mirror.MlflowMirror`). A sink that raises is logged
+:class:`fedcommons.releases.integrations.mlflow_mirror.MlflowMirror`). A sink that raises is logged
 and skipped: a sink never fails a round or loses a release.
 """
 

@@ -163,7 +163,12 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
     if bump.get("override_reason"):
         reasons += f" — operator override to {bump.get('bump')}: {bump['override_reason']}"
     privacy_text = model_card_section(manifest.privacy or {})
+    dp_line = bool((manifest.privacy or {}).get("central"))
     examples = sorted({int(r.get("examples", 0)) for r in manifest.round_metrics}) or ["-"]
+    contributors: object = manifest.contributors
+    if dp_line:  # un-noised counts of who took part are not published on a DP line
+        contributors = "an undisclosed number of (DP line)"
+        examples = ["not published (DP line)"]
     test = {k: round(v, 4) for k, v in manifest.metrics.items() if k.startswith("test_")}
     card = ModelCard.from_template(
         data,
@@ -183,7 +188,7 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
         strategy_code=_code_text(manifest.strategy_code),
         code_version=manifest.code_version,
         key_id=(manifest.signing_key_id or "-")[:16],
-        contributors=manifest.contributors,
+        contributors=contributors,
         rounds=manifest.rounds,
         intended_use=(
             f"Research and downstream fine-tuning on the `{manifest.task}` task. Not validated "

@@ -17,7 +17,7 @@ the release's weights file, so its SHA-256 is the signed manifest's ``weights_sh
 ``config.json`` (the task and its model options) and ``README.md`` (the release's model
 card, whose metadata ``huggingface_hub.ModelCard`` reads: license, tags, datasets,
 ``model-index`` with the validation results).
-:class:`fedcommons.releases.hub.FedcommonsModel` loads it with ``huggingface_hub``'s
+:class:`fedcommons.releases.integrations.hf_hub.FedcommonsModel` loads it with ``huggingface_hub``'s
 ``PyTorchModelHubMixin``: ``FedcommonsModel.from_pretrained(folder)``.
 Nothing is pushed anywhere: export is offline.
 """
@@ -123,13 +123,13 @@ def export_folder(registry: Registry, release: Release, fmt: ExportFormat, outpu
     output = Path(output).expanduser()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"export folder {str(output)!r} exists and is not empty")
-    manifest = release.manifest()
+    manifest = registry.verified_manifest(release)  # the signed word, not the index's
     data = registry.weights_bytes(release)
     card = _card(release, manifest.card_sha256)
     provenance = {
         "name": release.name,
         "version": release.version,
-        "weights_sha256": release.weights_sha256,
+        "weights_sha256": manifest.weights_sha256,
         "manifest_sha256": release.manifest_sha256,
         "signing_key_id": manifest.signing_key_id,
     }

@@ -5,7 +5,7 @@
 ``huggingface_hub``'s ``PyTorchModelHubMixin``, from a local folder (offline) or from a
 Hub repository the folder was uploaded to::
 
-    from fedcommons.releases.hub import FedcommonsModel
+    from fedcommons.releases.integrations.hf_hub import FedcommonsModel
 
     model = FedcommonsModel.from_pretrained("digits-1.0.0-hf")
     logits = model(x)
