@@ -4,7 +4,7 @@ An :class:`Aggregator` folds client updates one at a time into a state of size O
 and returns the server step Δ* at :meth:`Aggregator.finalize`; the same classes serve
 federated rounds and offline merges of released models. Built-ins: ``fedavg`` (FedAvgM
 via ``server_momentum``), ``fedadam``, ``fisher``, ``mask-aligned`` (TIES sign election),
-``median``, ``trimmed-mean``; every one takes ``clip_norm`` (norm bounding). Plugins
+``median``, ``trimmed-mean``, ``multi-krum``; every one takes ``clip_norm`` (norm bounding). Plugins
 register under the entry-point group ``fedcommons.strategies``; authors test them with
 :mod:`fedcommons.strategies.testing`.
 """
@@ -32,7 +32,7 @@ from fedcommons.strategies.registry import (
     strategy_specs,
     unregister_strategy,
 )
-from fedcommons.strategies.robust import BufferedAggregator, Median, TrimmedMean
+from fedcommons.strategies.robust import BufferedAggregator, Median, MultiKrum, TrimmedMean
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -43,6 +43,7 @@ __all__ = [
     "FisherMerge",
     "MaskAligned",
     "Median",
+    "MultiKrum",
     "StrategySpec",
     "TrimmedMean",
     "available_strategies",
