@@ -36,8 +36,9 @@ def publish(
 ) -> Release:
     """Gate the candidate, then publish it signed, versioned and with its model card.
 
-    The line's validation suite scores the candidate against its parent; a candidate that
-    fails is recorded (``fedcommons release rejected``) and
+    The line's validation suite scores the candidate against its parent (a line's first
+    release: against the starting weights, which it must beat); a candidate that fails is
+    recorded (``fedcommons release rejected``) and
     :class:`~fedcommons.errors.CandidateRejectedError` is raised: nothing is published.
     """
     config = prepared.config
@@ -54,6 +55,7 @@ def publish(
         parent=parent_weights,
         parent_version=parent.version if parent else None,
         parent_validation=parent_manifest.validation if parent_manifest else None,
+        start=None if parent else prepared.weights,  # a first release must beat them
     )
     last = reports[-1]
     metrics = {"val_accuracy": last.val_accuracy, "val_loss": last.val_loss}
