@@ -23,7 +23,7 @@ from fedcommons.coordinator import faults
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.intake import Rejections, decode_reply
 from fedcommons.coordinator.prepare import PreparedRun
-from fedcommons.coordinator.sampling import sample_round
+from fedcommons.coordinator.sampling import grid_call, sample_round, transient_grid_error
 from fedcommons.errors import (
     RoundFailedError,
     UpdateRejectedError,
@@ -147,7 +147,9 @@ def run_round(
         )
         for node in sampled
     ]
-    pending = set(grid.push_messages(messages))
+    deadline = started + config.round_timeout
+    pending = set(push_round(grid, messages, deadline, round_no))
+    del messages
     log.info("round.started", sampled=len(sampled), connected=len(nodes))
     guarded_begin(strategy, weights)
     rejections = Rejections(round_no)
@@ -155,9 +157,8 @@ def run_round(
     upload: dict[str, int] = {}
     loss_sum = 0.0
     examples = 0
-    deadline = started + config.round_timeout
     while pending and time.monotonic() < deadline:
-        replies = list(grid.pull_messages(list(pending)))
+        replies = pull_replies(grid, pending)
         if not replies:
             time.sleep(POLL_INTERVAL_S)
             continue
@@ -221,6 +222,41 @@ def run_round(
     if privacy.central is not None:  # released in the manifest: nothing outside the DP noise
         report.train_loss, report.examples = float("nan"), 0
     return new_weights, report, contributors
+
+
+def push_round(grid: Grid, messages: list[Message], deadline: float, round_no: int) -> list[str]:
+    """Push the round's messages (transient SuperLink errors retried until ``deadline``).
+
+    Raises :class:`RoundFailedError` (the round's retry policy applies) when the
+    SuperLink keeps failing.
+    """
+    try:
+        return list(
+            grid_call(lambda: grid.push_messages(messages), deadline=deadline, what="push_messages")
+        )
+    except Exception as exc:
+        if not transient_grid_error(exc):
+            raise
+        raise RoundFailedError(
+            f"round {round_no}: the SuperLink did not take the round's messages: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def pull_replies(grid: Grid, pending: set[str]) -> list[Message]:
+    """The replies to ``pending`` available now; none when the SuperLink failed transiently.
+
+    A pull that failed marked nothing delivered (the SuperLink's transaction rolled back),
+    so the next poll of the round loop, bounded by the deadline, asks again.
+    """
+    try:
+        return list(grid.pull_messages(list(pending)))
+    except Exception as exc:
+        if not transient_grid_error(exc):
+            raise
+        log.warning("grid.retry", call="pull_messages", error=f"{type(exc).__name__}")
+        time.sleep(1.0)
+        return []
 
 
 def score_round(

@@ -130,6 +130,14 @@ def run_federation(
             raise
         except faults.InjectedFault:
             raise  # a simulated crash: like SIGKILL, it records nothing
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # The process is being stopped (SIGINT/SIGTERM: Flower's ServerApp raises SIGINT
+            # on itself when its SuperExec, or the SuperLink's authentication, goes away).
+            # Like a crash it leaves the run resumable after its last committed round, so a
+            # scheduler submits it again; "failed" would keep it stopped for good.
+            observe.run_ended(durable.name, "interrupted", type(exc).__name__)
+            log.warning("run.interrupted", run_name=durable.name, signal=type(exc).__name__)
+            raise
         except BaseException as exc:
             durable.fail("failed", f"{type(exc).__name__}: {exc}")
             observe.run_ended(durable.name, "failed", f"{type(exc).__name__}: {exc}")

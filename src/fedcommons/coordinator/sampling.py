@@ -1,9 +1,19 @@
-"""Which nodes take part in a round: wait for the population, then sample it."""
+"""Which nodes take part in a round: wait for the population, then sample it.
+
+Also the round engine's guard around Flower's ``Grid`` calls (:func:`grid_call`): the
+SuperLink answers a transient failure (its SQLite state busy under load: HTTP 500
+``database is locked``; a dropped connection) with an exception, which Flower's
+ServerApp passes on. Such a call is retried with backoff until the round's deadline
+instead of ending the run.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
+import httpx
 import numpy as np
 from flwr.serverapp import Grid
 
@@ -16,12 +26,46 @@ from fedcommons.privacy.line import LinePrivacy
 
 log = get_logger("fedcommons.coordinator")
 
+T = TypeVar("T")
+
+
+def transient_grid_error(exc: BaseException) -> bool:
+    """Whether a ``Grid`` call failed in a way a retry may clear (HTTP 5xx/429, transport)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500 or exc.response.status_code == 429
+    return isinstance(exc, httpx.TransportError)
+
+
+def grid_call(call: Callable[[], T], *, deadline: float, what: str) -> T:
+    """``call()``, retried with backoff (0.2 s doubling to 5 s) on transient errors.
+
+    Gives up at ``deadline`` (``time.monotonic()``) and re-raises the last error; any
+    other exception passes through at once.
+    """
+    delay = 0.2
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not transient_grid_error(exc) or time.monotonic() + delay >= deadline:
+                raise
+            log.warning(
+                "grid.retry",
+                call=what,
+                retry_in_s=delay,
+                error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     """Return the connected node ids once at least ``minimum`` are there (bounded wait)."""
     deadline = time.monotonic() + timeout
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = sorted(
+            grid_call(lambda: list(grid.get_node_ids()), deadline=deadline, what="get_node_ids")
+        )
         if len(nodes) >= minimum:
             return nodes
         if time.monotonic() >= deadline:

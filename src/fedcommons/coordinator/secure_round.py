@@ -35,6 +35,8 @@ from fedcommons.coordinator.round import (
     POLL_INTERVAL_S,
     RoundReport,
     compression_seed,
+    pull_replies,
+    push_round,
     report_summary,
     round_content,
     score_round,
@@ -235,11 +237,12 @@ class _Stages:
             )
             for i in order
         ]
-        pending = dict(zip(self.grid.push_messages(messages), order, strict=True))
-        del messages
         deadline = time.monotonic() + timeout
+        pushed = push_round(self.grid, messages, deadline, self.round_no)
+        pending = dict(zip(pushed, order, strict=True))
+        del messages
         while pending and time.monotonic() < deadline:
-            got = list(self.grid.pull_messages(list(pending)))
+            got = pull_replies(self.grid, set(pending))
             if not got:
                 time.sleep(POLL_INTERVAL_S)
                 continue
