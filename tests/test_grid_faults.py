@@ -15,6 +15,8 @@ import httpx
 import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
+from flwr.supercore.run import RunNotRunningException
 
 from fedcommons.client_sdk.client_app import app as honest_client
 from fedcommons.client_sdk.client_app import train as honest_train
@@ -68,6 +70,10 @@ class FlakyGrid(InProcessGrid):
         return super().get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        if self.left["push"] % 2:  # every other push failure: the objects were not stored
+            self.left["push"] -= 1
+            self.failed += 1
+            raise ObjectPushError("6abca262", self.run_id, "session-1")
         self._maybe_fail("push", "push-messages")
         return super().push_messages(messages)
 
@@ -86,7 +92,10 @@ def _run_on(grid: InProcessGrid, config: RunConfig) -> FederationResult:
 
 
 def test_transient_superlink_errors_are_retried_and_the_run_publishes(tmp_path: Path) -> None:
-    """Input: the first 2 calls of get_node_ids, push_messages and pull_messages fail (500)."""
+    """Input: the first 2 calls of get_node_ids, push_messages, pull_messages fail.
+
+    HTTP 500 "database is locked", and for the push once Flower's ObjectPushError.
+    """
     grid = FlakyGrid([honest_client] * 2, failures=2)
     result = _run_on(grid, _config(tmp_path / "reg"))
     assert grid.failed == 6
@@ -102,23 +111,28 @@ def test_superlink_that_keeps_failing_fails_the_round_not_silently(tmp_path: Pat
         _run_on(grid, _config(tmp_path / "reg", **{"round-timeout": 1.0}))
 
 
-def _interrupting_client(round_to_stop: int) -> ClientApp:
+def _interrupting_client(round_to_stop: int, signal: type[BaseException]) -> ClientApp:
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if int(msg.content[keys.TRAIN_CONFIG][keys.ROUND]) == round_to_stop:
-            raise KeyboardInterrupt  # SIGINT arrives while the round collects replies
+            raise signal  # arrives while the round collects replies
         return honest_train(msg, context)
 
     return app
 
 
-def test_interrupted_coordinator_leaves_the_run_resumable(tmp_path: Path) -> None:
-    """Input: SIGINT (KeyboardInterrupt) in round 2 of 3; then the same run started again."""
+@pytest.mark.parametrize("signal", [KeyboardInterrupt, RunNotRunningException])
+def test_interrupted_coordinator_leaves_the_run_resumable(
+    tmp_path: Path, signal: type[BaseException]
+) -> None:
+    """Input: SIGINT, or Flower's RunNotRunningException, in round 2 of 3; then a restart."""
     registry = tmp_path / "reg"
-    with pytest.raises(KeyboardInterrupt):
-        run_in_process(_config(registry, rounds=3), [honest_client, _interrupting_client(2)])
+    with pytest.raises(signal):
+        run_in_process(
+            _config(registry, rounds=3), [honest_client, _interrupting_client(2, signal)]
+        )
     record = RunStore(registry).get("r1")
     assert (record.state, record.committed_round) == ("running", 1)  # not "failed"
     result = run_in_process(_config(registry, rounds=3), [honest_client] * 2)

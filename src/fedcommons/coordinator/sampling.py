@@ -2,9 +2,9 @@
 
 Also the round engine's guard around Flower's ``Grid`` calls (:func:`grid_call`): the
 SuperLink answers a transient failure (its SQLite state busy under load: HTTP 500
-``database is locked``; a dropped connection) with an exception, which Flower's
-ServerApp passes on. Such a call is retried with backoff until the round's deadline
-instead of ending the run.
+``database is locked``, an object push that could not be stored; a dropped connection)
+with an exception, which Flower's ServerApp passes on. Such a call is retried with
+backoff until the round's deadline instead of ending the run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TypeVar
 import httpx
 import numpy as np
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 from fedcommons.coordinator.prepare import PreparedRun
 from fedcommons.errors import (
@@ -30,10 +31,14 @@ T = TypeVar("T")
 
 
 def transient_grid_error(exc: BaseException) -> bool:
-    """Whether a ``Grid`` call failed in a way a retry may clear (HTTP 5xx/429, transport)."""
+    """Whether a ``Grid`` call failed in a way a retry may clear.
+
+    HTTP 5xx/429 and transport errors, and Flower's ``ObjectPushError`` (the SuperLink
+    could not store a message's objects, e.g. its database was locked).
+    """
     if isinstance(exc, httpx.HTTPStatusError):
         return exc.response.status_code >= 500 or exc.response.status_code == 429
-    return isinstance(exc, httpx.TransportError)
+    return isinstance(exc, httpx.TransportError | ObjectPushError)
 
 
 def grid_call(call: Callable[[], T], *, deadline: float, what: str) -> T:
