@@ -23,7 +23,12 @@ from fedcommons.coordinator import faults
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.intake import Rejections, decode_reply
 from fedcommons.coordinator.prepare import PreparedRun
-from fedcommons.coordinator.sampling import grid_call, sample_round, transient_grid_error
+from fedcommons.coordinator.sampling import (
+    grid_call,
+    pull_available,
+    sample_round,
+    transient_grid_error,
+)
 from fedcommons.errors import (
     RoundFailedError,
     UpdateRejectedError,
@@ -158,7 +163,7 @@ def run_round(
     loss_sum = 0.0
     examples = 0
     while pending and time.monotonic() < deadline:
-        replies = pull_replies(grid, pending)
+        replies = pull_replies(grid, pending, deadline)
         if not replies:
             time.sleep(POLL_INTERVAL_S)
             continue
@@ -243,14 +248,15 @@ def push_round(grid: Grid, messages: list[Message], deadline: float, round_no: i
         ) from exc
 
 
-def pull_replies(grid: Grid, pending: set[str]) -> list[Message]:
+def pull_replies(grid: Grid, pending: set[str], deadline: float | None = None) -> list[Message]:
     """The replies to ``pending`` available now; none when the SuperLink failed transiently.
 
     A pull that failed marked nothing delivered (the SuperLink's transaction rolled back),
-    so the next poll of the round loop, bounded by the deadline, asks again.
+    so the next poll of the round loop, bounded by the deadline, asks again. A reply whose
+    upload is unfinished does not hold up the others (:func:`~.sampling.pull_available`).
     """
     try:
-        return list(grid.pull_messages(list(pending)))
+        return pull_available(grid, pending, deadline)
     except Exception as exc:
         if not transient_grid_error(exc):
             raise

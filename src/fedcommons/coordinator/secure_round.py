@@ -242,7 +242,7 @@ class _Stages:
         pending = dict(zip(pushed, order, strict=True))
         del messages
         while pending and time.monotonic() < deadline:
-            got = pull_replies(self.grid, set(pending))
+            got = pull_replies(self.grid, set(pending), deadline)
             if not got:
                 time.sleep(POLL_INTERVAL_S)
                 continue
