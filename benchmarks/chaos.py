@@ -296,6 +296,17 @@ class Cluster:
                 os.kill(pid, signal.SIGKILL)
         return bool(pids)
 
+    def exited(self) -> list[str]:
+        """Processes of the cluster that ended without a fault of ours (e.g. killed outside)."""
+        procs = {f"node{i}": p for i, p in self.node_procs.items()}
+        if self.coordinator is not None:
+            procs["coordinator"] = self.coordinator
+        return [
+            f"{name} (exit code {p.returncode})"
+            for name, p in procs.items()
+            if p.poll() is not None
+        ]
+
     def stop_all(self) -> None:
         """Every process still running, by PID."""
         self.group.stop_all()
@@ -386,6 +397,10 @@ def soak(args: argparse.Namespace, work: Path) -> Soak:
         while time.monotonic() < deadline:
             record = RunStore(registry).get(RUN_NAME)
             if record.state not in ("scheduled", "running"):
+                break
+            gone = cluster.exited()
+            if gone:  # not a fault the soak injected: its figures would mean nothing
+                result.error = f"ended outside the benchmark's faults: {', '.join(gone)}"
                 break
             current = record.committed_round + 1  # the round being played
             sa = cluster.serverapp_pids()
