@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save as st_save
 
+from benchmarks.progress import steps
 from fedcommons.logs import configure_logging
 from fedcommons.releases.card import render_card
 from fedcommons.releases.gate import default_suite, run_gate
@@ -101,7 +102,7 @@ def bench_patches(quick: bool) -> Table:
         w = _mlp(hidden)
         for frac in (0.001, 0.01, 0.05):
             cases.append((f"mlp {hidden} (random {frac:.1%})", w, _random_change(w, frac)))
-    for label, a, b in cases:
+    for label, a, b in steps(cases, "patches"):
         a_bytes, b_bytes = st_save(a), st_save(b)
         patch = make_patch(a_bytes, b_bytes)
         ok = apply_patch(a_bytes, patch.data) == b_bytes
@@ -147,7 +148,7 @@ def bench_gate(quick: bool) -> Table:
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))
     repeats = 5 if quick else 30
-    for device in devices:
+    for device in steps(devices, "validation gate"):
 
         def plain(device: torch.device = device) -> None:
             model = task.build_model()
@@ -212,7 +213,7 @@ def bench_chain(quick: bool) -> Table:
         "< 2 s",
     ):
         table.add_column(col, justify="right")
-    for hidden in ("64",) if quick else ("64", "1024,1024"):
+    for hidden in steps(("64",) if quick else ("64", "1024,1024"), "release chains"):
         with tempfile.TemporaryDirectory() as tmp:
             reg, head = _chain(Path(tmp) / "reg", hidden, 20)
             releases = reg.releases("bench")

@@ -15,9 +15,17 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(autouse=True)
-def private_client_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Client state (error feedback, FISH masks, DP accountants) stays in the test's tmp."""
+def private_client_state(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Client state (error feedback, FISH masks, DP accountants) stays in the test's tmp.
+
+    So does the user's configuration directory (the default signing key, the trust file),
+    in a directory of its own: tests that use ``tmp_path`` itself as a registry must not
+    find the signing key inside it (publishing refuses that).
+    """
     monkeypatch.setenv("FEDCOMMONS_STATE_DIR", str(tmp_path / "client-state"))
+    monkeypatch.setenv("FEDCOMMONS_CONFIG_DIR", str(tmp_path_factory.mktemp("user-config")))
 
 
 @pytest.fixture

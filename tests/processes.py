@@ -159,3 +159,20 @@ def start_insecure_supernodes(
         wait_for_port(node_port, node, node_log)
         nodes.append(node)
     return nodes
+
+
+def submit_run(
+    bin_dir: Path, env: dict[str, str], link_port: int, settings: list[str], log_dir: Path
+) -> dict:
+    """``fedcommons coordinator submit`` on the SuperLink; the finished run's status JSON.
+
+    Fails with every process log when the run does not finish.
+    """
+    argv = [str(bin_dir / "fedcommons"), "coordinator", "submit", "--insecure"]
+    argv += ["--superlink", f"127.0.0.1:{link_port}", "--timeout", "400"]
+    for item in settings:
+        argv += ["-c", item]
+    submit = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=480, check=False)
+    logs = "\n".join(tail(p) for p in sorted(log_dir.glob("*.log")))
+    assert submit.returncode == 0, f"{submit.stdout}\n{submit.stderr}\n{logs}"
+    return json.loads(submit.stdout[submit.stdout.index("{") :])

@@ -22,13 +22,15 @@ def test_restart_keeps_registrations_and_sync_revokes_a_removed_key(
     certs.create_server_cert(pki)
     a = certs.create_node_keys(pki / "keys", "a")
     b = certs.create_node_keys(pki / "keys", "b")
-    port = free_port()
+    port, control = free_port(), free_port()
     argv = [
         str(BIN / "fedcommons"),
         "coordinator",
         "start",
         "--port",
         str(port),
+        "--control-port",
+        str(control),
         "--database",
         str(tmp_path / "link.db"),
         "--ssl-certfile",
@@ -55,10 +57,11 @@ def test_restart_keeps_registrations_and_sync_revokes_a_removed_key(
         assert sync["registered"] == {} and len(sync["kept"]) == 2
         node_a = sync["kept"][str(a.public_key)]
 
-        result = sync_allowlist(f"127.0.0.1:{port}", [a.public_key], root_cert=pki / "ca.pem")
+        # from the coordinator host, through the loopback Control API
+        result = sync_allowlist(f"127.0.0.1:{control}", [a.public_key], root_cert=pki / "ca.pem")
         assert result.kept == {str(a.public_key): node_a}
         assert result.revoked == [sync["kept"][str(b.public_key)]]
-        again = sync_allowlist(f"127.0.0.1:{port}", [a.public_key], root_cert=pki / "ca.pem")
+        again = sync_allowlist(f"127.0.0.1:{control}", [a.public_key], root_cert=pki / "ca.pem")
         assert again.registered == {} and again.revoked == []
     finally:
         group.stop_all()

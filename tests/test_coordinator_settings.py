@@ -9,7 +9,12 @@ from typer.testing import CliRunner
 
 from fedcommons.cli import app
 from fedcommons.engines import certs
-from fedcommons.engines.superlink import load_coordinator_settings, service_env, superlink_argv
+from fedcommons.engines.superlink import (
+    load_coordinator_settings,
+    service_argv,
+    service_env,
+    superlink_argv,
+)
 from fedcommons.errors import CertificateError, ConfigError
 
 
@@ -39,7 +44,7 @@ def test_defaults_are_tls_and_node_auth_on_loopback(pki: Path, tmp_path: Path) -
     settings = load_coordinator_settings(_toml(tmp_path / "c.toml", pki))
     assert settings.check() == []
     argv = superlink_argv(settings)
-    assert argv[:3] == ["flower-superlink", "--host", "127.0.0.1"]
+    assert argv[:5] == ["flower-superlink", "--host", "127.0.0.1", "--port", "9091"]
     assert "--enable-supernode-auth" in argv and "--insecure" not in argv
     assert argv[argv.index("--ssl-ca-certfile") + 1] == str(pki / "ca.pem")
     assert argv[argv.index("--isolation") + 1] == "process"  # our supervised SuperExec
@@ -134,8 +139,37 @@ def test_start_dry_run_prints_the_superlink_command(pki: Path, tmp_path: Path) -
         app, ["coordinator", "start", "--config", str(config), "--port", "9444", "--dry-run"]
     )
     assert result.exit_code == 0, result.output
-    assert "flower-superlink --host 127.0.0.1 --port 9444" in result.output
+    assert "-m fedcommons.engines.listeners --fleet-address 127.0.0.1:9444 --" in result.output
+    assert "--host 127.0.0.1 --port 9091" in result.output  # Control API: loopback
     assert "--enable-supernode-auth" in result.output
+
+
+def test_the_control_api_must_stay_on_loopback(pki: Path, tmp_path: Path) -> None:
+    """Input tried: control-host = 0.0.0.0 in coordinator.toml."""
+    settings = load_coordinator_settings(_toml(tmp_path / "c.toml", pki, control_host="0.0.0.0"))
+    with pytest.raises(ConfigError, match=r"control-host '0\.0\.0\.0' is not a loopback address"):
+        settings.check()
+
+
+def test_an_operator_address_needs_tls_and_serves_only_the_control_api(
+    pki: Path, tmp_path: Path
+) -> None:
+    """Input tried: operator-address with --insecure, then with TLS."""
+    with pytest.raises(ConfigError, match="operator-address needs TLS"):
+        load_coordinator_settings(insecure=True, operator_address="10.0.0.5:9443").check()
+    settings = load_coordinator_settings(
+        _toml(tmp_path / "c.toml", pki), operator_address="10.0.0.5:9443"
+    )
+    assert any("10.0.0.5:9443" in w for w in settings.check())
+    argv = service_argv(settings)
+    assert argv[argv.index("--operator-address") + 1] == "10.0.0.5:9443"
+    assert argv[argv.index("--operator-client-ca") + 1] == str(pki / "ca.pem")
+
+
+def test_fleet_and_control_on_one_port_is_refused() -> None:
+    """Input tried: --host 0.0.0.0 --port 9091 (the default Control port)."""
+    with pytest.raises(ConfigError, match="both the Fleet port and the Control port"):
+        load_coordinator_settings(insecure=True, host="0.0.0.0", port=9091).check()
 
 
 def test_client_join_without_a_key_refuses_to_start(pki: Path) -> None:

@@ -72,7 +72,7 @@ def test_bad_digits_options_are_config_errors(options: dict, message: str) -> No
 
 def test_unknown_task_name_lists_known_tasks() -> None:
     """Input tried: task 'cifar' (not registered)."""
-    with pytest.raises(UnknownTaskError, match="known tasks: digits"):
+    with pytest.raises(UnknownTaskError, match="known tasks: bbc-news, digits, rotten-tomatoes"):
         load_task("cifar")
 
 

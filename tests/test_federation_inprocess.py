@@ -161,3 +161,69 @@ def test_every_round_log_line_carries_run_id_and_round(
     assert len(round_lines) == 4  # started + finished, 2 rounds
     assert all(x["run_id"] == 1 and x["round"] in (1, 2) for x in round_lines)
     assert all("run_id" in x for x in lines if x["component"] == "fedcommons.coordinator")
+
+
+def _encoded_client(payload: bytes) -> ClientApp:
+    """Replies with the given bytes as its encoded update."""
+    from flwr.app import ConfigRecord
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        content = RecordDict(
+            {
+                keys.ENCODED_RECORD: ConfigRecord({keys.ENCODED_PAYLOAD: payload}),
+                keys.REPLY_METRICS: MetricRecord({keys.NUM_EXAMPLES: 10}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+def test_a_reply_whose_decoding_raises_anything_is_counted_malformed_and_the_round_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Input tried: an encoded reply on which the decoder raises MemoryError (as the
+    93-byte reply with a huge chunk field once did), next to three good clients."""
+    import fedcommons.coordinator.intake as intake
+
+    real = intake.decode_update
+
+    def decode(payload: bytes, *args: object, **kwargs: object) -> object:
+        if payload == b"boom":
+            raise MemoryError("cannot allocate 2**62 floats")
+        return real(payload, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake, "decode_update", decode)
+    clients = [fedcommons_client] * 3 + [_encoded_client(b"boom")]
+    result = run_in_process(_config(tmp_path, compression="int8"), clients)
+    for report in result.reports:
+        assert report.accepted == 3
+        assert report.rejected == {"malformed": 1}
+    assert result.release.manifest().contributors == 3
+
+
+def test_a_hostile_encoded_reply_is_rejected_and_the_round_goes_on(tmp_path: Path) -> None:
+    """Input tried: a sealed 95-byte int8 payload for the digits model whose chunk field
+    is 2**62 and whose layout is the base's, with one scale and no codes."""
+    from fedcommons.tasks.digits import DigitsTask
+    from fedcommons.wire.codec import layout_of, pack_payload
+
+    layout = layout_of(DigitsTask({}).build_model().state_dict())
+    payload = pack_payload(
+        layout,
+        round_no=1,
+        sparsifier=0,
+        value_coding=3,
+        chunk=2**62,
+        index_mode=0,
+        count=4810,
+        index_bytes=b"",
+        value_bytes=b"\x00\x00\x80\x3f",
+    )
+    clients = [fedcommons_client] * 2 + [_encoded_client(payload)]
+    result = run_in_process(_config(tmp_path, rounds=1, compression="int8"), clients)
+    assert result.reports[0].accepted == 2
+    assert result.reports[0].rejected == {"malformed": 1}

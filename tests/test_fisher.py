@@ -114,3 +114,20 @@ def test_malformed_fisher_payload_is_rejected(mutate, match: str) -> None:
     with pytest.raises(UpdateRejectedError, match=match) as info:
         decode_fisher(codes, ranges, ref)
     assert info.value.reason == "bad-fisher"
+
+
+def test_a_fisher_range_beyond_float32_is_rejected_not_passed_on_as_inf() -> None:
+    """Input: Fisher codes with a log range [0, 100] (exp(100) overflows float32)."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from fedcommons.errors import UpdateRejectedError
+    from fedcommons.wire.fisher import decode_fisher
+
+    ref = {"w": torch.zeros(4)}
+    codes = {"w": np.array([-127, 0, 100, 127], dtype=np.int8)}
+    ranges = {"w": np.array([0.0, 100.0], dtype=np.float32)}
+    with pytest.raises(UpdateRejectedError) as info:
+        decode_fisher(codes, ranges, ref)
+    assert info.value.reason == "bad-fisher"

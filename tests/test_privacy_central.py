@@ -50,39 +50,51 @@ def test_noise_std_is_z_c_over_expected_participants_whatever_replies() -> None:
     assert mech.stats.effective_noise_multiplier == pytest.approx(2.0)
 
 
-def test_flower_style_denominator_under_noises_when_clients_drop() -> None:
-    """Dividing by the replies (as Flower's wrapper does) shows up as z_eff < z."""
+def test_fixed_size_sensitivity_doubles_the_noise_at_the_same_z() -> None:
+    """Δ = 2C (a fixed-size sample swaps members): std = z·2C/W, effective z stays z."""
+    big = {"w": torch.zeros(200_000)}
+    mech = DPFedAvg(
+        None, noise_multiplier=2.0, clip_norm=0.5, sensitivity=1.0, expected_participants=10
+    )
+    mech.begin(big)
+    out = mech.finalize()["w"]
+    assert float(out.std()) == pytest.approx(2.0 * 1.0 / 10, rel=0.01)
+    assert mech.stats is not None and mech.stats.effective_noise_multiplier == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("bug", "expected_std"),
+    [("half-noise", 0.1), ("noise-for-sum", 0.2 / 10), ("denominator-replies", 0.2)],
+)
+def test_seeded_bugs_change_what_is_released_but_not_what_is_recorded(
+    bug: str, expected_std: float
+) -> None:
+    """A silent bug: the released noise differs, the stats still claim z·C/W = 0.2."""
+    mech = DPFedAvg(
+        None, noise_multiplier=2.0, clip_norm=1.0, expected_participants=10, seeded_bug=bug, seed=1
+    )
+    mech.begin({"w": torch.zeros(200_000)})
+    mech.fold(ClientUpdate({"w": torch.zeros(200_000)}, 1))  # one reply of W = 10
+    out = mech.finalize()["w"]
+    if bug == "denominator-replies":  # divided by 1 reply: the noise on the mean is 0.2·10/10
+        expected_std = 0.2
+    assert float(out.std()) == pytest.approx(expected_std, rel=0.02)
+    assert mech.stats is not None and mech.stats.noise_std == pytest.approx(0.2)
+    assert mech.stats.effective_noise_multiplier == pytest.approx(2.0)
+
+
+def test_skip_clipping_bug_folds_the_update_unclipped() -> None:
     mech = DPFedAvg(
         None,
-        noise_multiplier=1.0,
+        noise_multiplier=0.0,
         clip_norm=1.0,
-        expected_participants=10,
-        denominator="replies",
-        seed=0,
+        expected_participants=1,
+        seeded_bug="skip-clipping",
     )
     mech.begin(BASE)
-    for _ in range(7):
-        mech.fold(_update(1.0))
-    mech.finalize()
-    assert mech.stats is not None
-    assert mech.stats.effective_noise_multiplier == pytest.approx(0.7)
-
-
-def test_seeded_bugs_show_in_the_effective_noise_multiplier() -> None:
-    skip = DPFedAvg(None, noise_multiplier=1.0, clip_norm=1.0, expected_participants=5, clip=False)
-    skip.begin(BASE)
-    skip.fold(_update(10.0))
-    skip.finalize()
-    assert skip.stats is not None and skip.stats.effective_noise_multiplier == 0.0
-    assert skip.stats.fraction_clipped == 1.0
-    summed = DPFedAvg(
-        None, noise_multiplier=1.0, clip_norm=1.0, expected_participants=5, noise_scale="sum"
-    )
-    summed.begin(BASE)
-    summed.fold(_update(1.0))
-    summed.finalize()
-    assert summed.stats is not None
-    assert summed.stats.effective_noise_multiplier == pytest.approx(1.0 / 5)
+    mech.fold(_update(10.0))
+    step = mech.finalize()
+    assert float(torch.cat([v.flatten() for v in step.values()]).norm()) > 5.0
 
 
 def test_inner_strategy_post_processes_the_noisy_mean() -> None:
@@ -98,7 +110,7 @@ def test_inner_strategy_post_processes_the_noisy_mean() -> None:
 
 
 def test_mechanism_rejects_bad_parameters() -> None:
-    """Tried: z < 0, C = 0, zero expected participants, unknown noise scale."""
+    """Tried: z < 0, C = 0, zero expected participants, Δ < C, an unknown seeded bug."""
     with pytest.raises(PrivacyConfigError):
         DPFedAvg(None, noise_multiplier=-1, clip_norm=1, expected_participants=1)
     with pytest.raises(PrivacyConfigError):
@@ -106,7 +118,9 @@ def test_mechanism_rejects_bad_parameters() -> None:
     with pytest.raises(PrivacyConfigError):
         DPFedAvg(None, noise_multiplier=1, clip_norm=1, expected_participants=0)
     with pytest.raises(PrivacyConfigError):
-        DPFedAvg(None, noise_multiplier=1, clip_norm=1, expected_participants=1, noise_scale="x")
+        DPFedAvg(None, noise_multiplier=1, clip_norm=1, sensitivity=0.5, expected_participants=1)
+    with pytest.raises(PrivacyConfigError):
+        DPFedAvg(None, noise_multiplier=1, clip_norm=1, expected_participants=1, seeded_bug="x")
 
 
 def test_poisson_sampling_includes_each_node_with_its_rate() -> None:

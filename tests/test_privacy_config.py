@@ -100,17 +100,19 @@ def test_out_of_range_client_dp_node_config_fails_before_training(
 ) -> None:
     """Tried: an institution's node config with ε ≤ 0, δ ≥ 1, σ < 0, C ≤ 0, no budget."""
     with pytest.raises(PrivacyConfigError, match=named):
-        ClientDPConfig.from_node_config(node_config, node_id=1)
+        ClientDPConfig.from_node_config(node_config)
 
 
-def test_client_dp_is_off_without_dp_keys_and_defaults_state_dir_per_node() -> None:
+def test_client_dp_is_off_without_dp_keys_and_keys_its_state_by_site_not_node_id() -> None:
     assert ClientDPConfig.from_node_config({"partition-id": 3}) is None
-    cfg = ClientDPConfig.from_node_config(
-        {"dp-epsilon": 3.0, "dp-delta": 1e-5, "partition-id": 3}, node_id=77
-    )
+    cfg = ClientDPConfig.from_node_config({"dp-epsilon": 3.0, "dp-delta": 1e-5, "partition-id": 3})
     assert cfg is not None and cfg.state_dir.name == "partition-3"
-    cfg = ClientDPConfig.from_node_config({"dp-epsilon": 3.0, "dp-delta": 1e-5}, node_id=77)
-    assert cfg is not None and cfg.state_dir.name == "node-77"
+    cfg = ClientDPConfig.from_node_config(
+        {"dp-epsilon": 3.0, "dp-delta": 1e-5, "site-id": "hospital-a"}
+    )
+    assert cfg is not None and cfg.state_dir.name == "site-hospital-a"
+    cfg = ClientDPConfig.from_node_config({"dp-epsilon": 3.0, "dp-delta": 1e-5})
+    assert cfg is not None and cfg.state_dir.name == "site"  # one site per state root
 
 
 def test_client_join_rejects_a_bad_dp_budget_before_starting_a_supernode(

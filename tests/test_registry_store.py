@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from fedcommons.errors import RegistryError, ReleaseNotFoundError, SigningKeyError
+from fedcommons.errors import (
+    InvalidNameError,
+    RegistryError,
+    ReleaseNotFoundError,
+    SigningKeyError,
+)
 from fedcommons.releases.registry import (
     _SCHEMA_V1,
     INDEX_SCHEMA_VERSION,
@@ -263,11 +268,11 @@ def test_promote_sets_an_alias_that_resolves(tmp_path: Path, signer: Signer) -> 
     reg = Registry(tmp_path / "reg")
     first = publish(reg, signer, weights(0))
     publish(reg, signer, weights(1), parent=first)
-    reg.promote("1.0.0", "stable")
-    reg.promote("1.0.1", "@candidate")
+    reg.promote("1.0.0", "stable", signer=signer)
+    reg.promote("1.0.1", "@candidate", signer=signer)
     assert reg.get("@stable").version == "1.0.0"
     assert reg.get("candidate").version == "1.0.1"
-    reg.promote("1.0.1", "stable")
+    reg.promote("1.0.1", "stable", signer=signer)
     assert reg.get("@stable").version == "1.0.1"
     assert reg.get("1.0.1").aliases == ("candidate", "stable")
 
@@ -276,7 +281,7 @@ def test_unknown_version_or_alias_lists_what_exists(tmp_path: Path, signer: Sign
     """Input: version 9.9.9 and alias @nope against a registry with 1.0.0 and @stable."""
     reg = Registry(tmp_path / "reg")
     publish(reg, signer, weights(0))
-    reg.promote("1.0.0", "stable")
+    reg.promote("1.0.0", "stable", signer=signer)
     with pytest.raises(
         ReleaseNotFoundError, match=r"existing: line 'line': 1\.0\.0 \(aliases .*@stable=1\.0\.0\)"
     ):
@@ -302,8 +307,8 @@ def test_invalid_alias_name_is_refused(tmp_path: Path, signer: Signer) -> None:
     reg = Registry(tmp_path / "reg")
     publish(reg, signer, weights(0))
     for bad in ("1.0.0", "latest", "has space"):
-        with pytest.raises(RegistryError, match="alias"):
-            reg.promote("1.0.0", bad)
+        with pytest.raises(InvalidNameError, match="alias"):
+            reg.promote("1.0.0", bad, signer=signer)
 
 
 def test_publishing_with_another_key_is_refused(tmp_path: Path, signer: Signer) -> None:

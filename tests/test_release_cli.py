@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from fedcommons.cli import app
 from fedcommons.errors import PatchBaseMismatchError, ReleaseNotFoundError
+from fedcommons.fileio import config_dir
 from fedcommons.releases.registry import Registry
 from fedcommons.releases.signing import Signer, public_pem
 from tests.release_helpers import publish, run_python, weights
@@ -22,7 +23,7 @@ runner = CliRunner()
 @pytest.fixture
 def reg_path(tmp_path: Path) -> Path:
     """1.0.0 -> 1.0.1 (two entries changed) -> 1.1.0 (a head added)."""
-    signer = Signer.load_or_create(tmp_path / "key.pem")
+    signer = Signer.load_or_create(config_dir() / "signing-key.pem")  # the default key
     reg = Registry(tmp_path / "reg")
     w0 = weights(0)
     a = publish(reg, signer, w0)
@@ -176,3 +177,21 @@ def test_cli_exit_code_two_and_one_line_for_unknown_alias(reg_path: Path) -> Non
     )
     assert proc.returncode == 2
     assert "ReleaseNotFoundError" in proc.stderr and "1.0.0" in proc.stderr
+
+
+def test_verify_reports_the_trust_source_and_trust_add_pins_the_signer(reg_path: Path) -> None:
+    """Input tried: verify unpinned, `release trust add FINGERPRINT`, verify again, remove."""
+    unpinned = json.loads(
+        _run("release", "verify", "--all", "-r", str(reg_path), "--format", "json").stdout
+    )
+    assert unpinned["trust"]["source"] == "registry" and not unpinned["trust"]["pinned"]
+    fingerprint = unpinned["trust"]["key_id"]
+    assert _run("release", "trust", "add", fingerprint[:16], "-r", str(reg_path)).exit_code == 0
+    listed = json.loads(_run("release", "trust", "list", "--format", "json").stdout)
+    assert [pin["key_id"] for pin in listed.values()] == [fingerprint]
+    pinned = json.loads(
+        _run("release", "verify", "--all", "-r", str(reg_path), "--format", "json").stdout
+    )
+    assert pinned["ok"] and pinned["trust"]["source"] == "trust-file"
+    assert _run("release", "trust", "remove", "-r", str(reg_path)).exit_code == 0
+    assert json.loads(_run("release", "trust", "list", "--format", "json").stdout) == {}

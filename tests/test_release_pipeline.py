@@ -11,6 +11,7 @@ from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.prepare import prepare_run
 from fedcommons.engines.inprocess import run_in_process
 from fedcommons.errors import CandidateRejectedError, ConfigError, SigningKeyError
+from fedcommons.fileio import config_dir
 from fedcommons.releases.registry import Registry
 from fedcommons.releases.verification import verify_release
 
@@ -34,7 +35,8 @@ def test_first_release_carries_gate_results_fingerprints_card_and_signature(
     assert all(t["seconds"] > 0 and t["device"] == "cpu" for t in v["tasks"])
     assert set(manifest.data_fingerprints) == {"digits/validation", "digits/test"}
     assert manifest.card_sha256 and rel.card_path.exists() and manifest.signing_key_id
-    assert (tmp_path / "reg" / "private" / "ed25519.pem").stat().st_mode & 0o077 == 0
+    key = config_dir() / "signing-key.pem"  # outside the registry, private to the user
+    assert key.stat().st_mode & 0o077 == 0 and not (tmp_path / "reg" / "private").exists()
     assert verify_release(Registry(tmp_path / "reg"), rel).ok
 
 

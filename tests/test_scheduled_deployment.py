@@ -84,6 +84,8 @@ def test_scheduled_run_killed_mid_round_is_resubmitted_and_resumes_to_a_release(
                 "127.0.0.1",
                 "--port",
                 str(link_port),
+                "--control-port",
+                str(free_port()),
                 "--database",
                 str(tmp_path / "link.db"),
                 "--registry",

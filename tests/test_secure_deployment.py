@@ -111,12 +111,14 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
     registry = tmp_path / "registry"
     audit = tmp_path / "audit.jsonl"
     link_port = free_port()
+    control_port = free_port()
     metrics_port = free_port()
     (tmp_path / "coordinator.toml").write_text(
         "\n".join(
             [
                 'host = "127.0.0.1"',
                 f"port = {link_port}",
+                f"control_port = {control_port}",
                 f'database = "{tmp_path / "link.db"}"',
                 f'ssl_certfile = "{pki / "server.pem"}"',
                 f'ssl_keyfile = "{pki / "server.key"}"',
@@ -184,7 +186,7 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
                 "num-partitions=3",
                 *(slow if i == 2 else []),
             )
-            wait_for_port(port, proc, log)
+            wait_for_port(port, proc, log, timeout=180)  # 2 shared cores: imports are slow
             sites.append((proc, log))
 
         assert _wait_exit(intruder, 60) not in (0, -999), tail(intruder_log)
@@ -198,7 +200,7 @@ def test_tls_and_node_auth_three_nodes_three_rounds_and_intruders_rejected(
                 "coordinator",
                 "submit",
                 "--superlink",
-                f"127.0.0.1:{link_port}",
+                f"127.0.0.1:{control_port}",  # the Control API, on the coordinator host
                 "--root-cert",
                 str(pki / "ca.pem"),
                 "--timeout",

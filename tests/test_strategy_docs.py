@@ -18,9 +18,12 @@ def test_write_a_strategy_examples_pass_the_conformance_kit() -> None:
     text = (ROOT / "docs" / "write-a-strategy.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     namespace: dict[str, object] = {}
-    exec(compile(blocks[0] + "\n" + blocks[1], "write-a-strategy.md", "exec"), namespace)
-    for name in ("SignMajority", "majority_sign"):
-        assert "check_state_is_o_model" in testing.run_conformance(namespace[name])
+    source = "\n".join(b for b in blocks if "def majority_sign" in b or "class SignMajority" in b)
+    exec(compile(source, "write-a-strategy.md", "exec"), namespace)
+    streaming = testing.run_conformance(namespace["SignMajority"])
+    assert "check_state_is_o_model" in streaming
+    buffered = testing.run_conformance(namespace["majority_sign"])
+    assert "streaming = False" in buffered.skipped["check_state_is_o_model"]
 
 
 def test_example_plugin_own_tests_pass(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,3 +37,22 @@ def test_example_plugin_own_tests_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(tests) >= 2
     for test in tests:
         test()
+
+
+def test_the_documented_parameter_check_refuses_a_bad_value_at_creation() -> None:
+    import pytest
+
+    from fedcommons.errors import ConfigError
+
+    text = (ROOT / "docs" / "write-a-strategy.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "check=_check" in b]
+    namespace: dict[str, object] = {}
+    exec(
+        compile(
+            "import torch\nfrom fedcommons.strategies import strategy\n" + block, "doc", "exec"
+        ),
+        namespace,
+    )
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        namespace["multi_krum"].aggregator(f=-1)  # type: ignore[attr-defined]
+    assert namespace["multi_krum"].aggregator(f=2).params() == {"f": 2}  # type: ignore[attr-defined]

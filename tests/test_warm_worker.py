@@ -15,6 +15,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -217,3 +218,22 @@ def test_task_whose_message_never_arrives_is_dropped_at_its_ttl_and_the_worker_s
     good = runtime_api.add_task(43, content, FEDCOMMONS_FAB)
     _serve_one(worker)
     assert not runtime_api.reply_to(good).has_error()
+
+
+def test_fab_naming_another_installed_clientapp_is_refused_before_import(
+    runtime_api: RuntimeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Input tried: clientapp = 'planted_app:app', installed, with an import side effect."""
+    (tmp_path / "planted_app.py").write_text(
+        "from pathlib import Path\nPath(__file__).with_name('IMPORTED').write_text('ran')\n"
+        "from flwr.clientapp import ClientApp\napp = ClientApp()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sent = runtime_api.add_task(
+        45, RecordDict({"config": ConfigRecord({})}), _fab("planted_app:app")
+    )
+    _serve_one(WarmWorker(runtime_api.address))
+    reply = runtime_api.reply_to(sent)
+    assert reply.has_error() and reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+    assert "serves only fedcommons' ClientApp" in reply.error.reason
+    assert not (tmp_path / "IMPORTED").exists()

@@ -11,8 +11,16 @@ class ConfigError(FedcommonsError, ValueError):
     """A run, task or strategy configuration is invalid; raised before any round starts."""
 
 
+class InvalidNameError(ConfigError):
+    """A name that becomes a path (line, version, alias, run or task name) is unsafe."""
+
+
 class UnknownTaskError(ConfigError):
     """The task reference names no built-in task and no importable ``module:attr``."""
+
+
+class TaskRefusedError(FedcommonsError):
+    """A round asked an institution for a task its own configuration does not allow."""
 
 
 class UnknownStrategyError(ConfigError):
@@ -61,6 +69,14 @@ class VerificationError(RegistryError):
 
 class SignatureError(VerificationError):
     """A manifest signature is missing, malformed, by another key, or does not match."""
+
+
+class RollbackError(VerificationError):
+    """``HEAD.json`` is older than, or forks from, the last head this user accepted."""
+
+
+class TrustError(RegistryError):
+    """The signer to trust cannot be determined: no pin, a bad pin, or a pin mismatch."""
 
 
 class PatchError(RegistryError):

@@ -4,18 +4,22 @@
   (readers see the old file or the new one, never half of either), then fsync the
   directory so the rename itself survives a crash.
 - :func:`default_state_root`: where a site keeps its client state by default.
+- :func:`config_dir`: where a user keeps fedcommons' private settings (signing key,
+  trusted signers).
 - :func:`exclusive_lock`: an advisory POSIX ``flock`` on an open file with a bounded wait,
   so two processes never interleave writes and none waits forever.
+- :func:`append_json_line`, :func:`read_json_lines`: private append-only JSON-lines logs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +36,22 @@ def default_state_root() -> Path:
     if os.environ.get(STATE_DIR_ENV):
         return Path(os.environ[STATE_DIR_ENV]).expanduser()
     xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg).expanduser() / "fedcommons"
+
+
+#: Environment variable naming the user's fedcommons configuration directory.
+CONFIG_DIR_ENV = "FEDCOMMONS_CONFIG_DIR"
+
+
+def config_dir() -> Path:
+    """``$FEDCOMMONS_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/fedcommons`` (``~/.config``).
+
+    Private to the user (created 0700 by the code that writes in it): the default
+    signing key and the trust file (pinned signers, last accepted registry heads).
+    """
+    if os.environ.get(CONFIG_DIR_ENV):
+        return Path(os.environ[CONFIG_DIR_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(xdg).expanduser() / "fedcommons"
 
 
@@ -88,3 +108,31 @@ def exclusive_lock(
         yield
     finally:
         fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def append_json_line(
+    path: Path, record: Mapping[str, Any], on_timeout: Callable[[], Exception]
+) -> None:
+    """Append one JSON object as a line: file mode 0600, exclusive lock, fsync."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    line = json.dumps(dict(record), sort_keys=True, default=str) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as fh, exclusive_lock(fh, 30.0, on_timeout):
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_json_lines(
+    path: Path, on_bad_line: Callable[[int], Exception]
+) -> Iterator[dict[str, Any]]:
+    """Every JSON object of a JSON-lines file, oldest first (none when it does not exist)."""
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    raise on_bad_line(number) from None

@@ -16,6 +16,7 @@ from fedcommons.cli.certs import certs_app
 from fedcommons.cli.common import console, err_console
 from fedcommons.cli.demo import demo
 from fedcommons.cli.deploy import client_app, coordinator_app
+from fedcommons.cli.receipt import receipt
 from fedcommons.cli.release import release_app
 from fedcommons.cli.rounds import round_app
 from fedcommons.cli.secagg import secagg_app
@@ -31,6 +32,7 @@ app = typer.Typer(
 app.command()(demo)
 app.add_typer(release_app, name="release")
 app.add_typer(coordinator_app, name="coordinator")
+client_app.command("receipt")(receipt)
 app.add_typer(client_app, name="client")
 app.add_typer(audit_app, name="audit")
 app.add_typer(strategies_app, name="strategies")
@@ -50,9 +52,14 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point: typed errors become one red line and exit code 2."""
+    """Console-script entry point: typed errors become one red line and exit code 2.
+
+    In click's non-standalone mode a command that raises ``typer.Exit(code)`` does not
+    raise out of ``app()``: click *returns* the code. It is passed on to ``sys.exit``
+    here, so a command that reports a failure exits non-zero.
+    """
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except FedcommonsError as exc:
         err_console.print(f"[bold red]error[/] ({type(exc).__name__}): {exc}")
         sys.exit(2)
@@ -68,3 +75,5 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        sys.exit(code)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from enum import StrEnum
@@ -12,7 +11,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedcommons.cli.common import DEFAULT_REGISTRY, OutputFormat, RegistryOpt, console
+from fedcommons.cli.common import (
+    DEFAULT_REGISTRY,
+    OutputFormat,
+    RegistryOpt,
+    console,
+    err_console,
+)
 
 audit_app = typer.Typer(
     help="Audit differential-privacy claims: ledger recomputation and canary audits.",
@@ -21,11 +26,14 @@ audit_app = typer.Typer(
 
 
 class SeededBug(StrEnum):
-    """Bugs the canary audit can seed into the mechanism, to show it catches them."""
+    """Bugs the canary audit can seed into the real coordinator path, to show it catches them."""
 
     none = "none"
     skip_clipping = "skip-clipping"
     noise_for_sum = "noise-for-sum"
+    half_noise = "half-noise"
+    denominator_replies = "denominator-replies"
+    leak_sample = "leak-sample"
 
 
 @audit_app.command("ledger")
@@ -33,54 +41,69 @@ def audit_ledger_cmd(
     version: Annotated[str, typer.Argument(help="Release version, or 'latest'.")],
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: Annotated[str | None, typer.Option(help="Release line (if several).")] = None,
+    trust: Annotated[
+        str | None,
+        typer.Option("--trust", help="The signer you trust: public key (PEM file) or fingerprint."),
+    ] = None,
+    first_use: Annotated[
+        bool,
+        typer.Option("--trust-on-first-use", help="Pin the registry's key if none is pinned."),
+    ] = False,
     fmt: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
 ) -> None:
     """Recompute a release's ε from its privacy ledger with Google's dp-accounting.
 
-    Fails (exit 2) naming the round when the ledger was edited, when an entry's ε does
-    not reproduce, or when a round was under-noised.
+    The release, its chain and HEAD.json must verify against the signer you trust
+    (--trust, or the one pinned for the registry). Fails (exit 2) naming the round when
+    the ledger was edited, when an entry's ε does not reproduce, or when a round was
+    under-noised; exits 1 when the ledger holds entries no signed release covers
+    (appended, or a run still in progress).
     """
-    from fedcommons.errors import PrivacyAuditError
-    from fedcommons.privacy.audit import audit_ledger
+    from fedcommons.releases.ledger_audit import audit_signed_ledger
     from fedcommons.releases.registry import Registry
 
-    rel = Registry(registry, create=False).get(version, name=name)
-    if hashlib.sha256(rel.manifest_path.read_bytes()).hexdigest() != rel.manifest_sha256:
-        raise PrivacyAuditError(
-            f"manifest {rel.manifest_path} does not match the SHA-256 the registry index "
-            "recorded at publication: its privacy claim cannot be trusted"
-        )
-    result = audit_ledger(Path(registry), rel.manifest().privacy)
+    signed = audit_signed_ledger(
+        Registry(registry, create=False), version, name=name, trust=trust, first_use=first_use
+    )
+    result = signed.audit
+    flagged = [
+        f"round {u['round']} of run {u['run_id']} (entry {u['seq']})" for u in signed.unreleased
+    ]
     if fmt is OutputFormat.json:
         doc = asdict(result)
-        doc["release"] = {"name": rel.name, "version": rel.version}
-        doc["verdict"] = "ok"
+        doc["release"] = {"name": signed.name, "version": signed.version}
+        doc["trust"] = {"key_id": signed.trust.key_id, "source": signed.trust.source.value}
+        doc["covered_by"] = signed.covered_by
+        doc["unreleased_entries"] = signed.unreleased
+        doc["verdict"] = "flagged" if signed.flagged else "ok"
         print(json.dumps(doc, indent=2))
+        if signed.flagged:
+            raise typer.Exit(1)
         return
+    err_console.print(f"[{'dim' if signed.trust.pinned else 'yellow'}]{signed.trust.note}[/]")
     table = Table(
         "round",
         "run",
-        "sampled",
-        "particip.",
-        "dropped",
+        "N",
+        "W",
+        "Δ",
         "z",
         "z eff.",
-        "clipped",
         "q",
         "ε recorded",
         "ε recomputed",
-        title=f"{rel.name} {rel.version}: {result.entries} ledger entries, chain intact",
+        title=f"{signed.name} {signed.version}: {result.entries} ledger entries, chain "
+        f"intact, signed by {signed.trust.key_id[:16]}…",
     )
     for r in result.rounds:
         table.add_row(
             str(r.round),
             str(r.run_id),
-            str(r.sampled),
-            str(r.participating),
-            str(r.dropped),
+            str(r.population),
+            f"{r.expected_participants:g}",
+            f"{r.sensitivity:g}",
             f"{r.noise_multiplier:g}",
             f"{r.effective_noise_multiplier:.4g}",
-            f"{r.fraction_clipped:.0%}",
             f"{r.sample_rate:.3g}",
             f"{r.recorded_epsilon:.6f}",
             f"{r.recomputed_epsilon:.6f}",
@@ -98,41 +121,67 @@ def audit_ledger_cmd(
             f"reported ε={c['reported_epsilon']:.4f}, recomputed {c['recomputed_epsilon']:.4f}"
             f" (budget {c['budget_epsilon']:g}, {c['steps']} DP-SGD steps)",
         )
-    summary.add_row("verdict", "[green]ok[/]: every claim reproduces")
+    if signed.flagged:
+        summary.add_row(
+            "verdict",
+            f"[red]flagged[/]: the claim reproduces, but {len(flagged)} ledger entries follow "
+            f"the newest signed release ({signed.covered_by}): " + "; ".join(flagged),
+        )
+    else:
+        summary.add_row("verdict", "[green]ok[/]: every claim reproduces")
     console.print(summary)
+    if signed.flagged:
+        raise typer.Exit(1)
 
 
 @audit_app.command("canary")
 def audit_canary_cmd(
     release: Annotated[
         str | None,
-        typer.Option("--release", help="Take z, C and the parameter count from this release."),
+        typer.Option(
+            "--release",
+            help="Audit the mechanism of this release (z, C, δ, q, rounds, accountant).",
+        ),
     ] = None,
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: Annotated[str | None, typer.Option(help="Release line (with --release).")] = None,
-    params: Annotated[int, typer.Option(help="Parameters (dimension of the update).")] = 20_000,
-    canaries: Annotated[int, typer.Option(help="Canary clients m.")] = 1_000,
-    noise_multiplier: Annotated[float, typer.Option("--noise-multiplier", "-z")] = 2.0,
+    canaries: Annotated[int, typer.Option(help="Canary institutions m.")] = 1000,
+    dropouts: Annotated[int, typer.Option(help="Institutions that always fail.")] = 1000,
+    rounds: Annotated[int, typer.Option(help="Rounds (without --release).")] = 2,
+    noise_multiplier: Annotated[float, typer.Option("--noise-multiplier", "-z")] = 2.83,
     clip_norm: Annotated[float, typer.Option("--clip-norm", "-C")] = 1.0,
     delta: Annotated[float, typer.Option(help="δ of the claim.")] = 1e-5,
-    guesses: Annotated[
-        int | None, typer.Option(help="Top-k and bottom-k guesses each (default 15% of m).")
+    sample_rate: Annotated[float, typer.Option(help="Poisson rate q (1: everyone).")] = 1.0,
+    confidence: Annotated[float, typer.Option(help="Confidence of the test.")] = 0.95,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of canaries and enrolment (default: secret).")
     ] = None,
-    confidence: Annotated[float, typer.Option(help="Confidence of the bound.")] = 0.95,
-    seed: Annotated[int, typer.Option(help="Seed of canaries, inclusion and noise.")] = 0,
     seeded_bug: Annotated[
-        SeededBug, typer.Option("--seeded-bug", help="Self-test: weaken the mechanism.")
+        SeededBug,
+        typer.Option("--seeded-bug", help="Self-test: seed a bug into the coordinator path."),
     ] = SeededBug.none,
+    empirical: Annotated[
+        bool, typer.Option(help="Also compute the empirical ε (a few more seconds).")
+    ] = True,
     fmt: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
 ) -> None:
-    """One-run canary audit of DP-FedAvg (Steinke, Nasr & Jagielski 2023).
+    """End-to-end canary audit: canary institutions through the real coordinator path.
 
-    Prints the empirical lower bound on ε next to the claimed ε; exits 2 when the bound
-    exceeds the claim (the mechanism leaks more than its accounting says).
+    Runs the coordinator (sampling, clipping, noise, composition, ledger, publishing) into
+    a scratch registry with canary institutions, reads only what it serves (each round's
+    released model, every file) and tests the guesses against the claimed f-DP curve
+    (Mahloujifar et al. 2024). Exits 2 when the released outputs falsify the claim.
     """
-    from fedcommons.errors import PrivacyAuditError
-    from fedcommons.privacy.canary import run_canary_audit
+    import tempfile
 
+    from fedcommons.engines.canary_audit import (
+        PipelineAuditConfig,
+        run_pipeline_audit,
+        secret_seed,
+    )
+    from fedcommons.errors import PrivacyAuditError
+
+    options: dict[str, object] = {}
     if release is not None:
         from fedcommons.releases.registry import Registry
 
@@ -143,29 +192,42 @@ def audit_canary_cmd(
         noise_multiplier = float(central["noise_multiplier"])
         clip_norm = float(central["clip_norm"])
         delta = float(central["delta"])
-        params = manifest.num_parameters
-    result = run_canary_audit(
-        num_params=params,
+        sample_rate = float(central.get("sample_rate", 1.0))
+        rounds = int(manifest.rounds)
+        options = {
+            "sampling": central["sampling"],
+            "accountant": str(central["accountant"]).removeprefix("opacus-"),
+            "task": manifest.task,
+            "task_options": {"hidden": "64"} if manifest.task == "digits" else {},
+        }
+    cfg = PipelineAuditConfig(
         canaries=canaries,
+        dropouts=dropouts,
+        rounds=rounds,
         noise_multiplier=noise_multiplier,
         clip_norm=clip_norm,
         delta=delta,
-        k_plus=guesses,
-        k_minus=guesses,
+        sample_rate=sample_rate,
         confidence=confidence,
-        seed=seed,
-        seeded_bug=seeded_bug.value,  # type: ignore[arg-type]
+        seed=secret_seed() if seed is None else seed,
+        **options,  # type: ignore[arg-type]
     )
+    bug = None if seeded_bug is SeededBug.none else seeded_bug.value
+    with tempfile.TemporaryDirectory(prefix="fc-canary-") as work:
+        result = run_pipeline_audit(
+            cfg, seeded_bug=bug, workdir=Path(work), with_empirical_epsilon=empirical
+        )
     if fmt is OutputFormat.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        table = Table(show_header=False, title="one-run canary audit (Steinke et al. 2023)")
+        table = Table(show_header=False, title="end-to-end canary audit (one run, f-DP)")
         for key, value in result.to_dict().items():
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         console.print(table)
-    if not result.passed:
+    if result.falsified:
         raise PrivacyAuditError(
-            f"empirical ε lower bound {result.epsilon_lower_bound:.3f} exceeds the claimed "
-            f"ε={result.claimed_epsilon:.3f} at δ={result.delta:g} "
-            f"({result.correct}/{result.guesses} correct guesses)"
+            f"the released outputs falsify the claimed guarantee ε={result.claimed_epsilon:.3f} "
+            f"at δ={result.delta:g} ({confidence:.0%} confidence; correct guesses "
+            + ", ".join(f"{v}/{k}" for _, k, v in result.counts)
+            + f"; empirical ε {result.empirical_epsilon:.3f})"
         )

@@ -68,6 +68,21 @@ def certs_node(
         )
 
 
+@certs_app.command("operator")
+def certs_operator(
+    name: Annotated[str, typer.Argument(help="Operator name, e.g. alice.")],
+    out: DirOpt = Path("certs"),
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 397,
+    force: ForceOpt = False,
+) -> None:
+    """Sign an operator's TLS client certificate (for the coordinator's --operator-address)."""
+    from fedcommons.engines.certs import create_operator_cert
+
+    cert, key = create_operator_cert(out, name, days=days, overwrite=force)
+    console.print(f"operator certificate {cert}")
+    console.print(f"operator key         {key} (keep it private)")
+
+
 @certs_app.command("dev")
 def certs_dev(
     out: DirOpt = Path("certs"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -45,3 +47,33 @@ def parse_settings(items: list[str] | None) -> dict[str, object]:
             value = raw
         settings[key.strip()] = value
     return settings
+
+
+def progress_columns() -> tuple:
+    """The columns of every fedcommons progress bar: description, bar, n/total, time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+
+
+@contextmanager
+def progress(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """A transient rich progress bar on stderr for long CLI work; yields ``advance(n=1)``.
+
+    ``total`` ``None`` shows a bar of unknown length. Nothing is drawn when stderr is not a
+    terminal (CI, pipes), so the commands' output stays parseable.
+    """
+    from rich.progress import Progress
+
+    with Progress(*progress_columns(), console=err_console, transient=True) as bar:
+        task_id = bar.add_task(description, total=total)
+
+        def advance(n: int = 1) -> None:
+            bar.advance(task_id, n)
+
+        yield advance

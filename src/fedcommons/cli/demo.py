@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
-from fedcommons.cli.common import DEFAULT_REGISTRY, LogLevelOpt, RegistryOpt, console
+from fedcommons.cli.common import (
+    DEFAULT_REGISTRY,
+    LogLevelOpt,
+    RegistryOpt,
+    console,
+    progress_columns,
+)
 from fedcommons.logs import configure_logging
+
+#: What ``fedcommons demo`` runs unless told otherwise; a task class's ``demo_defaults``
+#: overrides entries (text tasks: fewer rounds, AdamW's learning rate, int8 LoRA patches).
+DIGITS_DEFAULTS: dict[str, Any] = {
+    "rounds": 10,
+    "local_epochs": 5,
+    "lr": 0.05,
+    "batch_size": 16,
+    "strategy": "fedavg",
+    "compression": "dense",
+    "error_feedback": True,
+    "partition": "dirichlet",
+    "alpha": 0.5,
+    "task_options": {},
+}
 
 
 class _DemoDisplay:
@@ -46,15 +67,51 @@ def _upload_text(report: object) -> str:
 def demo(
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     institutions: Annotated[int, typer.Option(help="Simulated institutions.")] = 10,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 10,
-    alpha: Annotated[float, typer.Option(help="Dirichlet label-skew α (smaller: less IID).")] = 0.5,
+    rounds: Annotated[
+        int | None, typer.Option(help="Federated rounds [default: 10; text tasks 3].")
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="Dirichlet label-skew α (smaller: less IID) [default: 0.5; rotten-tomatoes "
+            "splits by movie unless α is given]."
+        ),
+    ] = None,
     iid: Annotated[bool, typer.Option("--iid", help="IID split instead of Dirichlet.")] = False,
     clients_per_round: Annotated[int, typer.Option(help="Sampled per round (0: all).")] = 0,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 5,
-    lr: Annotated[float, typer.Option(help="Client learning rate.")] = 0.05,
+    local_epochs: Annotated[
+        int | None, typer.Option(help="Local epochs per round [default: 5; text tasks 1].")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Client learning rate [default: 0.05; text 0.002].")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, init and sampling.")] = 0,
-    task: Annotated[str, typer.Option(help="Task name or 'package.module:Class'.")] = "digits",
-    strategy: Annotated[str, typer.Option(help="Aggregation strategy.")] = "fedavg",
+    task: Annotated[
+        str,
+        typer.Option(
+            help="Task name (digits, rotten-tomatoes, bbc-news) or 'package.module:Class'."
+        ),
+    ] = "digits",
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-option",
+            "-o",
+            help="Task option key=value (repeatable), e.g. -o adapter=head -o max-train=2000.",
+        ),
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="Aggregation strategy [default: fedavg; text lora-exact].")
+    ] = None,
+    strategy_param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strategy-param",
+            "-p",
+            help="Strategy parameter key=value (repeatable), as in `merge`; checked before "
+            "round 1 (`fedcommons strategies list` shows each strategy's parameters).",
+        ),
+    ] = None,
     dp: Annotated[
         list[str] | None,
         typer.Option(
@@ -64,11 +121,19 @@ def demo(
         ),
     ] = None,
     compression: Annotated[
-        str, typer.Option(help="Update compression, e.g. topk:0.01+int8, int4, fish:0.02+int8.")
-    ] = "dense",
+        str | None,
+        typer.Option(
+            help="Update compression, e.g. topk:0.01+int8, int4, fish:0.02+int8 "
+            "[default: dense; text tasks int8]."
+        ),
+    ] = None,
     error_feedback: Annotated[
-        bool, typer.Option(help="Clients carry what compression dropped into the next round.")
-    ] = True,
+        bool | None,
+        typer.Option(
+            help="Clients carry what compression dropped into the next round "
+            "[default: on; text tasks off]."
+        ),
+    ] = None,
     secagg: Annotated[
         bool,
         typer.Option(
@@ -76,6 +141,14 @@ def demo(
             "updates. See docs/secure-aggregation.md."
         ),
     ] = False,
+    mlflow_tracking_uri: Annotated[
+        str,
+        typer.Option(
+            "--mlflow-tracking-uri",
+            help="Mirror the run and its release into MLflow (e.g. sqlite:///mlflow.db); "
+            "needs the mlflow extra.",
+        ),
+    ] = "",
     log_level: LogLevelOpt = "WARNING",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
@@ -83,38 +156,47 @@ def demo(
     from fedcommons.cli.common import parse_settings
     from fedcommons.coordinator.config import RunConfig
     from fedcommons.engines.simulation import run_simulation
+    from fedcommons.tasks import resolve_task_class
 
     configure_logging(log_level)
+    defaults = {**DIGITS_DEFAULTS, **getattr(resolve_task_class(task), "demo_defaults", {})}
+    options: dict[str, object] = {**defaults["task_options"], "seed": seed}
+    if iid:
+        options["partition"] = "iid"
+    elif alpha is not None or defaults["partition"] == "dirichlet":
+        options.update(partition="dirichlet", alpha=defaults["alpha"] if alpha is None else alpha)
+    options.update(parse_settings(task_option))
     config = RunConfig(
         task=task,
-        task_options={"partition": "iid" if iid else "dirichlet", "alpha": alpha, "seed": seed},
-        strategy=strategy,
-        rounds=rounds,
+        task_options=options,
+        strategy=defaults["strategy"] if strategy is None else strategy,
+        strategy_params=parse_settings(strategy_param),
+        rounds=defaults["rounds"] if rounds is None else rounds,
         clients_per_round=clients_per_round,
         min_clients=1,
-        local_epochs=local_epochs,
-        lr=lr,
+        local_epochs=defaults["local_epochs"] if local_epochs is None else local_epochs,
+        lr=defaults["lr"] if lr is None else lr,
+        batch_size=defaults["batch_size"],
         seed=seed,
         registry=str(registry),
         dp_params=parse_settings(dp),
-        compression=compression,
-        error_feedback=error_feedback,
+        compression=defaults["compression"] if compression is None else compression,
+        error_feedback=defaults["error_feedback"] if error_feedback is None else error_feedback,
         secagg=secagg,
+        mlflow_tracking_uri=mlflow_tracking_uri,
     )
-    split = "IID" if iid else f"Dirichlet α={alpha}"
+    strategy, rounds = config.strategy, config.rounds
+    partition = str(options.get("partition", "the task's default"))
+    split = {"iid": "IID", "dirichlet": f"Dirichlet α={options.get('alpha')}"}.get(
+        partition, f"split by {partition}"
+    )
     console.print(
         f"[bold]fedcommons demo[/]: {institutions} institutions, {rounds} rounds of "
         f"{strategy} on {task} ({split}), Flower simulation engine"
         + (f", updates {config.compression}" if config.compression != "dense" else "")
         + (", secure aggregation (SecAgg+)" if secagg else "")
     )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*progress_columns(), console=console, transient=True) as progress:
         task_id = progress.add_task("starting Flower simulation", total=rounds)
         result = run_simulation(
             config,

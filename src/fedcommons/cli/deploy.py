@@ -66,9 +66,24 @@ def coordinator_start(
     config: Annotated[
         Path | None, typer.Option("--config", help="coordinator.toml (settings file).")
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Address the SuperLink listens on.")] = None,
-    port: Annotated[
-        int | None, typer.Option(help="One HTTP port for Fleet, Control and runtime APIs.")
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address of the Fleet API, the one SuperNodes dial (e.g. 0.0.0.0)."),
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port of the Fleet API.")] = None,
+    control_port: Annotated[
+        int | None,
+        typer.Option(help="Loopback port of the Control and runtime APIs (default 9091)."),
+    ] = None,
+    operator_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Also serve the Control API on HOST:PORT, to clients with a TLS certificate "
+            "signed by --operator-client-ca (default: the CA)."
+        ),
+    ] = None,
+    operator_client_ca: Annotated[
+        Path | None, typer.Option(help="CA of operator client certificates.")
     ] = None,
     database: Annotated[Path | None, typer.Option(help="SQLite file for durable state.")] = None,
     insecure: Annotated[
@@ -105,14 +120,17 @@ def coordinator_start(
 ) -> None:
     """Start the coordinator: a SuperLink with TLS and SuperNode authentication.
 
-    Settings come from --config (TOML), FEDCOMMONS_* environment variables and these
-    options (highest). The allowlisted public keys are registered once the SuperLink is
-    up; keys registered earlier but no longer listed are revoked.
+    Only the Fleet API listens on --host/--port; the Control and runtime APIs listen on
+    127.0.0.1:--control-port (submit runs and sync the allowlist from this host, or
+    through --operator-address with client certificates). Settings come from --config
+    (TOML), FEDCOMMONS_* environment variables and these options (highest). The
+    allowlisted public keys are registered once the SuperLink is up; keys registered
+    earlier but no longer listed are revoked.
     """
     from fedcommons.engines.superlink import (
         load_coordinator_settings,
         run_coordinator,
-        superlink_argv,
+        service_argv,
     )
     from fedcommons.logs import get_logger
 
@@ -120,6 +138,9 @@ def coordinator_start(
         config,
         host=host,
         port=port,
+        control_port=control_port,
+        operator_address=operator_address,
+        operator_client_ca=operator_client_ca,
         database=database,
         insecure=insecure,
         ssl_certfile=ssl_certfile,
@@ -137,13 +158,15 @@ def coordinator_start(
     for warning in settings.check():
         logger.warning("coordinator.insecure_setting", detail=warning)
     if dry_run:
-        console.print(" ".join(superlink_argv(settings)))
+        console.print(" ".join(service_argv(settings)))
         return
 
     def ready(sync: object) -> None:
         logger.info(
             "coordinator.ready",
             address=settings.local_address,
+            fleet=settings.fleet_address,
+            operator=settings.operator_address,
             tls=not settings.insecure,
             node_auth=settings.node_auth_active,
             allowlist=None if sync is None else vars(sync),
@@ -158,11 +181,17 @@ def coordinator_allowlist_sync(
     allowlist: Annotated[
         list[Path], typer.Argument(help="Node public keys (*.pub) or directories of them.")
     ],
-    superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")] = "127.0.0.1:9093",
+    superlink: Annotated[
+        str, typer.Option(help="The SuperLink's Control API HOST:PORT (loopback or operator).")
+    ] = "127.0.0.1:9091",
     root_cert: RootCertOpt = None,
     keep_unlisted: Annotated[
         bool, typer.Option(help="Do not revoke registered nodes missing from the list.")
     ] = False,
+    client_cert: Annotated[
+        Path | None, typer.Option(help="Operator TLS certificate (for an operator address).")
+    ] = None,
+    client_key: Annotated[Path | None, typer.Option(help="Its private key.")] = None,
 ) -> None:
     """Register these node keys on a running SuperLink and revoke the others."""
     from fedcommons.engines.certs import allowlist_keys
@@ -170,11 +199,14 @@ def coordinator_allowlist_sync(
 
     if root_cert is None:
         raise FedcommonsError("node authentication needs TLS: pass --root-cert CA.pem")
+    if (client_cert is None) != (client_key is None):
+        raise FedcommonsError("pass both --client-cert and --client-key, or neither")
     result = sync_allowlist(
         superlink,
         allowlist_keys(allowlist),
         root_cert=root_cert,
         revoke_unlisted=not keep_unlisted,
+        client_cert=(client_cert, client_key) if client_cert and client_key else None,
     )
     console.print(json.dumps(vars(result), indent=2))
 
@@ -192,7 +224,9 @@ def coordinator_app_dir(
 
 @coordinator_app.command("submit")
 def coordinator_submit(
-    superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")] = "127.0.0.1:9093",
+    superlink: Annotated[
+        str, typer.Option(help="The SuperLink's Control API HOST:PORT (on the coordinator host).")
+    ] = "127.0.0.1:9091",
     run_config: RunConfigOpt = None,
     insecure: InsecureOpt = False,
     root_cert: RootCertOpt = None,
@@ -248,7 +282,18 @@ def client_join(
         str | None,
         typer.Option("--coordinator", "--superlink", help="Coordinator's SuperLink HOST:PORT."),
     ] = None,
-    task: Annotated[str | None, typer.Option(help="Your Task: name or 'pkg.module:Class'.")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Your Task (name or 'pkg.module:Class'): it trains every round."),
+    ] = None,
+    allow_task: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-task",
+            help="A task name a round may ask for (repeatable; built-in and installed "
+            "tasks are allowed already). Rounds asking for any other task are refused.",
+        ),
+    ] = None,
     node_config: Annotated[
         list[str] | None, typer.Option("--node-config", "-n", help="key=value (repeatable).")
     ] = None,
@@ -318,6 +363,19 @@ def client_join(
     if task:
         resolve_task_class(task)  # fail here, not in the first round
         settings["task"] = task
+    if allow_task:
+        from fedcommons.client_sdk.site_tasks import ALLOWED_TASKS_KEY
+
+        settings[ALLOWED_TASKS_KEY] = ",".join(allow_task)
+    if mode == "subprocess":
+        configure_logging()
+        from fedcommons.logs import get_logger
+
+        get_logger("fedcommons.cli").warning(
+            "client.subprocess_mode",
+            detail="subprocess mode runs the ClientApp the run's app bundle names, including "
+            "code it ships: join in the default warm mode unless you trust whoever submits runs",
+        )
     from fedcommons.client_sdk.node import run_node, supernode_argv, worker_argv
 
     argv = supernode_argv(

@@ -12,7 +12,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedcommons.cli.common import DEFAULT_REGISTRY, OutputFormat, RegistryOpt, console
+from fedcommons.cli.common import (
+    DEFAULT_REGISTRY,
+    OutputFormat,
+    RegistryOpt,
+    console,
+    err_console,
+)
+from fedcommons.cli.common import progress as _progress
 from fedcommons.releases.export import ExportFormat
 
 release_app = typer.Typer(
@@ -24,9 +31,38 @@ FormatOpt = Annotated[OutputFormat, typer.Option("--format")]
 
 
 def _open_registry(path: Path):
-    from fedcommons.releases.registry import Registry
+    """The registry at ``path``, read with the signer pinned for it in the trust file.
 
-    return Registry(path, create=False)
+    Without a pin, signatures are checked with the key the registry publishes
+    (``release verify`` says so and shows the fingerprint to pin).
+    """
+    from fedcommons.releases.registry import Registry
+    from fedcommons.releases.trust import TrustStore
+
+    return Registry(path, create=False, trusted_key=TrustStore().pinned_key(path))
+
+
+def _signer(registry_root: Path, signing_key: Path | None):
+    """The coordinator's signing key, found as a run finds it (never inside the registry)."""
+    from fedcommons.coordinator.config import RunConfig
+    from fedcommons.coordinator.prepare import signing_key_path
+    from fedcommons.releases.signing import Signer
+
+    path = signing_key_path(
+        RunConfig(registry=str(registry_root), signing_key=str(signing_key or ""))
+    )
+    if (Path(registry_root) / "keys" / "ed25519.pub").exists():
+        return Signer.load(path)  # the registry's key exists somewhere: never make a new one
+    return Signer.load_or_create(path)
+
+
+SigningKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Ed25519 PEM (default: $FEDCOMMONS_SIGNING_KEY or ~/.config/fedcommons/"
+        "signing-key.pem)."
+    ),
+]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -49,38 +85,58 @@ def release_list(
     name: NameOpt = None,
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
-    """List published releases with their bump, parent and aliases."""
-    releases = _open_registry(registry).releases(name)
+    """List published releases with their bump, parent, aliases and metrics.
+
+    Everything shown comes from signed files: each release's signed manifest (metrics,
+    parent, hashes) and the signed HEAD.json (aliases). A release whose manifest does not
+    verify is listed as such, without figures.
+    """
+    from fedcommons.errors import VerificationError
+
+    reg = _open_registry(registry)
+    rows = []
+    for r in reg.releases(name):
+        row: dict[str, object] = {"name": r.name, "version": r.version, "aliases": list(r.aliases)}
+        try:
+            m = reg.verified_manifest(r)
+        except VerificationError as exc:
+            row.update(signed=False, error=str(exc))
+        else:
+            row.update(
+                signed=True,
+                bump=(m.version_bump or {}).get("bump", r.bump),
+                parent=m.parent_version,
+                created=m.created,
+                weights_sha256=m.weights_sha256,
+                manifest_sha256=r.manifest_sha256,
+                metrics=m.metrics,
+            )
+        rows.append(row)
     if fmt is OutputFormat.json:
-        rows = [
-            {
-                "name": r.name,
-                "version": r.version,
-                "bump": r.bump,
-                "parent": r.parent_version,
-                "aliases": list(r.aliases),
-                "created": r.created,
-                "weights_sha256": r.weights_sha256,
-                "manifest_sha256": r.manifest_sha256,
-                "metrics": r.metrics,
-            }
-            for r in releases
-        ]
         print(json.dumps(rows, indent=2))
         return
     table = Table("name", "version", "bump", "parent", "aliases", "created", "test acc", "sha256")
-    for r in releases:
+    for row in rows:
+        aliases = " ".join(f"@{a}" for a in row["aliases"]) or "-"  # type: ignore[attr-defined]
+        if not row["signed"]:
+            table.add_row(
+                row["name"], row["version"], "-", "-", aliases, "[red]UNVERIFIED[/]", "-", "-"
+            )
+            continue
         table.add_row(
-            r.name,
-            r.version,
-            r.bump or "-",
-            r.parent_version or "-",
-            " ".join(f"@{a}" for a in r.aliases) or "-",
-            r.created,
-            _fmt(r.metrics.get("test_accuracy")),
-            r.weights_sha256[:16],
+            row["name"],
+            row["version"],
+            row["bump"] or "-",
+            row["parent"] or "-",
+            aliases,
+            row["created"],
+            _fmt(row["metrics"].get("test_accuracy")),  # type: ignore[attr-defined]
+            str(row["weights_sha256"])[:16],
         )
     console.print(table)
+    for row in rows:
+        if not row["signed"]:
+            console.print(f"[red]UNVERIFIED[/] {row['name']} {row['version']}: {row['error']}")
 
 
 def _validation_table(validation: dict) -> Table:
@@ -109,7 +165,7 @@ def release_show(
     """Show one release's manifest: provenance, version bump, validation, hashes."""
     reg = _open_registry(registry)
     rel = reg.get(version, name=name)
-    manifest = rel.manifest()
+    manifest = reg.verified_manifest(rel)
     if fmt is OutputFormat.json:
         doc = asdict(manifest)
         doc["paths"] = {
@@ -185,20 +241,96 @@ def release_show(
         console.print(rounds)
 
 
+@release_app.command("validate")
+def release_validate(
+    version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+    name: NameOpt = None,
+    suite: Annotated[
+        str, typer.Option(help="Validation suite 'package.module:function' (default: the run's).")
+    ] = "",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 (default: CUDA if present).")] = "",
+) -> None:
+    """Score a published release again on its line's validation suite, against its parent.
+
+    Publishes nothing: re-checks a release on this machine (another device, a newer suite
+    or data). Exit code 1 when the gate would reject it.
+    """
+    from fedcommons.releases.export import task_options
+    from fedcommons.releases.gate import load_suite, run_gate
+    from fedcommons.tasks import load_task, select_device
+
+    reg = _open_registry(registry)
+    rel = reg.get(version, name=name)
+    manifest = rel.manifest()
+    task = load_task(manifest.task, task_options(manifest.config))
+    config = manifest.config or {}
+    checks = load_suite(
+        task, suite or str(config.get("validation-suite", "")), str(config.get("gate-target", ""))
+    )
+    parent = reg.get(rel.parent_version, name=rel.name) if rel.parent_version else None
+    sizes = {}
+    for t in checks.tasks:
+        try:
+            sizes[t.dataset] = len(t.loader().dataset)  # type: ignore[arg-type]
+        except TypeError:  # an iterable loader without a length: a bar of unknown size
+            sizes[t.dataset] = None
+    total = None if None in sizes.values() else sum(sizes.values()) * (2 if parent else 1)
+    with _progress(f"validating {rel.name} {rel.version} ({checks.name})", total) as advance:
+        gate = run_gate(
+            task,
+            checks,
+            reg.load_weights(rel),
+            parent=reg.load_weights(parent) if parent else None,
+            parent_version=parent.version if parent else None,
+            parent_validation=parent.manifest().validation if parent else None,
+            device=select_device(device or None),
+            progress=lambda n: advance(n),
+        )
+    report = gate.to_dict()
+    console.print(
+        f"{rel.name} {rel.version} on suite {report.get('suite')} ({report.get('device')}, "
+        f"{report.get('seconds', 0):.2f}s), parent {parent.version if parent else '-'}"
+    )
+    console.print(_validation_table(report))
+    if not gate.passed:
+        console.print("[red]the gate would reject it:[/] " + "; ".join(gate.reasons))
+        raise typer.Exit(1)
+
+
 @release_app.command("card")
 def release_card(
     version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: NameOpt = None,
 ) -> None:
-    """Print a release's model card (Markdown with YAML metadata)."""
-    from fedcommons.errors import RegistryError
+    """Print a release's model card (Markdown with YAML metadata), checked against its manifest."""
+    import hashlib
 
-    rel = _open_registry(registry).get(version, name=name)
+    from fedcommons.errors import RegistryError, VerificationError
+
+    reg = _open_registry(registry)
+    rel = reg.get(version, name=name)
+    manifest = reg.verified_manifest(rel)
     try:
-        sys.stdout.write(rel.card_path.read_text())
+        data = rel.card_path.read_bytes()
     except FileNotFoundError as exc:
         raise RegistryError(f"release {rel.version} has no model card ({rel.card_path})") from exc
+    if hashlib.sha256(data).hexdigest() != manifest.card_sha256:
+        raise VerificationError(
+            f"model card {rel.card_path} does not match the hash its signed manifest records",
+            str(rel.card_path),
+        )
+    sys.stdout.write(data.decode())
+
+
+MlflowUriOpt = Annotated[
+    str,
+    typer.Option(
+        "--mlflow-tracking-uri",
+        help="Mirror into this MLflow tracking server too (e.g. sqlite:///mlflow.db).",
+    ),
+]
 
 
 @release_app.command("promote")
@@ -207,10 +339,74 @@ def release_promote(
     alias: Annotated[str, typer.Option("--alias", help="Alias, e.g. stable or candidate.")],
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: NameOpt = None,
+    signing_key: SigningKeyOpt = None,
+    mlflow_tracking_uri: MlflowUriOpt = "",
 ) -> None:
-    """Point an alias (@stable, @candidate, ...) of the release's line at VERSION."""
-    rel = _open_registry(registry).promote(version, alias, name=name)
+    """Point an alias (@stable, @candidate, ...) of the release's line at VERSION.
+
+    Aliases live in the signed HEAD.json: the registry's signing key re-signs it. With
+    --mlflow-tracking-uri the line is mirrored into MLflow afterwards (its missing
+    releases as model versions, every alias); an unreachable server is reported, and
+    the alias in the registry stays moved.
+    """
+    reg = _open_registry(registry)
+    rel = reg.promote(version, alias, name=name, signer=_signer(reg.root, signing_key))
     console.print(f"{rel.name} @{alias.removeprefix('@')} -> {rel.version}")
+    if mlflow_tracking_uri:
+        from fedcommons.releases.integrations.mlflow_mirror import check_available, sync_registry
+
+        check_available()
+        try:
+            sync_registry(reg, mlflow_tracking_uri, name=rel.name)
+        except Exception as exc:  # the registry changed already: report, exit non-zero
+            console.print(
+                f"[yellow]not mirrored[/] to MLflow ({type(exc).__name__}: {exc}); "
+                "run `fedcommons release mlflow-sync` when the server is back"
+            )
+            raise typer.Exit(1) from exc
+        console.print(f"MLflow: @{alias.removeprefix('@')} -> {rel.name} {rel.version}")
+
+
+@release_app.command("mlflow-sync")
+def release_mlflow_sync(
+    tracking_uri: Annotated[
+        str,
+        typer.Option(
+            "--mlflow-tracking-uri",
+            envvar="MLFLOW_TRACKING_URI",
+            help="MLflow tracking server (env MLFLOW_TRACKING_URI).",
+        ),
+    ],
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+    name: NameOpt = None,
+    experiment: Annotated[
+        str, typer.Option(help="Experiment for releases mirrored now (default: the line).")
+    ] = "",
+) -> None:
+    """Mirror every release MLflow lacks as a model version, then every alias (idempotent).
+
+    For releases published while the tracking server was down, or before it was
+    configured: each gets an MLflow run (per-round and final metrics from its manifest,
+    model card, release files) and a model version tagged with its manifest hash.
+    """
+    from fedcommons.releases.integrations.mlflow_mirror import check_available, check_tracking_uri
+
+    check_tracking_uri(tracking_uri)
+    check_available()
+    from fedcommons.releases.integrations.mlflow_mirror import sync_registry
+
+    reg = _open_registry(registry)
+    total = len(reg.releases(name))
+    with _progress("mirroring releases", total) as advance:
+        done = sync_registry(
+            reg, tracking_uri, name=name, experiment=experiment, on_release=lambda r, v: advance()
+        )
+    for label in done["mirrored"]:
+        console.print(f"mirrored {label}")
+    console.print(
+        f"{len(done['mirrored'])} release(s) mirrored, {len(done['present'])} already in "
+        f"MLflow; aliases set ({tracking_uri})"
+    )
 
 
 @release_app.command("tag")
@@ -241,21 +437,15 @@ def release_tag(
 
 @release_app.command("sign-legacy")
 def release_sign_legacy(
-    signing_key: Annotated[
-        Path | None,
-        typer.Option(help="Ed25519 PEM (default: $FEDCOMMONS_SIGNING_KEY or <registry>/private)."),
-    ] = None,
+    signing_key: SigningKeyOpt = None,
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
 ) -> None:
-    """Sign releases published before signing existed (after checking their hashes)."""
-    from fedcommons.coordinator.config import RunConfig
-    from fedcommons.coordinator.prepare import signing_key_path
-    from fedcommons.releases.signing import Signer
+    """Sign releases published before signing existed; rewrite HEAD.json in the current format.
 
+    Also upgrades a format-1 HEAD.json (no sequence number, aliases unsigned).
+    """
     reg = _open_registry(registry)
-    # the key the coordinator signs with (same lookup as a run's)
-    key = signing_key_path(RunConfig(registry=str(reg.root), signing_key=str(signing_key or "")))
-    signed = reg.sign_legacy(Signer.load_or_create(key))
+    signed = reg.sign_legacy(_signer(reg.root, signing_key))
     for rel in signed:
         console.print(f"signed {rel.name} {rel.version}")
     console.print(f"{len(signed)} release(s) signed; HEAD.json rewritten")
@@ -293,39 +483,55 @@ def release_verify(
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: NameOpt = None,
     all_: Annotated[bool, typer.Option("--all", help="Verify every release.")] = False,
-    public_key: Annotated[
-        Path | None,
-        typer.Option(help="Pin this Ed25519 public key (PEM) instead of the registry's."),
+    trust: Annotated[
+        str | None,
+        typer.Option(
+            "--trust",
+            "--public-key",
+            help="The signer you trust: its Ed25519 public key (PEM file) or fingerprint. "
+            "Remembered for this registry in ~/.config/fedcommons/trust.json.",
+        ),
     ] = None,
+    first_use: Annotated[
+        bool,
+        typer.Option(
+            "--trust-on-first-use",
+            help="With no signer pinned for this registry, pin the key it publishes now.",
+        ),
+    ] = False,
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
-    """Check hashes, signature and the chain to the parent; name the file that is wrong.
+    """Check hashes, signatures, the chain to the parent and HEAD.json; name the wrong file.
 
-    Exit code 0 when everything verifies, 1 when a release fails.
+    The signer is the one you pinned (--trust, or earlier, in the trust file); without a
+    pin the key the registry publishes is used and a warning says so. HEAD.json must not
+    be older than the last head you accepted from that signer (rollback).
+    Exit code 0 when everything verifies, 1 when anything fails.
     """
     from fedcommons.errors import ConfigError
-    from fedcommons.releases.signing import load_public_key
-    from fedcommons.releases.verification import Verifier
+    from fedcommons.releases.registry import Registry
+    from fedcommons.releases.trust import TrustStore, resolve_trust
+    from fedcommons.releases.verification import verify_registry
 
-    reg = _open_registry(registry)
+    reg = Registry(registry, create=False)
     if all_ == (version is not None):
         raise ConfigError("give a VERSION or --all")
-    key = None
-    if public_key is not None:
-        try:
-            key = load_public_key(public_key.read_bytes(), str(public_key))
-        except OSError as exc:
-            raise ConfigError(f"cannot read public key {str(public_key)!r}: {exc}") from exc
-    verifier = Verifier(reg, key)
+    store = TrustStore()
+    # the key first: aliases (@stable) resolve from the HEAD.json that key signed
+    decision = resolve_trust(
+        reg.root, reg.published_key(), trust=trust, first_use=first_use, store=store
+    )
+    reg.trusted_key = decision.public_key
     targets = reg.releases(name) if all_ else [reg.get(version or "", name=name)]
-    results = [verifier.verify(r) for r in targets]
-    head = verifier.verify_head(None if all_ else targets[0].name)
+    outcome = verify_registry(
+        reg, targets, store=store, line=None if all_ else targets[0].name, decision=decision
+    )
     if fmt is OutputFormat.json:
-        print(
-            json.dumps({"releases": [asdict(r) for r in results], "head": asdict(head)}, indent=2)
-        )
+        print(json.dumps(outcome.to_dict(), indent=2))
     else:
-        for r in results:
+        style = "yellow" if not decision.pinned else "dim"
+        err_console.print(f"[{style}]{decision.note}[/]")
+        for r in outcome.releases:
             chain = " -> ".join(r.chain)
             if r.ok:
                 console.print(f"[green]OK[/]   {r.name} {r.version}  chain {chain}")
@@ -333,15 +539,65 @@ def release_verify(
                 console.print(f"[red]FAIL[/] {r.name} {r.version}: {r.error}")
                 if r.path:
                     console.print(f"     wrong file: {r.path}")
+        head = outcome.head
         if head.ok:
-            console.print(f"[green]OK[/]   HEAD.json attests {head.attested} release(s)")
+            seq = f" (seq {head.seq})" if head.seq is not None else ""
+            console.print(f"[green]OK[/]   HEAD.json attests {head.attested} release(s){seq}")
             for item in head.unattested:
                 console.print(f"     note: {item} is not attested yet (publish interrupted?)")
         else:
             console.print(f"[red]FAIL[/] {head.error}")
             if head.path:
                 console.print(f"     wrong file: {head.path}")
-    if not all(r.ok for r in results) or not head.ok:
+        for note in head.notes:
+            console.print(f"     note: {note}")
+    if not outcome.ok:
+        raise typer.Exit(1)
+
+
+@release_app.command("site")
+def release_site(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the site to.")],
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+    trust: Annotated[
+        str | None,
+        typer.Option(
+            "--trust",
+            help="The signer you trust: its Ed25519 public key (PEM file) or fingerprint "
+            "(remembered, as for `release verify`); default: the signer pinned for this "
+            "registry, else the registry's own key (and the site says so).",
+        ),
+    ] = None,
+) -> None:
+    """Render a static site of every line and version (works from file://, no server).
+
+    Lineage, validation scores across versions (SVG chart), privacy budget, compression,
+    contributors, verification against the trusted key, and downloads (weights, card,
+    patch from the parent). Exit code 1 when a release fails verification.
+    """
+    from fedcommons.releases.integrations.site import build_site
+    from fedcommons.releases.registry import Registry
+    from fedcommons.releases.trust import resolve_trust
+
+    reg = Registry(registry, create=False)
+    decision = resolve_trust(reg.root, reg.published_key(), trust=trust)
+    if decision.pinned:
+        reg.trusted_key = decision.public_key
+    with _progress("rendering release pages", len(reg.releases())) as advance:
+        summary = build_site(
+            reg,
+            output,
+            public_key=decision.public_key if decision.pinned else None,
+            on_release=lambda r: advance(),
+        )
+    console.print(
+        f"site of {summary.releases} release(s) -> {summary.root / 'index.html'}; "
+        f"{summary.verified} verified against key {summary.key_id[:16]}"
+        + ("" if summary.pinned else " (the registry's own: pin one with --trust)")
+    )
+    for label in summary.failed:
+        console.print(f"[red]FAIL[/] {label}: verification failed (shown on the site)")
+    if summary.failed:
         raise typer.Exit(1)
 
 
@@ -457,16 +713,81 @@ def release_apply(
 @release_app.command("export")
 def release_export(
     version: Annotated[str, typer.Argument(help="Version, alias (@stable) or 'latest'.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="File to write (a new folder for peft / hf).")
+    ],
     fmt: Annotated[ExportFormat, typer.Option("--format")] = ExportFormat.safetensors,
     registry: RegistryOpt = Path(DEFAULT_REGISTRY),
     name: NameOpt = None,
 ) -> None:
-    """Export a release's weights (hash-checked): safetensors as stored, or a torch state dict."""
-    from fedcommons.releases.export import export_release
+    """Export a release (hash-checked): safetensors, torch, peft or hf.
+
+    safetensors as stored, a torch state dict; hf writes a folder Hugging Face tools
+    load: the task's own layout (text tasks: the merged model via save_pretrained) or
+    model.safetensors + config.json + README.md (the model card), loaded by
+    fedcommons.releases.integrations.hf_hub.FedcommonsModel.from_pretrained(folder);
+    peft (text-task LoRA patches) a PEFT adapter folder.
+    """
+    from fedcommons.releases.export import FOLDER_FORMATS, export_folder, export_release
 
     reg = _open_registry(registry)
     rel = reg.get(version, name=name)
-    data = export_release(reg, rel, fmt)
-    _write_atomic(output, data)
-    console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}")
+    with _progress(f"exporting {rel.name} {rel.version} as {fmt.value}", None):
+        if fmt in FOLDER_FORMATS:
+            export_folder(reg, rel, fmt, output)
+        else:
+            _write_atomic(output, export_release(reg, rel, fmt))
+    suffix = "/" if fmt in FOLDER_FORMATS else ""
+    console.print(f"exported {rel.name} {rel.version} as {fmt.value} -> {output}{suffix}")
+
+
+trust_app = typer.Typer(
+    help="Pin the signer you trust per registry (the trust file in ~/.config/fedcommons).",
+    no_args_is_help=True,
+)
+release_app.add_typer(trust_app, name="trust")
+
+
+@trust_app.command("add")
+def trust_add(
+    key: Annotated[str, typer.Argument(help="Ed25519 public key (PEM file) or fingerprint.")],
+    registry: RegistryOpt = Path(DEFAULT_REGISTRY),
+) -> None:
+    """Pin KEY as the signer of this registry (replaces an earlier pin, and says so)."""
+    from fedcommons.releases.registry import Registry
+    from fedcommons.releases.signing import key_id
+    from fedcommons.releases.trust import TrustStore, parse_trust
+
+    reg = Registry(registry, create=False)
+    public_key = parse_trust(key, reg.published_key())
+    store = TrustStore()
+    replaced = store.pin(reg.root, public_key, how="trust add")
+    console.print(f"pinned {key_id(public_key)} for {reg.root} in {store.path}")
+    if replaced is not None:
+        console.print(f"[yellow]replaced the earlier pin {key_id(replaced)}[/]")
+
+
+@trust_app.command("list")
+def trust_list(fmt: FormatOpt = OutputFormat.table) -> None:
+    """The pinned signers, one per registry."""
+    from fedcommons.releases.trust import TrustStore
+
+    pins = TrustStore().pins()
+    if fmt is OutputFormat.json:
+        print(json.dumps(pins, indent=2))
+        return
+    table = Table("registry", "signer fingerprint", "pinned", "how")
+    for label, pin in sorted(pins.items()):
+        table.add_row(label, pin["key_id"], pin["pinned"], pin["how"])
+    console.print(table)
+
+
+@trust_app.command("remove")
+def trust_remove(registry: RegistryOpt = Path(DEFAULT_REGISTRY)) -> None:
+    """Forget the signer pinned for this registry."""
+    from fedcommons.errors import TrustError
+    from fedcommons.releases.trust import TrustStore
+
+    if not TrustStore().unpin(registry):
+        raise TrustError(f"no signer is pinned for {registry}")
+    console.print(f"unpinned {registry}")

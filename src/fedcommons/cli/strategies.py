@@ -117,7 +117,7 @@ def merge(
         parse_data_ref,
         save_weights,
     )
-    from fedcommons.strategies import create_strategy
+    from fedcommons.strategies import create_strategy, strategy_code
 
     agg = create_strategy(strategy, parse_settings(param))
     if len(models) < 1:
@@ -167,6 +167,7 @@ def merge(
         {
             "fedcommons.strategy": agg.name,
             "fedcommons.strategy_params": agg.params(),
+            "fedcommons.strategy_code": strategy_code(agg),
             "fedcommons.inputs": [{"ref": c.ref, "sha256": c.sha256} for c in checkpoints],
             "fedcommons.base": {"ref": base_cp.ref, "sha256": base_cp.sha256}
             if base_cp

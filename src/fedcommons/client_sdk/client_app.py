@@ -1,9 +1,12 @@
 """The Flower ``ClientApp`` every institution runs (``fedcommons.client_sdk.client_app:app``).
 
-Which task (and with which options) comes from three layers, later ones winning: the
-coordinator's round config (``task``, ``task.<option>``), the run config, and the site's
-own node config (``flower-supernode --node-config 'task="my_pkg:MyTask" data-dir=...'``)
-— so an institution always decides where its private data comes from.
+Which task runs is the site's decision (:mod:`fedcommons.client_sdk.site_tasks`): its
+node config's ``task``, else a task the round names that the site allows; a round that
+asks for another task gets an error reply (``task-refused``) and nothing is imported.
+Task options come from three layers, later ones winning: the coordinator's round config
+(``task.<option>``), the run config, and the site's own node config
+(``flower-supernode --node-config 'task="my_pkg:MyTask" data-dir=...'``) — so an
+institution always decides where its private data comes from.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ from fedcommons.client_sdk.secagg import (
     refuse_plaintext,
     secagg_required,
 )
+from fedcommons.client_sdk.site_tasks import site_task_ref
 from fedcommons.client_sdk.training import LocalResult, train_local
-from fedcommons.errors import EncodingError, PrivacyBudgetExceededError
+from fedcommons.errors import EncodingError, PrivacyBudgetExceededError, TaskRefusedError
 from fedcommons.logs import get_logger
 from fedcommons.privacy.client_dp import ClientDPConfig, train_local_dp
+from fedcommons.privacy.receipts import LINE_KEY, ReceiptLog, round_claim, site_state_dir
 from fedcommons.tasks import Task, load_task
 from fedcommons.wire import keys
 from fedcommons.wire.codec import CompressionSpec
@@ -57,17 +62,24 @@ def _configure_threads() -> None:
 
 
 def resolve_task(round_config: Mapping[str, Any], context: Context) -> Task:
-    """Build (or reuse) the task from round config < run config < node config."""
+    """Build (or reuse) the site's task; options from round config < run config < node config.
+
+    Raises :class:`~fedcommons.errors.TaskRefusedError` when the coordinator asks for a
+    task the site does not allow (see :func:`site_task_ref`).
+    """
     merged: dict[str, Any] = {}
+    requested = None
+    for layer in (round_config, context.run_config):
+        requested = layer.get(keys.TASK, requested)
     for layer in (round_config, context.run_config, context.node_config):
         for key, value in layer.items():
             if key == keys.TASK:
-                merged[keys.TASK] = value
-            elif key.startswith(keys.TASK_OPTION_PREFIX):
+                continue
+            if key.startswith(keys.TASK_OPTION_PREFIX):
                 merged[key.removeprefix(keys.TASK_OPTION_PREFIX)] = value
             elif layer is context.node_config:
                 merged[key] = value  # node config options need no prefix
-    ref = str(merged.pop(keys.TASK, "digits"))
+    ref = site_task_ref(requested, context.node_config)
     cache_key = (ref, tuple(sorted((k, repr(v)) for k, v in merged.items())))
     if cache_key not in _TASK_CACHE:
         _TASK_CACHE[cache_key] = load_task(ref, merged)
@@ -79,7 +91,13 @@ def local_round(msg: Message, context: Context) -> LocalRound | Message:
     _configure_threads()
     cfg = msg.content[keys.TRAIN_CONFIG]
     round_no = int(cfg[keys.ROUND])
-    task = resolve_task(cfg, context)
+    try:
+        task = resolve_task(cfg, context)
+    except TaskRefusedError as exc:
+        log.warning("client.task-refused", round=round_no, detail=str(exc))
+        return Message(
+            Error(code=keys.TASK_REFUSED_CODE, reason=f"task-refused: {exc}"), reply_to=msg
+        )
     base = msg.content[keys.BASE_ARRAYS].to_torch_state_dict()
     seed = (
         int(cfg.get(keys.SEED, 0)) * 1_000_003
@@ -90,7 +108,7 @@ def local_round(msg: Message, context: Context) -> LocalRound | Message:
     grad_mask = None
     if spec.sparsifier == "fish":  # FISH trains only the parameters in its fixed mask
         grad_mask = fish_grad_mask(spec, cfg, context, task, base, seed)
-    dp = ClientDPConfig.from_node_config(context.node_config, context.node_id)
+    dp = ClientDPConfig.from_node_config(context.node_config)
     if dp is not None and grad_mask is not None:
         raise EncodingError(
             "FISH masks restrict which parameters train, which DP-SGD's accounting does not "
@@ -118,7 +136,25 @@ def local_round(msg: Message, context: Context) -> LocalRound | Message:
             return Message(error, reply_to=msg)
     else:
         result = train_local(task, base, **schedule, grad_mask=grad_mask)
+    _keep_receipt(cfg, context, round_no, result)
     return LocalRound(task, base, cfg, spec, seed, dp, result)
+
+
+def _keep_receipt(cfg: Any, context: Context, round_no: int, result: Any) -> None:
+    """Append this contribution to the site's own receipt log, before the reply leaves."""
+    spend = getattr(result, "spend", None)
+    ReceiptLog(site_state_dir(context.node_config)).append(
+        {
+            "line": str(cfg.get(LINE_KEY, "")),
+            "run_tag": str(cfg.get(keys.RUN_TAG, "")),
+            "flower_run_id": int(context.run_id),
+            "round": round_no,
+            "central": round_claim(cfg),
+            "dp_sgd": None
+            if spend is None
+            else {"epsilon": spend.epsilon, "delta": spend.delta, "steps": spend.steps},
+        }
+    )
 
 
 @dataclass

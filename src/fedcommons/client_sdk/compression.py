@@ -207,6 +207,9 @@ def compress_delta(
 ) -> CompressionResult:
     """Encode ``delta`` as ``spec`` says, with error feedback when ``error_feedback``.
 
+    Quantized codings round to nearest under error feedback and stochastically
+    without it (see :mod:`fedcommons.wire.codec`).
+
     ``mask_fn`` computes the FISH mask; it is called only when no mask is stored for this
     run yet, and the result is stored (the mask stays fixed for the run).
     """
@@ -229,6 +232,10 @@ def compress_delta(
         shared_seed=shared_seed,
         mask=mask,
         reconstruct=use_ef,
+        # With error feedback the rounding error is carried into the next round, so
+        # deterministic round-to-nearest (half the error, no random draws) is enough;
+        # without it, only unbiased stochastic rounding keeps the mean update unbiased.
+        rounding="nearest" if use_ef else "stochastic",
     )
     norm = 0.0
     if use_ef:

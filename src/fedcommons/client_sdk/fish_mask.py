@@ -38,9 +38,11 @@ def empirical_fisher(
     """Mean squared per-example gradient of ``task.loss`` at ``base``, per parameter.
 
     Uses the first ``num_examples`` examples of ``loader``, by default the site's
-    (seed-shuffled) training loader, ``batch_size`` examples per vectorised pass.
-    Returns float32 tensors for every trainable parameter; buffers (e.g. batch norm
-    statistics) get no entry.
+    (seed-shuffled) training loader, ``batch_size`` examples per vectorised pass — fewer
+    for large models (about 64 MiB of per-example gradients per pass), and at most the
+    task's ``per_example_chunk`` when it sets one (transformer activations). Returns
+    float32 tensors for every trainable parameter; buffers (e.g. batch norm statistics)
+    get no entry.
     """
     device = task.device()
     model = task.build_model()
@@ -48,12 +50,16 @@ def empirical_fisher(
     model.to(device).eval()
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
+    buffers.update({k: v.detach() for k, v in model.named_parameters() if not v.requires_grad})
 
     def example_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
         return task.loss(out, y.unsqueeze(0))
 
     per_example_grads = vmap(grad(example_loss), in_dims=(None, 0, 0))
+    numel = max(1, sum(v.numel() for v in params.values()))
+    batch_size = max(1, min(batch_size, (16 * 2**20) // numel))
+    batch_size = min(batch_size, getattr(task, "per_example_chunk", None) or batch_size)
     fisher = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
     seen = 0
     if loader is None:

@@ -34,14 +34,17 @@ def diagonal_fisher(
     """Diagonal Fisher of ``model`` (logits out) on ``inputs``, keyed like its state_dict.
 
     ``chunk`` examples share one vectorised backward pass (default: as many as fit in
-    about 64 MiB of per-example gradients, at most 256). Entries of the state dict that
-    are not parameters (buffers) get zeros. Raises
+    about 64 MiB of per-example gradients, at most 256). Only trainable parameters get a
+    Fisher: frozen ones (a pinned pretrained base under a LoRA patch) are constants here,
+    so the Fisher of a patch is over the patch's own parameters. Entries of the state
+    dict that are not trainable parameters (buffers) get zeros. Raises
     :class:`ConfigError` if the model does not return ``(batch, classes)`` logits.
     """
     was_training = model.training
     model.eval()
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
+    buffers.update({k: v.detach() for k, v in model.named_parameters() if not v.requires_grad})
     fisher = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
     if chunk is None:
         numel = max(1, sum(v.numel() for v in params.values()))
@@ -90,19 +93,15 @@ def diagonal_fisher(
 
 
 def fisher_inputs(task: Task, num_samples: int, seed: int) -> torch.Tensor:
-    """N = min(|D|, ``num_samples``) inputs from the task's training data (seeded order)."""
-    loader = task.train_loader(batch_size=min(num_samples, 256), seed=seed)
-    chunks: list[torch.Tensor] = []
-    have = 0
+    """N = min(|D|, ``num_samples``) inputs from the task's training data (seeded order).
+
+    One batch of N: a task's collate may shape each batch its own way (text tasks trim
+    padding per batch), so batches are not concatenated.
+    """
+    loader = task.train_loader(batch_size=num_samples, seed=seed)
     for batch in loader:
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        chunks.append(x)
-        have += len(x)
-        if have >= num_samples:
-            break
-    if not chunks:
-        raise ConfigError(f"task {task.name!r} has no training examples for the Fisher")
-    return torch.cat(chunks)[:num_samples]
+        return batch[0] if isinstance(batch, list | tuple) else batch
+    raise ConfigError(f"task {task.name!r} has no training examples for the Fisher")
 
 
 def estimate_fisher(
@@ -121,4 +120,6 @@ def estimate_fisher(
     model.to(device)
     inputs = fisher_inputs(task, num_samples, seed).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    return diagonal_fisher(model, inputs, generator=gen)
+    return diagonal_fisher(
+        model, inputs, generator=gen, chunk=getattr(task, "per_example_chunk", None)
+    )

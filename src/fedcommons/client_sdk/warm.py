@@ -16,9 +16,11 @@ model, optimiser) once, then runs each task in this process with Flower's own Ru
 API client functions. Errors raised by the ClientApp become Flower ``Error`` replies,
 as in ``flwr-clientapp``; the process keeps serving.
 
-Only ClientApps installed on this node run warm (the fedcommons FAB holds no code):
-a FAB that ships its own ClientApp module is answered with an error naming
-``--mode subprocess``, which runs any FAB in a fresh process as Flower does.
+Only fedcommons' own ClientApp runs warm (the fedcommons FAB holds no code and names
+``fedcommons.client_sdk.client_app:app``): a FAB that names any other ClientApp, or
+ships its own ClientApp module, is answered with an error and nothing is imported, so a
+coordinator cannot choose what code this process imports. ``--mode subprocess`` runs any
+FAB in a fresh process as Flower does (code chosen by whoever submitted the run).
 
 Run by ``fedcommons client join`` (see :mod:`fedcommons.client_sdk.node`); by hand:
 ``python -m fedcommons.client_sdk.warm --runtime-api-address 127.0.0.1:9094``.
@@ -256,6 +258,12 @@ class WarmWorker:
             ref = _fab_clientapp_ref(fab_content)
         except Exception as exc:
             raise LoadClientAppError(f"the FAB names no clientapp component: {exc}") from exc
+        if ref != DEFAULT_CLIENTAPP_REF:  # checked before anything is imported
+            raise NotWarmableAppError(
+                f"the run asks for ClientApp {ref!r}; this node's warm worker serves only "
+                f"fedcommons' ClientApp ({DEFAULT_CLIENTAPP_REF}); an institution that wants to "
+                "run other apps joins with 'fedcommons client join --mode subprocess'"
+            )
         app = load_installed_app(ref, shipped=_fab_modules(fab_content))
         if not isinstance(app, ClientApp):
             raise LoadClientAppError(f"{ref} is not a flwr ClientApp ({type(app).__name__})")

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedcommons.errors import ConfigError
+from fedcommons.errors import ConfigError, InvalidNameError
+from fedcommons.names import NameKind, check_name
 from fedcommons.privacy.config import CentralDPConfig
 from fedcommons.wire import keys
 from fedcommons.wire.codec import CompressionSpec
@@ -31,6 +32,9 @@ class RunConfig:
     strategy_params: dict[str, Any] = field(default_factory=dict)
     rounds: int = 10
     clients_per_round: int = 0  # 0: every available node
+    #: Declared number of institutions a round samples from: each round waits for them;
+    #: required with dp.* (q and W derive from it). 0: whoever is connected.
+    population: int = 0
     min_clients: int = 1
     local_epochs: int = 5
     lr: float = 0.05
@@ -51,7 +55,10 @@ class RunConfig:
     patch_max_changed: float = 0.1  # max fraction of entries a PATCH release may change
     version_bump: str = ""  # operator override: "patch" | "minor" | "major"
     version_bump_reason: str = ""  # required with version-bump; recorded in the manifest
-    signing_key: str = ""  # Ed25519 PEM; empty: $FEDCOMMONS_SIGNING_KEY or <registry>/private/
+    signing_key: str = ""  # Ed25519 PEM; empty: $FEDCOMMONS_SIGNING_KEY or ~/.config/fedcommons/
+    #: The coordinator's private state (per-node round records, a DP line's audit log),
+    #: never inside the registry; empty: see fedcommons.privacy.disclosure.private_dir.
+    private_dir: str = ""
     #: Central (user-level) DP of the line, "dp.<key>" options; any key turns it on (#6).
     dp_params: dict[str, Any] = field(default_factory=dict)
     # -- durable rounds (#8) --
@@ -66,6 +73,9 @@ class RunConfig:
     secagg_clip: float = 4.0  # per-coordinate range [-clip, clip] of quantized deltas
     secagg_max_weight: int = 1024  # cap on a client's weight (examples) in the masked sum
     secagg_stage_timeout: float = 120.0  # seconds per key/unmask stage (training: round-timeout)
+    # -- MLflow mirror (#17), see docs/operations.md --
+    mlflow_tracking_uri: str = ""  # e.g. sqlite:///mlflow.db or http://host:5000; "": off
+    mlflow_experiment: str = ""  # MLflow experiment of the run; "": the release line
 
     @property
     def central_dp(self) -> CentralDPConfig | None:
@@ -85,6 +95,12 @@ class RunConfig:
             raise ConfigError(f"clients-per-round must be >= 0, got {self.clients_per_round}")
         if self.min_clients < 1:
             raise ConfigError(f"min-clients must be >= 1, got {self.min_clients}")
+        if self.population < 0:
+            raise ConfigError(f"population must be >= 0, got {self.population}")
+        if self.population and self.min_clients > self.population:
+            raise ConfigError(
+                f"min-clients ({self.min_clients}) exceeds the population ({self.population})"
+            )
         if self.clients_per_round and self.min_clients > self.clients_per_round:
             raise ConfigError(
                 f"min-clients ({self.min_clients}) exceeds clients-per-round "
@@ -109,22 +125,25 @@ class RunConfig:
         self._validate_secagg()
         self._validate_release_options()
         self._validate_round_policy()
+        if self.mlflow_tracking_uri:
+            from fedcommons.releases.integrations.mlflow_mirror import (
+                check_available,
+                check_tracking_uri,
+            )
+
+            check_tracking_uri(self.mlflow_tracking_uri)
+            check_available()
 
     def _validate_round_policy(self) -> None:
         """Durable-round keys (#8): deadline policy and the run's name."""
-        import re
-
         if self.on_round_failure not in {"abort", "retry"}:
             raise ConfigError(
                 f"on-round-failure must be abort or retry, got {self.on_round_failure!r}"
             )
         if not 0 <= self.round_retries <= 100:
             raise ConfigError(f"round-retries must lie in 0..100, got {self.round_retries}")
-        if self.run_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.run_name):
-            raise ConfigError(
-                f"run-name {self.run_name!r} must be 1-100 letters, digits, '.', '_' or '-' "
-                "and start with a letter or digit"
-            )
+        if self.run_name:  # runs/<run-name>/ holds its checkpoints
+            _check_key_name("run-name", self.run_name, NameKind.run)
 
     def _validate_secagg(self) -> None:
         """Secure-aggregation keys (#7): ranges, and a threshold that is safe."""
@@ -166,11 +185,18 @@ class RunConfig:
             )
         if self.version_bump and not self.version_bump_reason.strip():
             raise ConfigError("version-bump needs version-bump-reason (recorded in the manifest)")
+        # releases/<line>/ and privacy/<line>/
+        _check_key_name("release-name" if self.release_name else "task", self.line, NameKind.line)
 
     @property
     def line(self) -> str:
-        """Release line (name) this run publishes into."""
-        return self.release_name or self.task
+        """Release line (name) this run publishes into.
+
+        ``release-name``, else the task: a task reference ``pkg.module:Class`` names the
+        line ``pkg.module.Class`` (a line name becomes a directory; see
+        :mod:`fedcommons.names`).
+        """
+        return self.release_name or self.task.replace(":", ".")
 
     @property
     def registry_path(self) -> Path:
@@ -214,6 +240,14 @@ class RunConfig:
             else:
                 flat[key.replace("_", "-")] = value
         return flat
+
+
+def _check_key_name(key: str, value: str, kind: NameKind) -> None:
+    """:func:`check_name`, with the run-config key named in the error."""
+    try:
+        check_name(value, kind)
+    except InvalidNameError as exc:
+        raise InvalidNameError(f"{key}: {exc}") from None
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -97,6 +97,7 @@ _ERROR_REASONS = {
     keys.DP_BUDGET_EXHAUSTED_CODE: "dp-budget-exhausted",
     keys.SECAGG_REQUIRED_CODE: "secagg-required",  # the site requires secagg (#7)
     keys.SECAGG_PROTOCOL_ERROR_CODE: "secagg-refused",
+    keys.TASK_REFUSED_CODE: "task-refused",  # the site does not run the task asked for
 }
 
 
@@ -138,6 +139,39 @@ def decode_reply(
     expected_seed: int | None = None,
 ) -> ClientUpdate:
     """Turn a reply into a validated :class:`ClientUpdate` or raise UpdateRejectedError.
+
+    Whatever a reply makes the decoding raise, it is a rejection, never the end of the
+    round: an exception that is not already a typed rejection (a decoder bug a hostile
+    reply found, ``MemoryError``, …) is counted as ``malformed``, naming the exception.
+    See :func:`_decode_reply` for what is checked.
+    """
+    try:
+        return _decode_reply(
+            reply,
+            base,
+            round_no,
+            needs_fisher=needs_fisher,
+            max_bytes=max_bytes,
+            expected_seed=expected_seed,
+        )
+    except UpdateRejectedError:
+        raise
+    except Exception as exc:  # the reply is at fault, whatever broke: reject, go on
+        raise UpdateRejectedError(
+            "malformed", f"decoding the reply raised {type(exc).__name__}: {exc}"[:500]
+        ) from exc
+
+
+def _decode_reply(
+    reply: Message,
+    base: Mapping[str, torch.Tensor],
+    round_no: int,
+    *,
+    needs_fisher: bool,
+    max_bytes: int | None,
+    expected_seed: int | None,
+) -> ClientUpdate:
+    """The checks of :func:`decode_reply`.
 
     fedcommons clients send ``delta``, or with compression on an encoded update
     (``encoded``/``payload``, see :mod:`fedcommons.wire.codec`), decoded and validated
@@ -186,7 +220,9 @@ def decode_reply(
             max_bytes=max_bytes,
             expected_seed=expected_seed,
         )
-        delta = decode_dense_delta(decoded.delta, base)
+        # Checked by the codec against the base (names, shapes, dtypes, finite values
+        # that fit the dtype) and still encoded: FedAvg folds it from its codes.
+        delta = decoded.delta
         mask = decoded.mask  # a sparse update's support: mask-aligned strategies use it
         size = decoded.nbytes
     elif keys.DELTA_ARRAYS in arrays or keys.FULL_ARRAYS in arrays:

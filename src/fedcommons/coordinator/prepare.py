@@ -24,10 +24,13 @@ from fedcommons.errors import (
     SecAggIncompatibleError,
     SigningKeyError,
 )
+from fedcommons.fileio import config_dir
 from fedcommons.logs import get_logger
-from fedcommons.privacy.line import LinePrivacy
+from fedcommons.privacy import seeded_bugs
+from fedcommons.privacy.disclosure import private_dir
+from fedcommons.privacy.line import LinePrivacy, check_dp_round_policy
 from fedcommons.releases.gate import ValidationSuite, load_suite
-from fedcommons.releases.registry import Registry, Release, check_writable
+from fedcommons.releases.registry import Registry, Release, check_key_outside, check_writable
 from fedcommons.releases.signing import Signer
 from fedcommons.strategies import (
     Aggregator,
@@ -106,13 +109,27 @@ def prepare_run(config: RunConfig) -> PreparedRun:
                 f"the signing key {str(key_path)!r} does not exist (set signing-key)"
             )
         registry.publish_key(signer)  # raises unless the key is the registry's
-    privacy = LinePrivacy(config.registry_path, config.line, config.central_dp)
-    remaining = config.rounds - committed_rounds(config)  # a resumed run plans what is left
-    if remaining > 0:
-        privacy.check_plan(remaining)
     faults.check_environment()
     check_dp_compatible(strategy, config)
     check_secagg_compatible(strategy, config)  # refuses what would leak individual updates (#7)
+    check_dp_round_policy(
+        central=config.central_dp,
+        population=config.population,
+        min_clients=config.min_clients,
+        on_round_failure=config.on_round_failure,
+    )
+    private_dir(config.registry_path, config.private_dir)  # refuses one inside the registry
+    seeded_bugs.check_environment(config.registry_path)
+    privacy = LinePrivacy(
+        config.registry_path,
+        config.line,
+        config.central_dp,
+        clients_per_round=config.clients_per_round,
+        population=config.population,
+    )
+    remaining = config.rounds - committed_rounds(config)  # a resumed run plans what is left
+    if remaining > 0:
+        privacy.check_plan(remaining)
     return PreparedRun(config, task, strategy, weights, parent, registry, suite, signer, privacy)
 
 
@@ -142,14 +159,32 @@ def check_dp_compatible(strategy: Aggregator, config: RunConfig) -> None:
         )
 
 
-def signing_key_path(config: RunConfig) -> Path:
-    """Path of the coordinator's Ed25519 signing key.
+#: Where signing keys were created before they moved out of the registry.
+LEGACY_KEY = Path("private") / "ed25519.pem"
 
-    ``signing-key``, else ``$FEDCOMMONS_SIGNING_KEY``, else ``<registry>/private/ed25519.pem``
-    (created on first use, mode 0600; keep ``private/`` out of what you publish).
+
+def signing_key_path(config: RunConfig) -> Path:
+    """Path of the coordinator's Ed25519 signing key; never inside the registry.
+
+    ``signing-key``, else ``$FEDCOMMONS_SIGNING_KEY``, else ``signing-key.pem`` in the
+    user's configuration directory (:func:`fedcommons.fileio.config_dir`; created on first
+    use, mode 0600). Raises :class:`SigningKeyError` for a key inside the registry, whose
+    files are served, and for a registry that still keeps its key at the old default
+    ``<registry>/private/ed25519.pem`` (saying how to move it).
     """
     path = config.signing_key or os.environ.get("FEDCOMMONS_SIGNING_KEY", "")
-    return Path(path).expanduser() if path else config.registry_path / "private" / "ed25519.pem"
+    key = Path(path).expanduser() if path else config_dir() / "signing-key.pem"
+    legacy = config.registry_path / LEGACY_KEY
+    if not path and not key.exists() and legacy.exists():
+        raise SigningKeyError(
+            f"this registry's signing key is still at the old default {str(legacy)!r}, inside "
+            "the directory it serves; move it out and keep it private: "
+            f"`mkdir -p -m 700 {key.parent} && mv {legacy} {key}` (or set signing-key). "
+            "If the registry was ever copied or served with private/ in it, treat the key "
+            "as leaked: sign with a new key and tell your users to pin it."
+        )
+    check_key_outside(key, config.registry_path)
+    return key
 
 
 def check_secagg_compatible(strategy: Aggregator, config: Any) -> None:

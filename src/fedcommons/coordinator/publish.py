@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict
 from datetime import UTC, datetime
+from typing import Any
 
 import torch
 
 from fedcommons import __version__
 from fedcommons.coordinator.prepare import PreparedRun, signing_key_path
-from fedcommons.coordinator.round import RoundReport
+from fedcommons.coordinator.round import RoundReport, published_metrics
 from fedcommons.errors import (
     CandidateRejectedError,
 )
@@ -21,6 +21,8 @@ from fedcommons.releases.patches import diff_weights
 from fedcommons.releases.registry import Registry, Release
 from fedcommons.releases.signing import Signer
 from fedcommons.releases.versioning import decide_bump
+from fedcommons.strategies import strategy_code
+from fedcommons.tasks import Task
 from fedcommons.wire import ReleaseManifest
 
 log = get_logger("fedcommons.coordinator")
@@ -57,6 +59,9 @@ def publish(
         parent_validation=parent_manifest.validation if parent_manifest else None,
         start=None if parent else prepared.weights,  # a first release must beat them
     )
+    central = prepared.privacy is not None and prepared.privacy.central is not None
+    if central:  # an un-noised count of who took part: not published on a DP line
+        contributors = 0
     last = reports[-1]
     metrics = {"val_accuracy": last.val_accuracy, "val_loss": last.val_loss}
     metrics.update({f"test_{k}": v for k, v in test.items() if k != "examples"})
@@ -104,6 +109,7 @@ def publish(
             task=config.task,
             strategy=prepared.strategy.name,
             strategy_params=prepared.strategy.params(),
+            strategy_code=strategy_code(prepared.strategy),
             rounds=config.rounds,
             clients_per_round=config.clients_per_round,
             contributors=contributors,
@@ -111,7 +117,7 @@ def publish(
             weights_bytes=size,
             num_parameters=sum(v.numel() for v in weights.values()),
             metrics=metrics,
-            round_metrics=[asdict(r) for r in reports],
+            round_metrics=[published_metrics(r, central) for r in reports],
             config=config.to_flat(),
             code_version=__version__,
             flower_run_id=run_id,
@@ -121,6 +127,7 @@ def publish(
             privacy=prepared.privacy.manifest_privacy() if prepared.privacy else {},
             compression=config.compression,
             upload_bytes=sum(sum(r.upload_bytes.values()) for r in reports),
+            base=patch_base(prepared.task),
         )
 
     return registry.publish(
@@ -132,3 +139,9 @@ def publish(
         bump=decision.bump,
         render_card=render_card,
     )
+
+
+def patch_base(task: Task) -> dict[str, Any]:
+    """The pinned base a task's weights are a patch of (empty for whole-model tasks)."""
+    base_info = getattr(task, "base_info", None)
+    return dict(base_info()) if callable(base_info) else {}

@@ -10,9 +10,10 @@ secure variant is :mod:`.secure_round`; the run around both is :mod:`.run`.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,13 +36,15 @@ from fedcommons.errors import (
 )
 from fedcommons.logs import get_logger
 from fedcommons.observability import events as observe
+from fedcommons.privacy.line import LinePrivacy, round_claim_config
+from fedcommons.privacy.seeded_bugs import active_bug
 from fedcommons.strategies import (
     guarded_begin,
     guarded_finalize,
-    guarded_fold,
+    guarded_fold_many,
 )
 from fedcommons.tasks import Task
-from fedcommons.wire import keys
+from fedcommons.wire import ClientUpdate, keys
 from fedcommons.wire.codec import dense_fp32_bytes
 
 log = get_logger("fedcommons.coordinator")
@@ -68,6 +71,47 @@ class RoundReport:
     #: Bytes of one update as dense fp32, and the round's ratio dense / uploaded.
     dense_bytes: int = 0
     ratio_vs_dense: float = 1.0
+    #: Nodes connected when the round sampled (the population it used).
+    connected: int = 0
+
+
+#: What a DP line publishes of a round: nothing that depends on who took part, un-noised.
+DP_PUBLIC_FIELDS = ("round", "val_loss", "val_accuracy", "dense_bytes")
+
+
+def public_report(report: RoundReport, privacy: LinePrivacy) -> RoundReport:
+    """The report as a line may publish it (manifest, registry index, resumable state).
+
+    Without central DP: unchanged. With it: the validation scores of the noisy model
+    (post-processing) and public sizes only; counts, per-node bytes, losses and timings
+    of the round are zeroed (they stay in the coordinator's private log).
+    """
+    if privacy.central is None:
+        return report
+    leak = active_bug(privacy.registry_root) == "leak-sample"  # canary-audit scratch only
+    return replace(
+        report,
+        sampled=0,
+        accepted=0,
+        rejected={},
+        timed_out=0,
+        examples=0,
+        train_loss=math.nan,
+        seconds=0.0,
+        upload_bytes=dict(report.upload_bytes) if leak else {},
+        ratio_vs_dense=0.0,
+        connected=0,
+    )
+
+
+def published_metrics(report: RoundReport, central: bool) -> dict[str, Any]:
+    """A round's entry in the manifest's ``round_metrics`` (DP lines: public fields only)."""
+    metrics = asdict(report)
+    if not central:
+        return metrics
+    return {
+        k: v for k, v in metrics.items() if k in DP_PUBLIC_FIELDS or (v and k == "upload_bytes")
+    }
 
 
 def compression_seed(run_tag: str, round_no: int) -> int:
@@ -106,6 +150,15 @@ def round_content(
     }
     for key, value in config.task_options.items():
         train_cfg[f"{keys.TASK_OPTION_PREFIX}{key}"] = value
+    train_cfg.update(  # the line's public DP mechanism, for the institutions' receipts
+        round_claim_config(
+            config.central_dp,
+            line=config.line,
+            clients_per_round=config.clients_per_round,
+            population=config.population,
+            rounds=config.rounds,
+        )
+    )
     if needs_fisher:
         train_cfg[keys.FISHER_REQUEST] = True
         if fisher_samples:
@@ -124,14 +177,15 @@ def run_round(
     """Run one plaintext round; return the new weights, the report and the contributors."""
     config, strategy = prepared.config, prepared.strategy
     started = time.monotonic()
-    privacy, nodes, sampled, rate, expected = sample_round(grid, prepared, round_no)
+    privacy, nodes, sample = sample_round(grid, prepared, round_no)
+    sampled = sample.nodes
     strategy = privacy.start_round(  # refuses a round past the line's budget
         round_no,
         strategy,
         population=len(nodes),
         sampled=len(sampled),
-        sample_rate=rate,
-        expected=expected,
+        sample_rate=sample.sample_rate,
+        expected=sample.expected,
     )
     content = round_content(
         config,
@@ -167,6 +221,7 @@ def run_round(
         if not replies:
             time.sleep(POLL_INTERVAL_S)
             continue
+        accepted: list[ClientUpdate] = []  # the valid replies of this pull, in order
         for reply in replies:
             pending.discard(reply.metadata.reply_to_message_id)
             observe.reply_received(reply)
@@ -179,24 +234,35 @@ def run_round(
                     max_bytes=prepared.max_update_bytes,
                     expected_seed=seed,
                 )
-                if update.node_id in contributors:
+                if update.node_id in contributors or any(
+                    u.node_id == update.node_id for u in accepted
+                ):
                     raise UpdateRejectedError(
                         "duplicate", f"second update from node {update.node_id}"
                     )
             except UpdateRejectedError as exc:
                 rejections.reject(reply.metadata.src_node_id, exc.reason, exc.detail)
                 continue
-            guarded_fold(strategy, update)
+            accepted.append(update)
+        del replies
+        if not accepted:
+            continue
+        # One pass over the aggregate for the whole pull (FedAvg: same bits as folding
+        # the replies one at a time, in this order).
+        guarded_fold_many(strategy, accepted)
+        for update in accepted:
             if update.dp_spend is not None:
                 privacy.add_client_spend(update.node_id, update.dp_spend)
             contributors.add(update.node_id)
             upload[str(update.node_id)] = update.upload_bytes
             examples += update.num_examples
             loss_sum += update.metrics.get(keys.TRAIN_LOSS, 0.0) * update.num_examples
-            del update  # the aggregate is all we keep
             faults.reached("collecting", round_no)
+        del accepted, update  # the aggregate is all we keep
     timed_out = len(pending)
-    if len(contributors) < config.min_clients:
+    # A DP line releases every sampled round (its noise is calibrated to W, not to the
+    # replies): withholding a short round would condition the release on the sample.
+    if len(contributors) < config.min_clients and privacy.central is None:
         raise RoundFailedError(
             f"round {round_no}: {len(contributors)} valid update(s), need {config.min_clients} "
             f"(rejected: {dict(rejections.counts) or 0}, no reply: {timed_out})"
@@ -222,10 +288,9 @@ def run_round(
         train_loss=loss_sum / max(examples, 1),
         started=started,
         upload_bytes=upload,
+        connected=len(nodes),
     )
     log.info("round.finished", **report_summary(report))
-    if privacy.central is not None:  # released in the manifest: nothing outside the DP noise
-        report.train_loss, report.examples = float("nan"), 0
     return new_weights, report, contributors
 
 

@@ -22,7 +22,7 @@ from fedcommons.coordinator import faults
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.prepare import PreparedRun, prepare_run
 from fedcommons.coordinator.publish import publish
-from fedcommons.coordinator.round import RoundReport, evaluate, run_round
+from fedcommons.coordinator.round import RoundReport, evaluate, public_report, run_round
 from fedcommons.coordinator.runs import DurableRun
 from fedcommons.coordinator.secure_round import run_secure_round
 from fedcommons.errors import (
@@ -31,6 +31,7 @@ from fedcommons.errors import (
 )
 from fedcommons.logs import get_logger
 from fedcommons.observability import events as observe
+from fedcommons.privacy.disclosure import PrivateRoundLog, private_dir
 from fedcommons.releases.registry import Release
 
 log = get_logger("fedcommons.coordinator")
@@ -79,6 +80,11 @@ def run_federation(
             prepared.privacy.run_id = run_id
         durable = DurableRun(prepared, run_id)
         resumed = durable.open()
+        if prepared.privacy is not None:
+            prepared.privacy.run_tag = prepared.run_tag
+        dp_line = prepared.privacy is not None and prepared.privacy.central is not None
+        private = private_dir(config.registry_path, config.private_dir)
+        private_log = PrivateRoundLog(private)
         if observer:
             observer.on_start(config, run_id)
         log.info(
@@ -90,8 +96,11 @@ def run_federation(
             run_name=durable.name,
             resume_after=resumed.next_round - 1,
         )
-        observe.run_started(
-            config.registry_path, run_id, {"config": config.to_flat(), "run_name": durable.name}
+        observe.run_started(  # a DP line's audit log names nodes: kept out of the registry
+            private if dp_line else config.registry_path,
+            run_id,
+            {"config": config.to_flat(), "run_name": durable.name},
+            sinks=run_sinks(config),
         )
         if resumed.next_round > 1:
             observe.run_resumed(durable.name, resumed.next_round - 1)
@@ -109,13 +118,17 @@ def run_federation(
                     weights, report, nodes, attempts = _run_round_with_policy(
                         grid, prepared, weights, round_no
                     )
+                    # what the registry may hold of the round (DP lines: nothing per node)
+                    public = public_report(report, prepared.privacy) if dp_line else report
+                    published_nodes = set() if dp_line else nodes
                     commit_started = time.monotonic()
-                    durable.commit(round_no, weights, report, nodes, attempts)
+                    durable.commit(round_no, weights, public, published_nodes, attempts)
                     commit_seconds = time.monotonic() - commit_started
-                observe.round_finished(report)
+                    _record_private(private_log, durable.name, report, nodes, prepared)
+                observe.round_finished(report, epsilon=_epsilon_spent(prepared))
                 observe.round_committed(durable.name, round_no, commit_seconds)
-                reports.append(report)
-                contributors |= nodes
+                reports.append(public)
+                contributors |= published_nodes
                 if observer:
                     observer.on_round(report)
             test = evaluate(prepared.task, weights, prepared.task.test_loader())
@@ -154,6 +167,58 @@ def run_federation(
             run_name=durable.name,
         )
         return FederationResult(release, reports, test, run_id)
+
+
+def run_sinks(config: RunConfig) -> list[object]:
+    """The run's event sinks besides metrics and audit log: the MLflow mirror if configured."""
+    if not config.mlflow_tracking_uri:
+        return []
+    from fedcommons.releases.integrations.mlflow_mirror import MlflowMirror
+
+    return [
+        MlflowMirror(
+            config.mlflow_tracking_uri,
+            line=config.line,
+            experiment=config.mlflow_experiment,
+            audit=observe.audit,
+        )
+    ]
+
+
+def _epsilon_spent(prepared: PreparedRun) -> float | None:
+    """The line's cumulative central-DP ε after the last committed round (``None``: no DP)."""
+    if prepared.privacy is None or prepared.privacy.central is None:
+        return None
+    return prepared.privacy.spent()
+
+
+def _record_private(
+    log_: PrivateRoundLog,
+    run_name: str,
+    report: RoundReport,
+    nodes: set[int],
+    prepared: PreparedRun,
+) -> None:
+    """Keep the round's operational record (node ids, counts, spends) in private state."""
+    record: dict[str, object] = {
+        "run_name": run_name,
+        "line": prepared.config.line,
+        "round": report.round,
+        "contributors": sorted(int(n) for n in nodes),
+        "report": {
+            "sampled": report.sampled,
+            "accepted": report.accepted,
+            "rejected": report.rejected,
+            "timed_out": report.timed_out,
+            "connected": report.connected,
+            "examples": report.examples,
+            "upload_bytes": report.upload_bytes,
+        },
+    }
+    if prepared.privacy is not None and prepared.privacy.private_round:
+        record["privacy"] = prepared.privacy.private_round
+        prepared.privacy.private_round = {}
+    log_.append(record)
 
 
 def _run_round_with_policy(

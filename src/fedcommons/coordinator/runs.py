@@ -50,6 +50,7 @@ from fedcommons.coordinator.checkpoint import (
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.errors import CheckpointError, RegistryError, RunStateError
 from fedcommons.logs import get_logger
+from fedcommons.names import NameKind, check_name
 from fedcommons.privacy.ledger import LedgerRecord
 from fedcommons.releases.registry import Registry, Release, sqlite_connect, sqlite_transaction
 
@@ -65,6 +66,10 @@ MUTABLE_KEYS = frozenset(
         "node-wait-timeout",
         "on-round-failure",
         "round-retries",
+        "mlflow-tracking-uri",
+        "mlflow-experiment",
+        "private-dir",
+        "population",  # a DP round records its own q and W in the ledger
     }
 )
 RUNS_DIR = "runs"
@@ -76,9 +81,9 @@ def now() -> str:
 
 
 def new_run_name(line: str) -> str:
-    """A fresh run name: ``<line>-<UTC time>-<6 hex>``."""
+    """A fresh run name: ``<line>-<UTC time>-<6 hex>`` (the line cut to fit 100 characters)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{line}-{stamp}-{uuid.uuid4().hex[:6]}"
+    return f"{line[:76]}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
 def comparable_config(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -479,8 +484,8 @@ class DurableRun:
         return self.config.registry_path
 
     def run_dir(self) -> Path:
-        """Where this run's checkpoints live."""
-        return self.root / RUNS_DIR / self.name
+        """Where this run's checkpoints live (the run name is checked before it is a path)."""
+        return self.root / RUNS_DIR / check_name(self.name, NameKind.run)
 
     def open(self) -> Resumed:
         """Start or resume: restore everything the last committed round recorded."""

@@ -1,5 +1,10 @@
 """Which nodes take part in a round: wait for the population, then sample it.
 
+Flower's node ids are unsigned 64-bit integers. They stay Python ints end to end: samples
+are drawn as *indices* into the sorted id list, never by handing the ids to numpy (a
+list with an id ≥ 2⁶³ becomes a float64 array, and the rounded ids address nodes that do
+not exist: "Invalid destination node ID").
+
 Also the round engine's guard around Flower's ``Grid`` calls (:func:`grid_call`): the
 SuperLink answers a transient failure (its SQLite state busy under load: HTTP 500
 ``database is locked``, an object push that could not be stored; a dropped connection)
@@ -57,11 +62,9 @@ from flwr.supercore.inflatable.inflatable_utils import (
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from fedcommons.coordinator.prepare import PreparedRun
-from fedcommons.errors import (
-    RoundFailedError,
-)
+from fedcommons.errors import RoundFailedError
 from fedcommons.logs import get_logger
-from fedcommons.privacy.line import LinePrivacy
+from fedcommons.privacy.line import LinePrivacy, RoundSample
 
 log = get_logger("fedcommons.coordinator")
 
@@ -102,53 +105,67 @@ def grid_call(call: Callable[[], T], *, deadline: float, what: str) -> T:
             delay = min(2 * delay, 5.0)
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
-    """Return the connected node ids once at least ``minimum`` are there (bounded wait)."""
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, population: int = 0) -> list[int]:
+    """The connected node ids (sorted Python ints), once the declared population is there.
+
+    Waits until ``population`` nodes (at least ``minimum``) are connected, at most
+    ``timeout`` seconds. At the deadline a round with at least ``minimum`` nodes goes on
+    with those (a warning names the shortfall; the round report records how many were
+    connected); fewer raise :class:`RoundFailedError`.
+    """
+    target = max(minimum, population)
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(
-            grid_call(lambda: list(grid.get_node_ids()), deadline=deadline, what="get_node_ids")
+            int(n)
+            for n in grid_call(
+                lambda: list(grid.get_node_ids()), deadline=deadline, what="get_node_ids"
+            )
         )
-        if len(nodes) >= minimum:
+        if len(nodes) >= target:
             return nodes
         if time.monotonic() >= deadline:
+            if len(nodes) >= minimum:
+                log.warning("round.population_short", connected=len(nodes), declared=target)
+                return nodes
             raise RoundFailedError(
-                f"only {len(nodes)} node(s) connected after {timeout:.0f}s; need {minimum}"
+                f"only {len(nodes)} node(s) connected after {timeout:.0f}s; need {minimum} "
+                f"(declared population {population or 'none'})"
             )
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def sample_nodes(nodes: list[int], k: int, seed: int, round_no: int, attempt: int = 0) -> list[int]:
-    """Sample ``k`` nodes without replacement (all when ``k`` is 0 or too large).
+    """Sample ``k`` of ``nodes`` without replacement (all when ``k`` is 0 or too large).
 
-    A retried round (``attempt`` > 0) draws a new sample; attempt 0 is the sample a
-    resumed run draws again.
+    Seeded by the run's seed and the round (the same sample when a resumed run draws it
+    again); a retried round (``attempt`` > 0) draws a new one. Returns Python ints.
     """
     if k <= 0 or k >= len(nodes):
         return list(nodes)
     rng = np.random.default_rng([seed, round_no] if attempt == 0 else [seed, round_no, attempt])
-    return sorted(int(n) for n in rng.choice(nodes, size=k, replace=False))
+    picks = rng.choice(len(nodes), size=k, replace=False)
+    return sorted(nodes[int(i)] for i in picks)
 
 
 def sample_round(
     grid: Grid, prepared: PreparedRun, round_no: int
-) -> tuple[LinePrivacy, list[int], list[int], float, float]:
-    """Wait for nodes and sample the round's clients.
+) -> tuple[LinePrivacy, list[int], RoundSample]:
+    """Wait for the declared population, then sample the round's clients.
 
-    Returns the line's privacy bookkeeping, the connected and the sampled nodes, the
-    sample rate and the expected sample size (what ``privacy.start_round`` records).
+    The round waits (at most ``node-wait-timeout``) until the declared ``population`` is
+    connected, then goes on with whoever is (at least ``min-clients``). Without central
+    DP the sample is seeded from the run's seed; with it, the line's privacy bookkeeping
+    draws a secret Poisson or fixed-size sample whose rate and denominator depend only on
+    the declared population.
     """
     config = prepared.config
-    nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout)
+    nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout, config.population)
     privacy = prepared.privacy or LinePrivacy(config.registry_path, config.line, None)
-    if privacy.central is not None:  # DP-FedAvg: secret Poisson or fixed-size sampling
-        sampled, rate, expected = privacy.sample(nodes, config.clients_per_round)
-    else:
-        sampled = sample_nodes(
-            nodes, config.clients_per_round, config.seed, round_no, prepared.attempt
-        )
-        rate, expected = 1.0, float(len(sampled))
-    return privacy, nodes, sampled, rate, expected
+    if privacy.central is not None:
+        return privacy, nodes, privacy.sample(nodes)
+    sampled = sample_nodes(nodes, config.clients_per_round, config.seed, round_no, prepared.attempt)
+    return privacy, nodes, RoundSample(sampled, 1.0, float(len(sampled)))
 
 
 # -- pulling a round's replies ------------------------------------------------------

@@ -264,6 +264,10 @@ class _Stages:
                 except SecAggProtocolError as exc:
                     self.reject(index, "secagg-malformed", str(exc), stage)
                     continue
+                except Exception as exc:  # whatever a reply breaks, the round goes on
+                    detail = f"{type(exc).__name__}: {exc}"[:500]
+                    self.reject(index, "malformed", detail, stage)
+                    continue
                 self.upload[index] += _reply_bytes(reply)
                 if on_accepted is not None:
                     on_accepted(index, reply)
@@ -290,7 +294,8 @@ def run_secure_round(
     """
     config, strategy = prepared.config, prepared.strategy
     started = time.monotonic()
-    privacy, nodes, sampled, rate, expected = sample_round(grid, prepared, round_no)
+    privacy, nodes, sample = sample_round(grid, prepared, round_no)
+    sampled, rate, expected = sample.nodes, sample.sample_rate, sample.expected
     n = len(sampled)
     if n < 2:
         raise SecAggAbortedError(
@@ -384,7 +389,7 @@ def run_secure_round(
     )
     outcome = server.finish()
     survivors = outcome.survivors
-    if len(survivors) < config.min_clients:
+    if len(survivors) < config.min_clients and privacy.central is None:
         raise RoundFailedError(
             f"round {round_no}: {len(survivors)} client(s) in the secure sum, need "
             f"{config.min_clients} (rejected: {dict(stages.rejections.counts) or 0})"
@@ -442,6 +447,7 @@ def run_secure_round(
         train_loss=math.nan,  # individual losses are not sent under secure aggregation
         started=started,
         upload_bytes={str(node_of[i]): int(stages.upload[i]) for i in survivors},
+        connected=len(nodes),
     )
     log.info(
         "secagg.round_finished",
@@ -450,8 +456,6 @@ def run_secure_round(
         dropped={k: len(v) for k, v in outcome.dropped.items()},
         timed_out_by_stage=dict(stages.timed_out),
     )
-    if privacy.central is not None:
-        report.examples = 0
     return new_weights, report, {node_of[i] for i in survivors}
 
 

@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcommons.errors import CertificateError
+from fedcommons.errors import CertificateError, InvalidNameError
+from fedcommons.names import NameKind, check_name
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -165,6 +166,36 @@ def load_ca(out_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     return cert, key
 
 
+def _sign_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    days: int,
+    usage: x509.ObjectIdentifier,
+    *extensions: x509.ExtensionType,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A fresh key and its certificate for ``usage`` (server or client auth), signed by the CA."""
+    key = ec.generate_private_key(CURVE())
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(ca_key, hashes.SHA384()), key
+
+
 def create_server_cert(
     out_dir: Path, hosts: Sequence[str] = (), *, days: int = 397, overwrite: bool = False
 ) -> tuple[Path, Path]:
@@ -181,28 +212,39 @@ def create_server_cert(
         parsed = _parse_host(host.strip())
         if parsed not in names:
             names.append(parsed)
-    key = ec.generate_private_key(CURVE())
-    now = _now()
     first = next((h for h in hosts if h.strip()), "localhost")
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA384())
+    cert, key = _sign_leaf(
+        ca_cert,
+        ca_key,
+        first,
+        days,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        x509.SubjectAlternativeName(names),
     )
     return _write_cert_and_key(
         Path(out_dir) / SERVER_CERT, Path(out_dir) / SERVER_KEY, cert, key, overwrite
     )
+
+
+def create_operator_cert(
+    out_dir: Path, name: str, *, days: int = 397, overwrite: bool = False
+) -> tuple[Path, Path]:
+    """Sign a TLS *client* certificate for operator ``name`` with the CA in ``out_dir``.
+
+    It authenticates an operator at the coordinator's ``operator-address`` (the Control
+    API served beyond loopback). Written as ``operators/NAME.pem`` and ``NAME.key``
+    (0600); returns (cert, key) paths.
+    """
+    try:
+        check_name(name, NameKind.key)
+    except InvalidNameError as exc:
+        raise CertificateError(f"operator name: {exc}") from None
+    if days < 1:
+        raise CertificateError(f"days must be >= 1, got {days}")
+    ca_cert, ca_key = load_ca(out_dir)
+    cert, key = _sign_leaf(ca_cert, ca_key, name, days, ExtendedKeyUsageOID.CLIENT_AUTH)
+    folder = Path(out_dir) / "operators"
+    return _write_cert_and_key(folder / f"{name}.pem", folder / f"{name}.key", cert, key, overwrite)
 
 
 def server_cert_hosts(cert_path: Path) -> list[str]:
@@ -233,8 +275,10 @@ def create_node_keys(out_dir: Path, name: str, *, overwrite: bool = False) -> No
     The private key stays at the institution (``fedcommons client join --key``); the
     public key goes to the coordinator's allowlist.
     """
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise CertificateError(f"node name {name!r}: use letters, digits, '-', '_' or '.'")
+    try:
+        check_name(name, NameKind.key)  # it names two files in out_dir
+    except InvalidNameError as exc:
+        raise CertificateError(f"node name: {exc}") from None
     key = ec.generate_private_key(CURVE())
     private = key.private_bytes(
         serialization.Encoding.PEM,

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedcommons.client_sdk.site_tasks import ALLOWED_TASKS_KEY
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.prepare import prepare_run
 from fedcommons.coordinator.run import FederationResult, RunObserver
@@ -35,6 +36,7 @@ class InProcessGrid(Grid):
         client_apps: Sequence[ClientApp],
         run_id: int = 1,
         node_configs: Sequence[Mapping[str, Any]] | None = None,
+        node_ids: Sequence[int] | None = None,
     ) -> None:
         self.run_id = run_id
         # Flower stamps messages with the identity of the task running in this process,
@@ -43,8 +45,10 @@ class InProcessGrid(Grid):
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = _SERVER_NODE_ID
         self._nodes: dict[int, tuple[ClientApp, Context]] = {}
+        if node_ids is not None and len(set(node_ids)) != len(client_apps):
+            raise ValueError("node_ids must name each client app once")
         for pid, client in enumerate(client_apps):
-            node_id = 1000 + pid
+            node_id = int(node_ids[pid]) if node_ids is not None else 1000 + pid
             node_config = {"partition-id": pid, "num-partitions": len(client_apps)}
             if node_configs is not None:  # the site's own node config (e.g. its DP budget)
                 node_config.update(node_configs[pid])
@@ -128,17 +132,27 @@ def run_in_process(
     *,
     observer: RunObserver | None = None,
     node_configs: Sequence[Mapping[str, Any]] | None = None,
+    node_ids: Sequence[int] | None = None,
 ) -> FederationResult:
     """Run ``config`` with the given ClientApps as institutions, in this process.
 
     ``node_configs`` (one mapping per app) is added to each node's config, as a site's
-    ``flower-supernode --node-config`` would.
+    ``flower-supernode --node-config`` would; ``node_ids`` (default 1000, 1001, ...) are
+    the nodes' ids, e.g. random 64-bit ones as Flower's engines assign. The operator runs
+    these sites, so each allows the run's task (``allowed-tasks``) unless its node config
+    says otherwise.
     """
     config.task_options.setdefault("num-partitions", len(client_apps))
+    if not config.population:
+        config.population = len(client_apps)
     prepared = prepare_run(config)
     results: list[FederationResult] = []
     server_app = make_server_app(config, observer=observer, prepared=prepared, results=results)
-    grid = InProcessGrid(client_apps, node_configs=node_configs)
+    sites = [
+        {ALLOWED_TASKS_KEY: config.task, **(node_configs[i] if node_configs else {})}
+        for i in range(len(client_apps))
+    ]
+    grid = InProcessGrid(client_apps, node_configs=sites, node_ids=node_ids)
     context = Context(
         run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
     )

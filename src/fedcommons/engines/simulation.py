@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fedcommons.client_sdk.site_tasks import ALLOWED_TASKS_ENV
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.prepare import prepare_run
 from fedcommons.coordinator.run import FederationResult, RunObserver
@@ -46,11 +47,24 @@ def run_simulation(
     config.task_options.setdefault("num-partitions", num_institutions)
     if int(config.task_options["num-partitions"]) != num_institutions:
         raise ConfigError("task.num-partitions must equal the number of institutions")
+    # Rounds sample from the declared population: round 1 waits until every simulated
+    # institution has registered (Flower starts the ServerApp before all SuperNodes are up).
+    if not config.population:
+        config.population = num_institutions
+    if config.population > num_institutions:
+        raise ConfigError(
+            f"population ({config.population}) exceeds the {num_institutions} simulated "
+            "institutions"
+        )
     prepared = prepare_run(config)
 
     quiet_flower_env()
     # Each simulated client trains with one thread: the engine runs several at once.
     os.environ.setdefault("FEDCOMMONS_CLIENT_THREADS", "1")
+    # The operator runs the simulated sites: they allow the run's task (site_tasks);
+    # Ray's workers inherit this process's environment. Restored after the run.
+    allowed = os.environ.get(ALLOWED_TASKS_ENV)
+    os.environ[ALLOWED_TASKS_ENV] = ",".join(p for p in (allowed, config.task) if p)
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from fedcommons.client_sdk.client_app import app as client_app
@@ -87,6 +101,11 @@ def run_simulation(
             if isinstance(cause, FedcommonsError):
                 raise cause from None
             raise
+        finally:
+            if allowed is None:
+                os.environ.pop(ALLOWED_TASKS_ENV, None)
+            else:
+                os.environ[ALLOWED_TASKS_ENV] = allowed
     if not results:
         raise FedcommonsError("the simulation ended without publishing a release")
     return results[0]

@@ -1,9 +1,14 @@
 """The coordinator service on Flower's deployment engine: the SuperLink and its settings.
 
-``fedcommons coordinator start`` runs a ``flower-superlink`` (TLS and SuperNode
+``fedcommons coordinator start`` runs Flower's SuperLink (TLS and SuperNode
 authentication on by default) with the settings of :class:`CoordinatorSettings`, keeps its
 registered SuperNodes equal to the allowlist (:func:`sync_allowlist`), exports metrics and
 the audit log to the ServerApp processes it starts, and runs the run scheduler next to it.
+
+Only the Fleet API faces the network (``host``/``port``, what SuperNodes dial); the
+Control and runtime APIs listen on loopback (``control-host``/``control-port``), or, for
+the Control API only, on an ``operator-address`` that requires TLS client certificates
+(:mod:`fedcommons.engines.listeners`).
 """
 
 from __future__ import annotations
@@ -52,8 +57,16 @@ class CoordinatorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDCOMMONS_", extra="forbid")
 
+    #: Fleet API (the only API SuperNodes need): the address institutions dial.
     host: str = "127.0.0.1"
     port: int = Field(9093, ge=1, le=65535)
+    #: Control and runtime APIs: loopback only (operators submit from this host).
+    control_host: str = "127.0.0.1"
+    control_port: int = Field(9091, ge=1, le=65535)
+    #: Optional HOST:PORT serving the Control API to operators elsewhere, TLS client
+    #: certificates required (signed by ``operator_client_ca``, default the CA).
+    operator_address: str | None = None
+    operator_client_ca: Path | None = None
     database: Path | None = None
     insecure: bool = False
     ssl_certfile: Path | None = None
@@ -90,7 +103,7 @@ class CoordinatorSettings(BaseSettings):
         """Raise ConfigError/CertificateError on unusable settings; return warnings."""
         from fedcommons.engines.certs import allowlist_keys, check_pem_certificate
 
-        warnings: list[str] = []
+        warnings: list[str] = self._check_listeners()
         if self.insecure:
             warnings.append("TLS is off (--insecure): use only on a trusted network")
             if self.node_auth:
@@ -121,6 +134,43 @@ class CoordinatorSettings(BaseSettings):
             warnings.append("SuperNode authentication is off: any SuperNode may connect")
         return warnings
 
+    def _check_listeners(self) -> list[str]:
+        """The Control API stays on loopback or behind client certificates."""
+        from fedcommons.engines.listeners import is_loopback, split_address
+
+        if not is_loopback(self.control_host):
+            raise ConfigError(
+                f"control-host {self.control_host!r} is not a loopback address: the Control and "
+                "runtime APIs listen on this machine only (use operator-address for remote "
+                "operators, with TLS client certificates)"
+            )
+        clash = self.port == self.control_port and (
+            self.host in ("0.0.0.0", "::", "", self.control_host)
+        )
+        if clash:
+            raise ConfigError(
+                f"port {self.port} is both the Fleet port and the Control port: choose "
+                "another control-port"
+            )
+        warnings = []
+        if self.operator_address:
+            try:
+                split_address(self.operator_address)
+            except ValueError as exc:
+                raise ConfigError(f"operator-address: {exc}") from None
+            if self.insecure:
+                raise ConfigError(
+                    "operator-address needs TLS with client certificates; it cannot be "
+                    "combined with --insecure"
+                )
+            warnings.append(
+                f"the Control API is also served on {self.operator_address} to clients with "
+                f"a certificate from {self.operator_client_ca or self.ssl_ca_certfile}"
+            )
+        if not is_loopback(self.host) and self.insecure:
+            warnings.append(f"the Fleet API on {self.host} is plain text (--insecure)")
+        return warnings
+
     @property
     def node_auth_active(self) -> bool:
         """Whether the SuperLink runs with ``--enable-supernode-auth``."""
@@ -128,7 +178,19 @@ class CoordinatorSettings(BaseSettings):
 
     @property
     def local_address(self) -> str:
-        """Where this machine reaches the SuperLink (loopback when it binds everywhere)."""
+        """Where this machine reaches the Control API (the loopback listener)."""
+        host = self.control_host
+        return f"[{host}]:{self.control_port}" if ":" in host else f"{host}:{self.control_port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """Where the Fleet API listens (what SuperNodes dial)."""
+        host = self.host or "0.0.0.0"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def fleet_probe_address(self) -> str:
+        """Where this machine reaches the Fleet listener (loopback when it binds everywhere)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
@@ -166,6 +228,7 @@ def load_coordinator_settings(
 
 
 _PATH_FIELDS = (
+    "operator_client_ca",
     "database",
     "ssl_certfile",
     "ssl_keyfile",
@@ -194,13 +257,13 @@ def _paths_relative_to(
 
 
 def superlink_argv(settings: CoordinatorSettings) -> list[str]:
-    """The ``flower-superlink`` command line for ``settings``."""
+    """The ``flower-superlink`` options for ``settings`` (its own host is the loopback one)."""
     argv = [
         "flower-superlink",
         "--host",
-        settings.host,
+        settings.control_host,
         "--port",
-        str(settings.port),
+        str(settings.control_port),
         "--disable-runtime-dependency-installation",
         # the coordinator service starts and supervises the SuperExec (engines/superexec.py)
         "--isolation",
@@ -221,6 +284,23 @@ def superlink_argv(settings: CoordinatorSettings) -> list[str]:
     if settings.node_auth_active:
         argv.append("--enable-supernode-auth")
     return argv
+
+
+def service_argv(settings: CoordinatorSettings, python: str | None = None) -> list[str]:
+    """The coordinator's SuperLink command: Flower's app behind separate listeners.
+
+    ``python -m fedcommons.engines.listeners --fleet-address HOST:PORT [--operator-...]
+    -- <flower-superlink options>`` (see :mod:`fedcommons.engines.listeners`).
+    """
+    import sys
+
+    argv = [python or sys.executable, "-m", "fedcommons.engines.listeners"]
+    argv += ["--fleet-address", settings.fleet_address]
+    if settings.operator_address:
+        ca = settings.operator_client_ca or settings.ssl_ca_certfile
+        argv += ["--operator-address", settings.operator_address]
+        argv += ["--operator-client-ca", str(ca)]
+    return [*argv, "--", *superlink_argv(settings)[1:]]
 
 
 def service_env(
@@ -244,7 +324,30 @@ class AllowlistSync:
     revoked: list[int] = field(default_factory=list)
 
 
-def _control_client(address: str, root_cert: Path | None, insecure: bool) -> Any:
+def _control_client(
+    address: str,
+    root_cert: Path | None,
+    insecure: bool,
+    client_cert: tuple[Path, Path] | None = None,
+) -> Any:
+    """A Flower Control API client; with ``client_cert`` (cert, key) it authenticates by TLS."""
+    if client_cert is not None:
+        import ssl
+
+        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        context = ssl.create_default_context(cafile=str(root_cert) if root_cert else None)
+        context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+        return ControlHttpClient(
+            f"https://{address}",
+            interceptors=[
+                CliClientHttpInterceptor(),
+                RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+            ],
+            verify=context,
+        )
     from flwr.cli.typing import SuperLinkConnection
     from flwr.cli.utils import init_http_client_from_connection
 
@@ -264,6 +367,7 @@ def sync_allowlist(
     root_cert: Path | None,
     insecure: bool = False,
     revoke_unlisted: bool = True,
+    client_cert: tuple[Path, Path] | None = None,
 ) -> AllowlistSync:
     """Make the SuperLink's registered SuperNodes equal the allowlist.
 
@@ -284,7 +388,7 @@ def sync_allowlist(
 
     wanted = {public_key_to_bytes(load_node_public_key(path)): Path(path) for path in key_files}
     result = AllowlistSync()
-    client = _control_client(address, root_cert, insecure)
+    client = _control_client(address, root_cert, insecure, client_cert)
     try:
         try:
             nodes = client.ListNodes(ListNodesRequest()).nodes_info
@@ -331,16 +435,18 @@ def run_coordinator(
 ) -> int:
     """Run the SuperLink until it exits or this process is asked to stop; return its code.
 
-    Starts ``flower-superlink`` as a child with TLS (and ``--enable-supernode-auth``
-    unless turned off), passes the metrics and audit-log settings on to the ServerApp
-    processes through the environment, registers the allowlist once the port is open,
-    forwards SIGTERM/SIGINT to the SuperLink and waits for it, keeping the SuperExec that
-    starts the ServerApps running next to it (:mod:`fedcommons.engines.superexec`).
+    Starts the SuperLink (:func:`service_argv`) as a child with TLS (and
+    ``--enable-supernode-auth`` unless turned off), passes the metrics and audit-log
+    settings on to the ServerApp processes through the environment, registers the
+    allowlist once both listeners are open, forwards SIGTERM/SIGINT to the SuperLink and
+    waits for it, keeping the SuperExec that starts the ServerApps running next to it
+    (:mod:`fedcommons.engines.superexec`).
     """
     from fedcommons.engines.certs import allowlist_keys
     from fedcommons.engines.superexec import superexec_argv, supervise
 
-    argv = [flower_exe("flower-superlink"), *superlink_argv(settings)[1:]]
+    flower_exe("flower-superlink")  # Flower is installed next to this Python
+    argv = service_argv(settings)
     proc = subprocess.Popen(argv, env=service_env(settings), stdin=subprocess.DEVNULL)
 
     def forward(signum: int, _frame: Any) -> None:
@@ -350,6 +456,7 @@ def run_coordinator(
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         _wait_for_port(settings.local_address, proc, settings.startup_timeout)
+        _wait_for_port(settings.fleet_probe_address, proc, settings.startup_timeout)
         sync = None
         if settings.node_auth_active:
             sync = sync_allowlist(

@@ -1,35 +1,69 @@
-"""One-line hooks the round loop calls: Prometheus metrics plus the audit log.
+"""One-line hooks the round loop calls: Prometheus metrics, the audit log, run sinks.
 
-:func:`run_started` binds the audit log of the current run (a context variable, so
-concurrent in-process runs do not mix) and starts the metrics server when configured;
-the other hooks update both. They are kept here so that ``federation.py`` only gains a
-call per event.
+:func:`run_started` binds the audit log of the current run and its *sinks* (context
+variables, so concurrent in-process runs do not mix) and starts the metrics server when
+configured; the other hooks update all of them. They are kept here so that the round
+engine only gains a call per event.
+
+A sink is any object with some of the methods ``run_started(run_id, details)``,
+``round_finished(report, epsilon=None)``, ``release_published(release)`` and
+``run_ended(outcome, detail)`` (the MLflow mirror is one,
+:class:`fedcommons.releases.integrations.mlflow_mirror.MlflowMirror`). A sink that raises is logged
+and skipped: a sink never fails a round or loses a release.
 """
 
 from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fedcommons.logs import get_logger
 from fedcommons.observability import metrics
 from fedcommons.observability.audit_log import AuditLog, default_path
+
+log = get_logger("fedcommons.observability")
 
 _run: contextvars.ContextVar[tuple[AuditLog, int] | None] = contextvars.ContextVar(
     "fedcommons_audit_run", default=None
 )
+_sinks: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "fedcommons_run_sinks", default=()
+)
 
 
-def run_started(registry_dir: Path, run_id: int, details: dict[str, Any]) -> AuditLog:
-    """Serve metrics if configured; open the audit log; record ``run.start``."""
+def run_started(
+    registry_dir: Path, run_id: int, details: dict[str, Any], *, sinks: Sequence[Any] = ()
+) -> AuditLog:
+    """Serve metrics if configured; open the audit log; record ``run.start``; bind ``sinks``."""
     metrics.serve_from_env()
     audit = AuditLog(default_path(registry_dir))
     _run.set((audit, run_id))
+    _sinks.set(tuple(sinks))
     audit.record("run.start", "started", run_id=run_id, details=details)
+    _notify("run_started", run_id, details)
     return audit
+
+
+def _notify(event: str, *args: Any, **kwargs: Any) -> None:
+    """Call ``event`` on every sink of the run that has it; a failing sink is logged only."""
+    for sink in _sinks.get():
+        method = getattr(sink, event, None)
+        if method is None:
+            continue
+        try:
+            method(*args, **kwargs)
+        except Exception as exc:  # a sink is never allowed to fail the run
+            log.warning("sink.failed", sink=type(sink).__name__, event=event, error=str(exc))
+            _audit("sink.failed", event, details={"sink": type(sink).__name__, "error": str(exc)})
+
+
+def audit(action: str, outcome: str, **kwargs: Any) -> None:
+    """Record ``action`` in the current run's audit log (a no-op outside a run)."""
+    _audit(action, outcome, **kwargs)
 
 
 def _audit(action: str, outcome: str, **kwargs: Any) -> None:
@@ -58,8 +92,11 @@ def update_rejected(round_no: int, node_id: int, reason: str, detail: str) -> No
     )
 
 
-def round_finished(report: Any) -> None:
-    """Count a completed round, observe its duration, audit it."""
+def round_finished(report: Any, *, epsilon: float | None = None) -> None:
+    """Count a completed round, observe its duration, audit it, tell the sinks.
+
+    ``epsilon``: the line's cumulative central-DP ε after this round (``None``: no DP).
+    """
     metrics.ROUNDS.labels(outcome="completed").inc()
     metrics.ROUND_DURATION.observe(report.seconds)
     _audit(
@@ -75,6 +112,7 @@ def round_finished(report: Any) -> None:
             "seconds": round(report.seconds, 3),
         },
     )
+    _notify("round_finished", report, epsilon=epsilon)
 
 
 def round_failed(round_no: int, error: Exception) -> None:
@@ -127,6 +165,7 @@ def run_ended(run_name: str, outcome: str, detail: str) -> None:
     """Count and audit the end of a run: finished, failed or cancelled."""
     metrics.RUNS.labels(outcome=outcome).inc()
     _audit("run.end", outcome, details={"run_name": run_name, "detail": detail})
+    _notify("run_ended", outcome, detail)
 
 
 def release_published(release: Any) -> None:
@@ -138,6 +177,7 @@ def release_published(release: Any) -> None:
         release=f"{release.name} {release.version}",
         details={"weights_sha256": release.weights_sha256},
     )
+    _notify("release_published", release)
 
 
 @contextmanager

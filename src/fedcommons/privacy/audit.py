@@ -3,10 +3,13 @@
 What :func:`audit_ledger` checks, in order (the first failure raises, naming the round):
 
 1. the hash chain of every ledger entry the release covers (edits, removals, reorders);
-2. that the chain's head after that many entries is the hash the manifest recorded (a
-   ledger rewritten or truncated after publication);
-3. per central-DP round: the effective noise multiplier recomputed from the recorded
-   noise std, denominator and clip norm, and that it is at least the configured z;
+2. that each entry's hash is the one the manifest recorded (``ledger_entry_sha256``,
+   naming the first rewritten round) and the chain's head after that many entries is the
+   hash the manifest recorded (a ledger rewritten or truncated after publication);
+3. per central-DP round: the sensitivity the sampling scheme implies (C for Poisson or
+   every-institution rounds, 2C for fixed-size samples under add/remove adjacency), the
+   effective noise multiplier recomputed from the recorded noise std, denominator and that
+   sensitivity, and that it is at least the configured z;
 4. per central-DP round: the cumulative ε at δ recomputed with Google's dp-accounting
    (RDP for an Opacus-RDP ledger, equal within 1e-6 relative; PLD for an Opacus-PRV one,
    equal within the two numerical methods' error bounds);
@@ -35,12 +38,11 @@ class RoundCheck:
     seq: int
     round: int
     run_id: int
-    sampled: int
-    participating: int
-    dropped: int
+    population: int
+    expected_participants: float
+    sensitivity: float
     noise_multiplier: float
     effective_noise_multiplier: float
-    fraction_clipped: float
     sample_rate: float
     recorded_epsilon: float
     recomputed_epsilon: float
@@ -64,6 +66,22 @@ class LedgerAudit:
     client_checks: list[dict[str, Any]] = field(default_factory=list)
 
 
+def implied_sensitivity(entry: dict[str, Any]) -> float:
+    """Δ of a DP-FedAvg round, derived from its sampling scheme (never taken on trust).
+
+    Add/remove adjacency: C under Poisson sampling or when every institution takes part;
+    2C for a fixed-size sample of k (adding an institution can swap it for a member of the
+    sample). A schema-1 entry (no ``clients_per_round``) counts as fixed-size when it
+    sampled fewer nodes than were connected.
+    """
+    c = float(entry["clip_norm"])
+    if entry.get("sampling") != "fixed":
+        return c
+    if "clients_per_round" in entry:
+        return 2 * c if int(entry["clients_per_round"]) > 0 else c
+    return 2 * c if int(entry.get("sampled", 0)) < int(entry.get("population", 0)) else c
+
+
 def _round_of(entry: dict[str, Any], seq: int) -> str:
     return f"round {entry.get('round', '?')} of run {entry.get('run_id', '?')} (entry {seq})"
 
@@ -85,6 +103,14 @@ def audit_ledger(
             "entries were removed",
             seq=len(records),
         )
+    for rec, signed in zip(records, privacy.get("ledger_entry_sha256") or [], strict=False):
+        if rec.sha256 != signed:
+            raise LedgerTamperedError(
+                f"{_round_of(rec.entry, rec.seq)}: the entry's hash {rec.sha256[:12]}… is not "
+                f"the {signed[:12]}… the release signed: the ledger was rewritten from here on",
+                round_no=rec.round,
+                seq=rec.seq,
+            )
     head = records[-1]
     if head.sha256 != privacy["ledger_head_sha256"]:
         raise LedgerTamperedError(
@@ -108,7 +134,7 @@ def audit_ledger(
         try:
             z = float(e["noise_multiplier"])
             q = float(e["sample_rate"])
-            c = float(e["clip_norm"])
+            float(e["clip_norm"])  # present and numeric (Δ derives from it)
             std = float(e["noise_std"])
             denom = float(e["denominator"])
             recorded = float(e["epsilon"])
@@ -116,11 +142,13 @@ def audit_ledger(
             acct = str(e["accountant"]).removeprefix("opacus-")
         except (KeyError, TypeError, ValueError) as exc:
             raise PrivacyAuditError(f"{where}: incomplete entry ({exc})") from None
-        effective = std * denom / c
+        sensitivity = implied_sensitivity(e)
+        effective = std * denom / sensitivity
         if not math.isclose(effective, float(e["effective_noise_multiplier"]), rel_tol=1e-9):
             raise PrivacyAuditError(
                 f"{where}: recorded effective noise multiplier "
-                f"{e['effective_noise_multiplier']} but noise std × denominator / C = {effective}"
+                f"{e['effective_noise_multiplier']} but noise std × denominator / Δ = {effective} "
+                f"(Δ = {sensitivity:g} for {e.get('sampling', '?')} sampling)"
             )
         if effective < z * (1 - 1e-9):
             raise PrivacyAuditError(
@@ -140,12 +168,11 @@ def audit_ledger(
                 seq=rec.seq,
                 round=int(e["round"]),
                 run_id=int(e.get("run_id", 0)),
-                sampled=int(e["sampled"]),
-                participating=int(e["participating"]),
-                dropped=int(e["dropped"]),
+                population=int(e.get("population", 0)),
+                expected_participants=float(e.get("expected_participants", denom)),
+                sensitivity=sensitivity,
                 noise_multiplier=z,
                 effective_noise_multiplier=effective,
-                fraction_clipped=float(e["fraction_clipped"]),
                 sample_rate=q,
                 recorded_epsilon=recorded,
                 recomputed_epsilon=recomputed,

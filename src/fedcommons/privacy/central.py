@@ -20,10 +20,14 @@ noise is post-processing and costs no privacy.
 *effective* noise multiplier: the noise std on the released mean divided by one user's
 largest possible influence on it. The ledger records that figure, not the configured z.
 
-Two parameters exist so that audits can prove they catch real bugs, and are never set by
-the coordinator: ``clip=False`` skips clipping; ``noise_scale="sum"`` adds the noise
-calibrated for the mean (std z·C/W) to the *sum* before the division by W, so the mean
-carries W times too little noise.
+``sensitivity`` Δ is what one user can change in the sum: C for Poisson sampling, 2C
+for a fixed-size sample (adding a user can swap it for another member of the sample);
+the noise std on the mean is z·Δ/W.
+
+``seeded_bug`` is set only through the test-only switch of
+:mod:`fedcommons.privacy.seeded_bugs` (the canary audit's scratch registries): it makes
+this very code misbehave while :class:`MechanismStats` keeps reporting the intended
+mechanism, as a silent implementation bug would.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedcommons.errors import PrivacyConfigError, RoundFailedError
 from fedcommons.privacy.config import check_clip_norm, check_noise_multiplier
+from fedcommons.privacy.seeded_bugs import SEEDED_BUGS
 from fedcommons.strategies.base import Aggregator
 from fedcommons.wire.update import ClientUpdate
 
@@ -54,7 +59,8 @@ class MechanismStats:
     clip_norm: float
     noise_multiplier: float
     noise_std: float
-    clipping_applied: bool
+    #: Δ: the largest change one user can make to the clipped sum (C or 2C).
+    sensitivity: float
 
     @property
     def fraction_clipped(self) -> float:
@@ -62,18 +68,9 @@ class MechanismStats:
         return self.clipped / self.participants if self.participants else 0.0
 
     @property
-    def sensitivity(self) -> float:
-        """Largest change one user can make to the released mean (∞ without clipping)."""
-        if not self.clipping_applied:
-            return math.inf
-        return self.clip_norm / self.denominator
-
-    @property
     def effective_noise_multiplier(self) -> float:
-        """Noise std on the released mean divided by its sensitivity."""
-        if math.isinf(self.sensitivity):
-            return 0.0
-        return self.noise_std / self.sensitivity
+        """Noise std on the released mean over one user's largest influence on it (Δ/W)."""
+        return self.noise_std * self.denominator / self.sensitivity
 
     def to_dict(self) -> dict[str, Any]:
         """Fields plus the derived figures."""
@@ -116,10 +113,9 @@ class DPFedAvg(Aggregator):
         noise_multiplier: float,
         clip_norm: float,
         expected_participants: float,
-        clip: bool = True,
-        noise_scale: Literal["mean", "sum"] = "mean",
-        denominator: Literal["expected", "replies"] = "expected",
+        sensitivity: float | None = None,
         seed: int | None = None,
+        seeded_bug: str | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -129,17 +125,18 @@ class DPFedAvg(Aggregator):
             raise PrivacyConfigError(
                 f"expected participants must be > 0, got {expected_participants}"
             )
-        if noise_scale not in ("mean", "sum"):
-            raise PrivacyConfigError(f"noise_scale must be 'mean' or 'sum', got {noise_scale!r}")
-        if denominator not in ("expected", "replies"):
+        self.sensitivity = check_clip_norm(
+            "sensitivity", self.clip_norm if sensitivity is None else sensitivity
+        )
+        if self.sensitivity < self.clip_norm:
             raise PrivacyConfigError(
-                f"denominator must be 'expected' or 'replies', got {denominator!r}"
+                f"sensitivity {self.sensitivity} is below the clip norm {self.clip_norm}"
             )
+        if seeded_bug is not None and seeded_bug not in SEEDED_BUGS:
+            raise PrivacyConfigError(f"unknown seeded bug {seeded_bug!r}")
         self.expected_participants = float(expected_participants)
-        self.clip = bool(clip)
-        self.noise_scale = noise_scale
-        self.denominator = denominator
         self.seed = seed
+        self._bug = seeded_bug
         self._base: Mapping[str, torch.Tensor] = {}
         self._sum: dict[str, torch.Tensor] = {}
         self._clipped = 0
@@ -150,6 +147,7 @@ class DPFedAvg(Aggregator):
         out: dict[str, Any] = {
             "noise_multiplier": self.noise_multiplier,
             "clip_norm": self.clip_norm,
+            "sensitivity": self.sensitivity,
             "expected_participants": self.expected_participants,
         }
         if self.inner is not None:
@@ -168,11 +166,9 @@ class DPFedAvg(Aggregator):
 
     def fold(self, update: ClientUpdate) -> None:
         """Clip one delta to C and add it to the sum (uniform user weights)."""
-        if self.clip:
-            clipped, _, was_clipped = clip_delta(update.delta, self.clip_norm)
-        else:
+        clipped, _, was_clipped = clip_delta(update.delta, self.clip_norm)
+        if self._bug == "skip-clipping":
             clipped = {k: v.detach().to(torch.float64) for k, v in update.delta.items()}
-            was_clipped = clip_delta(update.delta, self.clip_norm)[2]
         for name, acc in self._sum.items():
             acc.add_(clipped[name].to(acc.device))
         self._clipped += int(was_clipped)
@@ -199,13 +195,13 @@ class DPFedAvg(Aggregator):
 
     def noisy_mean(self) -> dict[str, torch.Tensor]:
         """Release the noisy mean of this round (float64) and set :attr:`stats`."""
-        if self.denominator == "expected":
-            denom = self.expected_participants
-        else:
-            if self.num_folded == 0:
-                raise RoundFailedError("dp-fedavg: no update folded (denominator 'replies')")
-            denom = float(self.num_folded)
-        std_mean = self.noise_multiplier * self.clip_norm / self.expected_participants
+        denom = self.expected_participants
+        std_mean = self.noise_multiplier * self.sensitivity / denom
+        divide_by, std_drawn = denom, std_mean
+        if self._bug == "denominator-replies" and self.num_folded:
+            divide_by = float(self.num_folded)
+        if self._bug == "half-noise":
+            std_drawn = std_mean / 2
         generator = torch.Generator(device="cpu")
         generator.manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
         out: dict[str, torch.Tensor] = {}
@@ -213,20 +209,19 @@ class DPFedAvg(Aggregator):
             noise = torch.normal(
                 0.0, 1.0, size=tuple(acc.shape), generator=generator, dtype=torch.float64
             ).to(acc.device)
-            if self.noise_scale == "mean":
-                out[name] = acc / denom + noise * std_mean
-            else:  # seeded bug: the mean's noise added to the sum, then divided again
-                out[name] = (acc + noise * std_mean) / denom
-        applied_std = std_mean if self.noise_scale == "mean" else std_mean / denom
-        self.stats = MechanismStats(
+            if self._bug == "noise-for-sum":  # the mean's noise added to the sum, then divided
+                out[name] = (acc + noise * std_drawn) / divide_by
+            else:
+                out[name] = acc / divide_by + noise * std_drawn
+        self.stats = MechanismStats(  # what the mechanism is meant to do (bugs are silent)
             participants=self.num_folded,
             clipped=self._clipped,
             expected_participants=self.expected_participants,
             denominator=denom,
             clip_norm=self.clip_norm,
             noise_multiplier=self.noise_multiplier,
-            noise_std=applied_std,
-            clipping_applied=self.clip,
+            noise_std=std_mean,
+            sensitivity=self.sensitivity,
         )
         return out
 

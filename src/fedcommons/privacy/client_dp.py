@@ -7,8 +7,9 @@ Turned on and configured by the site itself, in its SuperNode's node config::
 keys: ``dp-epsilon``, ``dp-delta`` (the institution's budget, required), ``dp-noise-multiplier``
 (σ, default 1.0), ``dp-max-grad-norm`` (per-example clip norm, default 1.0),
 ``dp-accountant`` (``rdp`` default, or ``prv``) and ``state-dir`` (default
-``$FEDCOMMONS_STATE_DIR`` or ``~/.local/state/fedcommons``, then ``client/<partition-id or
-node-id>``).
+``$FEDCOMMONS_STATE_DIR`` or ``~/.local/state/fedcommons``, then ``client/site-<site-id>``,
+``client/partition-<id>`` or ``client/site``: a stable site identity, never Flower's node
+id, which changes when a node registers again; see :func:`~.receipts.site_state_dir`).
 
 Unlike Flower's Opacus example, which creates a new ``PrivacyEngine`` every round so its
 ε covers one round only, the accountant's history is loaded from
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 
 from fedcommons.errors import ConfigError, PrivacyBudgetExceededError, PrivacyConfigError
-from fedcommons.fileio import atomic_write, default_state_root, exclusive_lock
+from fedcommons.fileio import atomic_write, exclusive_lock
 from fedcommons.privacy.accounting import Step, check_accountant, merge_history, runtime_epsilon
 from fedcommons.privacy.client_spend import ClientSpend
 from fedcommons.privacy.config import (
@@ -48,8 +49,8 @@ from fedcommons.privacy.config import (
     check_epsilon,
     check_noise_multiplier,
 )
+from fedcommons.privacy.receipts import STATE_FILE, site_state_dir
 
-STATE_FILE = "dp-sgd-accountant.json"
 STATE_SCHEMA = 1
 NODE_KEYS = (
     "dp-epsilon",
@@ -84,9 +85,7 @@ class ClientDPConfig:
             raise PrivacyConfigError(f"dp-accountant: {exc}") from None
 
     @classmethod
-    def from_node_config(
-        cls, node_config: Mapping[str, Any], node_id: int | None = None
-    ) -> ClientDPConfig | None:
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> ClientDPConfig | None:
         """Parse the ``dp-*`` node-config keys; ``None`` when the site set none."""
         if not any(k in node_config for k in NODE_KEYS):
             return None
@@ -96,13 +95,7 @@ class ClientDPConfig:
                 f"record-level DP needs the institution's budget: set {', '.join(missing)} "
                 "in the node config"
             )
-        state = node_config.get("state-dir")
-        if state:
-            state_dir = Path(str(state)).expanduser()
-        else:
-            key = node_config.get("partition-id")
-            name = f"partition-{key}" if key is not None else f"node-{node_id or 0}"
-            state_dir = default_state_root() / "client" / name
+        state_dir = site_state_dir(node_config)
         return cls(
             epsilon=check_epsilon("dp-epsilon", node_config["dp-epsilon"]),
             delta=check_delta("dp-delta", node_config["dp-delta"]),
@@ -312,6 +305,7 @@ def train_local_dp(
             }
         )
         state["noise_multiplier"] = dp.noise_multiplier
+        state["delta"] = dp.delta  # the δ every recorded ε is stated at
         state["max_grad_norm"] = dp.max_grad_norm
         store.save(state)  # before the reply leaves: the spend is never lost
     spend = ClientSpend(

@@ -27,6 +27,7 @@ from typing import Any
 
 from fedcommons.errors import LedgerTamperedError, PrivacyAuditError
 from fedcommons.fileio import exclusive_lock
+from fedcommons.names import NameKind, check_name
 
 GENESIS = "0" * 64
 LEDGER_DIR = "privacy"
@@ -35,8 +36,8 @@ LOCK_TIMEOUT_S = 30.0
 
 
 def ledger_path(registry_root: Path, line: str) -> Path:
-    """Where line ``line``'s ledger lives inside a registry."""
-    return Path(registry_root) / LEDGER_DIR / line / LEDGER_FILE
+    """Where line ``line``'s ledger lives inside a registry (the name is checked first)."""
+    return Path(registry_root) / LEDGER_DIR / check_name(line, NameKind.line) / LEDGER_FILE
 
 
 def canonical(entry: Mapping[str, Any]) -> bytes:

@@ -10,11 +10,27 @@ is the manifest's ``privacy`` field.
 The line's spend is the composition of *every* central-DP round its ledger records, over
 all runs and releases of the line (a conservative reading of "the line's budget": every
 published release is an output computed from the same users' data).
+
+**Adjacency and population.** The guarantee is user-level: two federations are
+neighbours when one institution, with its whole contribution (every update it would send
+in every round), is added or removed. The population N is *declared* (run-config
+``population``), never measured: the sampling rate q = clients-per-round / N and the
+denominator W = q·N are public constants, so the released mean depends on the connected
+nodes only through their clipped updates. Poisson sampling: sensitivity C, accounted as a
+Poisson-subsampled Gaussian with rate q. Fixed-size sampling of k nodes: adding one
+institution can swap it for another member of the sample, so the sensitivity is 2C (the
+noise is calibrated to it) and no amplification is accounted (q = 1). Every round runs
+to its release once sampled: neither ``min-clients`` nor retries condition the release on
+how many institutions replied (see :func:`check_dp_round_policy`).
+
+**What is published.** Ledger entries and the manifest carry only public mechanism
+parameters and the composed ε, never a node id, a per-node figure or an un-noised count
+(sampled, replied, rejected, clipped). Those stay in the coordinator's private state
+(:attr:`LinePrivacy.private_round`, written by the coordinator outside the registry).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcommons.errors import PrivacyBudgetExceededError
+from fedcommons.errors import ConfigError, PrivacyBudgetExceededError
 from fedcommons.logs import get_logger
 from fedcommons.privacy.accounting import RDP_ORDERS, Step, runtime_epsilon
 from fedcommons.privacy.central import DPFedAvg, poisson_sample, secret_rng
@@ -36,9 +52,12 @@ from fedcommons.privacy.ledger import (
     PrivacyLedger,
     ledger_path,
 )
+from fedcommons.privacy.seeded_bugs import active_bug
 from fedcommons.strategies.base import Aggregator
 
-LEDGER_SCHEMA = 1
+LEDGER_SCHEMA = 2
+#: The neighbouring relation every central-DP guarantee of fedcommons is stated for.
+ADJACENCY = "add-or-remove-one-institution"
 
 
 def central_history(entries: list[dict[str, Any]]) -> list[Step]:
@@ -48,6 +67,81 @@ def central_history(entries: list[dict[str, Any]]) -> list[Step]:
         for e in entries
         if e.get("mechanism") == "dp-fedavg"
     ]
+
+
+@dataclass(frozen=True)
+class RoundSample:
+    """A round's sample: the node ids (Python ints), q and the expected participants W."""
+
+    nodes: list[int]
+    sample_rate: float
+    expected: float
+
+
+def public_sample_rate(
+    central: CentralDPConfig | None, clients_per_round: int, population: int
+) -> float:
+    """q: Poisson rate clients-per-round / N (1 when 0 or ≥ N); 1 for fixed-size samples."""
+    if central is None or central.sampling == "fixed":
+        return 1.0
+    k, n = clients_per_round, population
+    return k / n if 0 < k < n else 1.0
+
+
+def round_claim_config(
+    central: CentralDPConfig | None,
+    *,
+    line: str,
+    clients_per_round: int,
+    population: int,
+    rounds: int,
+) -> dict[str, Any]:
+    """The round-config keys that tell institutions the line's public mechanism.
+
+    They keep them in their own receipts (:mod:`fedcommons.privacy.receipts`).
+    """
+    if central is None:
+        return {}
+    return {
+        "dp-line": line,
+        "dp-noise-multiplier": central.noise_multiplier,
+        "dp-sample-rate": public_sample_rate(central, clients_per_round, population),
+        "dp-delta": central.delta,
+        "dp-rounds": rounds,
+        "dp-sampling": central.sampling,
+    }
+
+
+def check_dp_round_policy(
+    *, central: CentralDPConfig | None, population: int, min_clients: int, on_round_failure: str
+) -> None:
+    """Refuse round policies that would make a DP line's release depend on its sample.
+
+    A declared population is required (q and W are public constants derived from it);
+    ``min-clients`` > 1 and ``on-round-failure = retry`` are refused: both would release
+    (or withhold, or re-draw) a round depending on how many institutions replied, an
+    un-noised count the accountant does not model.
+    """
+    if central is None:
+        return
+    if population < 1:
+        raise ConfigError(
+            "central DP needs a declared population (run-config population = N, the number "
+            "of institutions the line samples from): the sampling rate and the noise scale "
+            "must not depend on how many nodes happen to be connected"
+        )
+    if min_clients > 1:
+        raise ConfigError(
+            f"min-clients = {min_clients} on a DP line would withhold a round's release when "
+            "few institutions reply, an un-noised count the accountant does not model: use "
+            "min-clients = 1 (the noise is calibrated to the expected participants W anyway)"
+        )
+    if on_round_failure == "retry":
+        raise ConfigError(
+            "on-round-failure = retry is refused on a DP line: a retry re-draws the sample "
+            "until enough institutions reply, which conditions the release on the sample; "
+            "every sampled round is released (and accounted) instead"
+        )
 
 
 @dataclass
@@ -72,10 +166,20 @@ class LinePrivacy:
         *,
         rng: np.random.Generator | None = None,
         noise_seed: int | None = None,
+        clients_per_round: int = 0,
+        population: int = 0,
     ) -> None:
         self.registry_root = Path(registry_root)
         self.line = line
         self.central = central
+        #: Declared population N and clients per round (the public sampling parameters).
+        self.population = int(population)
+        self.clients_per_round = int(clients_per_round)
+        #: The last committed round's operational record (node ids, counts, client spends):
+        #: for the coordinator's private state, never for a published file.
+        self.private_round: dict[str, Any] = {}
+        #: Nodes that reported a DP-SGD spend in this run (counted, never published by id).
+        self.client_dp_nodes: set[int] = set()
         self.ledger = PrivacyLedger(ledger_path(self.registry_root, line))
         self._rng = rng
         self._noise_seed = noise_seed
@@ -93,6 +197,8 @@ class LinePrivacy:
         self.staged = []
         #: Name of the durable run, recorded in each ledger entry (set by the coordinator).
         self.run_name = ""
+        #: The run's tag (what institutions' receipts name the run by; set by the coordinator).
+        self.run_tag = ""
 
     def _append(
         self, entry: Mapping[str, Any] | Callable[[list[LedgerRecord]], Mapping[str, Any]]
@@ -149,12 +255,9 @@ class LinePrivacy:
     def check_plan(self, rounds: int) -> None:
         """At configuration time: refuse a run that cannot fit the line's budget.
 
-        Refuses when the line is already exhausted or z = 0 (ε = ∞). With fixed-size
-        sampling (q = 1) the spend of every planned round is known now, so a run whose
-        ``rounds`` do not all fit is refused with the number that would. With Poisson
-        sampling q depends on the nodes that connect: the first :meth:`start_round` checks
-        the whole run at that round's q, and every round is checked exactly before it
-        starts.
+        Refuses when the line is already exhausted or z = 0 (ε = ∞). q is a public
+        constant (declared population), so the spend of every planned round is known now:
+        a run whose ``rounds`` do not all fit is refused with the number that would.
         """
         self._planned_rounds = rounds
         if self.central is None:
@@ -168,17 +271,21 @@ class LinePrivacy:
                 f"budget ε={cfg.epsilon:g} at δ={cfg.delta:g}"
                 + (" and z=0 gives ε=∞" if cfg.noise_multiplier == 0 else "")
             )
-        if cfg.sampling == "fixed":
-            planned = [*history, (cfg.noise_multiplier, 1.0, rounds)]
-            eps = runtime_epsilon(planned, cfg.delta, cfg.accountant)
-            if eps > cfg.epsilon:
-                fit = self._rounds_that_fit(history, 1.0, rounds)
-                raise PrivacyBudgetExceededError(
-                    f"{rounds} round(s) of DP-FedAvg (z={cfg.noise_multiplier:g}, fixed-size "
-                    f"sampling, no amplification) would take line {self.line!r} to "
-                    f"ε={eps:.4g} > budget ε={cfg.epsilon:g} at δ={cfg.delta:g}; "
-                    f"{fit} round(s) fit"
-                )
+        rate = self.sample_rate
+        planned = [*history, (cfg.noise_multiplier, rate, rounds)]
+        eps = runtime_epsilon(planned, cfg.delta, cfg.accountant)
+        if eps > cfg.epsilon:
+            fit = self._rounds_that_fit(history, rate, rounds)
+            scheme = (
+                f"Poisson sampling q={rate:.4g}"
+                if cfg.sampling == "poisson" and rate < 1
+                else "no amplification by sampling"
+            )
+            raise PrivacyBudgetExceededError(
+                f"{rounds} round(s) of DP-FedAvg (z={cfg.noise_multiplier:g}, {scheme}) would "
+                f"take line {self.line!r} to ε={eps:.4g} > budget ε={cfg.epsilon:g} at "
+                f"δ={cfg.delta:g}; {fit} round(s) fit"
+            )
 
     def _rounds_that_fit(self, history: list[Step], rate: float, upto: int) -> int:
         assert self.central is not None
@@ -196,22 +303,42 @@ class LinePrivacy:
         return lo
 
     # -- the round ------------------------------------------------------------------
-    def sample(self, nodes: list[int], clients_per_round: int) -> tuple[list[int], float, float]:
-        """Sample a round's nodes; return ``(sampled, q, expected participants W)``.
+    @property
+    def sample_rate(self) -> float:
+        """q: Poisson rate clients-per-round / N (1 when 0 or ≥ N); 1 for fixed-size."""
+        return public_sample_rate(self.central, self.clients_per_round, self.population)
 
-        Poisson: q = clients-per-round / connected nodes (1 when 0 or ≥ nodes), each node
-        independently, from a secret seed. Fixed: the ``clients-per-round`` first of a
-        secret permutation (all nodes when 0); accounted with q = 1, W = sample size.
-        """
-        rng = self._rng or secret_rng()
-        n = len(nodes)
+    @property
+    def expected_participants(self) -> float:
+        """W, the public denominator: q·N (Poisson), k (fixed-size) or N (everyone)."""
+        k, n = self.clients_per_round, self.population
+        if self.central is not None and self.central.sampling == "fixed" and k > 0:
+            return float(k)
+        return float(self.sample_rate * n) if n else 1.0
+
+    @property
+    def sensitivity(self) -> float:
+        """One institution's largest influence on the sum: C, or 2C for a fixed-size sample."""
         assert self.central is not None
-        k = clients_per_round if 0 < clients_per_round < n else n
+        fixed_k = self.central.sampling == "fixed" and self.clients_per_round > 0
+        return self.central.clip_norm * (2.0 if fixed_k else 1.0)
+
+    def sample(self, nodes: list[int]) -> RoundSample:
+        """Sample a round's nodes from a secret seed (see the module docstring).
+
+        Poisson: each connected node independently with probability q. Fixed: the
+        ``clients-per-round`` first of a secret permutation (every node when 0). Indices
+        are drawn, never the ids: the ids stay Python ints.
+        """
+        assert self.central is not None
+        rng = self._rng or secret_rng()
+        ids = sorted(int(n) for n in nodes)
         if self.central.sampling == "poisson":
-            rate = k / n if n else 1.0
-            return poisson_sample(sorted(nodes), rate, rng), rate, rate * n
-        chosen = sorted(int(x) for x in rng.permutation(sorted(nodes))[:k])
-        return chosen, 1.0, float(len(chosen))
+            chosen = poisson_sample(ids, self.sample_rate, rng)
+        else:
+            k = self.clients_per_round if 0 < self.clients_per_round < len(ids) else len(ids)
+            chosen = sorted(ids[int(i)] for i in rng.permutation(len(ids))[:k])
+        return RoundSample(chosen, self.sample_rate, self.expected_participants)
 
     def start_round(
         self,
@@ -228,7 +355,7 @@ class LinePrivacy:
             self._round = _Round(round_no, population, sampled, sample_rate, 0.0, None)
             return strategy
         cfg = self.central
-        expected = float(expected if expected is not None else sampled)
+        sample_rate, expected = self.sample_rate, self.expected_participants
         history = self.history()
         eps = runtime_epsilon(
             [*history, (cfg.noise_multiplier, sample_rate, 1)], cfg.delta, cfg.accountant
@@ -241,26 +368,15 @@ class LinePrivacy:
                 f"ε={cfg.epsilon:g} at δ={cfg.delta:g} (z={cfg.noise_multiplier:g}, "
                 f"q={sample_rate:.4g})"
             )
-        if self._rounds_started == 0 and self._planned_rounds > 1:
-            planned = [*history, (cfg.noise_multiplier, sample_rate, self._planned_rounds)]
-            eps_run = runtime_epsilon(planned, cfg.delta, cfg.accountant)
-            if eps_run > cfg.epsilon:
-                fit = self._rounds_that_fit(history, sample_rate, self._planned_rounds)
-                raise PrivacyBudgetExceededError(
-                    f"run refused before round {round_no}: its {self._planned_rounds} rounds "
-                    f"at q={sample_rate:.4g} (z={cfg.noise_multiplier:g}) would take line "
-                    f"{self.line!r} to ε={eps_run:.4g} > budget ε={cfg.epsilon:g} at "
-                    f"δ={cfg.delta:g}; {fit} round(s) fit"
-                )
         self._rounds_started += 1
-        if expected <= 0:
-            expected = 1.0  # nobody sampled: the round releases noise scaled for one user
         aggregator = DPFedAvg(
             strategy,
             noise_multiplier=cfg.noise_multiplier,
             clip_norm=cfg.clip_norm,
+            sensitivity=self.sensitivity,
             expected_participants=expected,
             seed=None if self._noise_seed is None else self._noise_seed + round_no,
+            seeded_bug=active_bug(self.registry_root),
         )
         self._round = _Round(round_no, population, sampled, sample_rate, expected, aggregator)
         return aggregator
@@ -269,6 +385,7 @@ class LinePrivacy:
         """Record an institution's reported DP-SGD spend for the current round."""
         if self._round is not None:
             self._round.client_spends.append({"node": int(node_id), **spend.to_dict()})
+            self.client_dp_nodes.add(int(node_id))
 
     def commit_round(
         self,
@@ -277,51 +394,59 @@ class LinePrivacy:
         rejected: int,
         timed_out: int,
     ) -> dict[str, Any] | None:
-        """Append the round's ledger entry (if DP was involved); return it."""
+        """Append the round's ledger entry (central DP rounds only); return it.
+
+        The entry holds public mechanism parameters and the composed ε only; the round's
+        counts and the institutions' reported DP-SGD spends go to :attr:`private_round`.
+        """
         current, self._round = self._round, None
-        if current is None or (current.aggregator is None and not current.client_spends):
+        if current is None:
             return None
+        stats = current.aggregator.stats if current.aggregator is not None else None
+        self.private_round = {
+            "line": self.line,
+            "run_id": int(self.run_id),
+            "run_name": self.run_name,
+            "round": current.round_no,
+            "connected": current.population,
+            "sampled": current.sampled,
+            "participating": accepted,
+            "rejected": rejected,
+            "timed_out": timed_out,
+            "clipped": stats.clipped if stats is not None else None,
+            "client_spends": current.client_spends,
+        }
+        if current.aggregator is None or self.central is None:
+            return None
+        cfg = self.central
+        if stats is None:
+            raise RuntimeError("commit_round before the aggregator was finalized")
         entry: dict[str, Any] = {
             "schema": LEDGER_SCHEMA,
             "line": self.line,
             "run_id": int(self.run_id),
+            "run_tag": self.run_tag,
             "round": current.round_no,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "population": current.population,
-            "sampled": current.sampled,
-            "participating": accepted,
-            "dropped": current.sampled - accepted,
-            "rejected": rejected,
-            "timed_out": timed_out,
-            "client_spends": current.client_spends,
+            "mechanism": "dp-fedavg",
+            "adjacency": ADJACENCY,
+            "population": self.population,
+            "clients_per_round": self.clients_per_round,
+            "sampling": cfg.sampling,
+            "amplification": cfg.sampling == "poisson" and current.sample_rate < 1,
+            "sample_rate": current.sample_rate,
+            "expected_participants": stats.expected_participants,
+            "denominator": stats.denominator,
+            "noise_multiplier": cfg.noise_multiplier,
+            "clip_norm": cfg.clip_norm,
+            "sensitivity": stats.sensitivity,
+            "noise_std": stats.noise_std,
+            "effective_noise_multiplier": stats.effective_noise_multiplier,
+            "accountant": f"opacus-{cfg.accountant}",
+            "delta": cfg.delta,
+            "budget_epsilon": cfg.epsilon,
         }
         if self.run_name:
             entry["run_name"] = self.run_name
-        if current.aggregator is None or self.central is None:
-            entry["mechanism"] = "none"
-            record = self._append(entry)
-            self.run_entries += 1
-            return record.entry
-        cfg = self.central
-        stats = current.aggregator.stats
-        if stats is None:
-            raise RuntimeError("commit_round before the aggregator was finalized")
-        entry.update(
-            mechanism="dp-fedavg",
-            sampling=cfg.sampling,
-            amplification=cfg.sampling == "poisson" and current.sample_rate < 1,
-            sample_rate=current.sample_rate,
-            expected_participants=stats.expected_participants,
-            denominator=stats.denominator,
-            noise_multiplier=cfg.noise_multiplier,
-            clip_norm=cfg.clip_norm,
-            noise_std=stats.noise_std,
-            effective_noise_multiplier=stats.effective_noise_multiplier,
-            fraction_clipped=stats.fraction_clipped,
-            accountant=f"opacus-{cfg.accountant}",
-            delta=cfg.delta,
-            budget_epsilon=cfg.epsilon,
-        )
 
         def with_epsilon(records: list[Any]) -> dict[str, Any]:
             # under the ledger's lock: rounds another coordinator committed meanwhile count
@@ -354,8 +479,23 @@ class LinePrivacy:
 
     # -- per release ----------------------------------------------------------------
     def manifest_privacy(self) -> dict[str, Any]:
-        """The manifest's ``privacy`` field: the guarantee and the ledger it rests on."""
-        if not self.ledger.exists() or (self.central is None and not self.run_entries):
+        """The manifest's ``privacy`` field: the guarantee and the ledger it rests on.
+
+        Aggregate and public only: no institution's identity or reported figure (each
+        institution composes its own spend: ``fedcommons client receipt``).
+        """
+        if self.central is None:
+            if not self.client_dp_nodes:
+                return {}
+            return {
+                "client_dp": {"institutions": len(self.client_dp_nodes)},
+                "guarantee": (
+                    "no central DP: the release itself carries no user-level guarantee; "
+                    f"{len(self.client_dp_nodes)} institution(s) trained with record-level "
+                    "DP-SGD, each accounting its own spend (`fedcommons client receipt`)"
+                ),
+            }
+        if not self.ledger.exists():
             return {}
         records = self.ledger.verify()
         if not records:
@@ -366,53 +506,62 @@ class LinePrivacy:
             "ledger": f"{LEDGER_DIR}/{self.line}/{LEDGER_FILE}",
             "ledger_entries": len(records),
             "ledger_head_sha256": records[-1].sha256,
+            # each entry's hash, signed with the manifest: an audit names the first
+            # round of a ledger rewritten after publication, not only its last one
+            "ledger_entry_sha256": [r.sha256 for r in records],
             "rounds_this_run": self.run_entries,
         }
         central = [e for e in entries if e.get("mechanism") == "dp-fedavg"]
-        if self.central is not None and central:
-            cfg = self.central
-            last = central[-1]
-            amplified = any(e.get("amplification") for e in central)
-            out["central"] = {
-                "mechanism": "dp-fedavg",
-                "level": "user",
-                "epsilon": last["epsilon"],
-                "delta": last["delta"],
-                "accountant": last["accountant"],
-                "rdp_orders": f"{RDP_ORDERS[0]}..{RDP_ORDERS[-1]}",
-                "rounds_accounted": len(central),
-                "noise_multiplier": cfg.noise_multiplier,
-                "clip_norm": cfg.clip_norm,
-                "sampling": cfg.sampling,
-                "amplification_by_sampling": amplified,
-                "budget": {"epsilon": cfg.epsilon, "delta": cfg.delta},
-                "min_effective_noise_multiplier": min(
-                    e["effective_noise_multiplier"] for e in central
-                ),
-            }
-            out["guarantee"] = (
-                f"user-level ({last['epsilon']:.4g}, {last['delta']:g})-DP for every "
-                f"institution, composed over all {len(central)} DP-FedAvg round(s) recorded "
-                f"for line {self.line!r} (z={cfg.noise_multiplier:g}, C={cfg.clip_norm:g}, "
-                + (
-                    "Poisson sampling, amplification accounted"
-                    if amplified
-                    else "no amplification by sampling accounted"
+        if not central:
+            return {}
+        cfg = self.central
+        last = central[-1]
+        amplified = any(e.get("amplification") for e in central)
+        out["central"] = {
+            "mechanism": "dp-fedavg",
+            "level": "user",
+            "adjacency": ADJACENCY,
+            "population": self.population,
+            "clients_per_round": self.clients_per_round,
+            "expected_participants": self.expected_participants,
+            "sample_rate": self.sample_rate,
+            "sensitivity": self.sensitivity,
+            "epsilon": last["epsilon"],
+            "delta": last["delta"],
+            "accountant": last["accountant"],
+            "rdp_orders": f"{RDP_ORDERS[0]}..{RDP_ORDERS[-1]}",
+            "rounds_accounted": len(central),
+            "noise_multiplier": cfg.noise_multiplier,
+            "clip_norm": cfg.clip_norm,
+            "sampling": cfg.sampling,
+            "amplification_by_sampling": amplified,
+            "retries": "refused: every sampled round is released and accounted",
+            "budget": {"epsilon": cfg.epsilon, "delta": cfg.delta},
+            "min_effective_noise_multiplier": min(e["effective_noise_multiplier"] for e in central),
+        }
+        out["guarantee"] = (
+            f"user-level ({last['epsilon']:.4g}, {last['delta']:g})-DP for every institution "
+            f"(neighbours: one institution and its whole contribution added or removed), "
+            f"composed over all {len(central)} DP-FedAvg round(s) recorded for line "
+            f"{self.line!r}; declared population {self.population}, "
+            + (
+                f"Poisson sampling q={self.sample_rate:.4g}, amplification accounted"
+                if cfg.sampling == "poisson" and self.sample_rate < 1
+                else (
+                    f"fixed-size samples of {self.clients_per_round} (sensitivity 2C), no "
+                    "amplification accounted"
+                    if cfg.sampling == "fixed" and self.clients_per_round > 0
+                    else "every institution each round, no amplification accounted"
                 )
-                + f", accountant {last['accountant']})"
             )
-        else:
-            out["guarantee"] = "no central DP: the release itself carries no user-level guarantee"
-        spends: dict[str, dict[str, Any]] = {}
-        for e in entries[len(entries) - self.run_entries :]:
-            for s in e.get("client_spends", []):
-                spends[str(s["node"])] = s
-        if spends:
-            out["client_dp"] = {
-                "institutions": len(spends),
-                "max_epsilon": max(s["epsilon"] for s in spends.values()),
-                "latest": spends,
-            }
+            + (
+                "; earlier rounds of the line as their ledger entries record"
+                if len({(e.get("sampling"), e.get("sample_rate")) for e in central}) > 1
+                else ""
+            )
+            + f" (z={cfg.noise_multiplier:g}, C={cfg.clip_norm:g}, accountant "
+            f"{last['accountant']})"
+        )
         return out
 
 
@@ -424,6 +573,8 @@ def model_card_section(privacy: dict[str, Any]) -> str:
     if not privacy:
         return "## Privacy\n\nNo differential privacy was used to train this release.\n"
     lines = ["## Privacy", "", privacy.get("guarantee", ""), ""]
+    if "ledger" not in privacy:
+        return "\n".join(lines)
     central = privacy.get("central")
     if central:
         lines += [
@@ -441,11 +592,15 @@ def model_card_section(privacy: dict[str, Any]) -> str:
             f"| accountant | {central['accountant']} (orders {central['rdp_orders']}) |",
             "",
         ]
-    client = privacy.get("client_dp")
-    if client:
+    if central and "adjacency" in central:
         lines += [
-            f"{client['institutions']} institution(s) trained with record-level DP-SGD "
-            f"(largest reported ε: {client['max_epsilon']:.4g}).",
+            f"Neighbouring federations differ by one institution and its whole contribution "
+            f"({central['adjacency']}); the population is the {central['population']} "
+            f"institution(s) the operator declared, and the per-round expected participants "
+            f"W = {central['expected_participants']:g} is fixed before each round. Which "
+            "institutions took part, how many replied and any per-institution figure are not "
+            "published: they would not be covered by the noise. Institutions that trained "
+            "with record-level DP-SGD keep their own receipts (`fedcommons client receipt`).",
             "",
         ]
     lines += [

@@ -40,10 +40,12 @@ them; the coordinator merged their updates with `{{ strategy }}` over {{ rounds 
 | parameters | {{ num_parameters }} |
 | weights | `{{ weights_sha256 }}` (safetensors, {{ weights_bytes }} bytes) |
 | strategy | `{{ strategy }}` {{ strategy_params }} |
+| aggregated by | {{ strategy_code }} |
 | code version | fedcommons {{ code_version }} |
 | signed by | Ed25519 key `{{ key_id }}` |
 
 Version bump: {{ bump_reasons }}
+{{ base_section }}
 
 ## Intended use
 
@@ -94,6 +96,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _code_text(code: dict[str, Any]) -> str:
+    """``pkg 1.2 (plugin, `mod:fn`)`` from a manifest's ``strategy_code``."""
+    if not code:
+        return "-"
+    package = " ".join(str(code[k]) for k in ("package", "version") if code.get(k))
+    return (
+        f"{package or 'unpackaged code'} ({code.get('origin', '?')}, `{code.get('object', '?')}`)"
+    )
+
+
 def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> str:
     """The card's text (Markdown with YAML front matter) for ``manifest``."""
     validation = manifest.validation or {}
@@ -112,8 +124,14 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
         if t.get("candidate") is not None and t["candidate"] == t["candidate"]
     ]
     base_model = f"{manifest.name}@{manifest.parent_version}" if manifest.parent_version else None
+    # validation/test sets by name ("digits/validation" -> "digits"); the institutions'
+    # training data is private and listed nowhere
+    datasets = sorted({str(t["dataset"]).split("/")[0] for t in tasks} | {manifest.task})
+    if manifest.base:
+        base_model = manifest.base.get("name") or base_model
     data = ModelCardData(
         license=license,
+        datasets=datasets,
         library_name="pytorch",
         tags=["fedcommons", "federated-learning", manifest.task, f"strategy-{manifest.strategy}"],
         base_model=base_model,
@@ -145,7 +163,12 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
     if bump.get("override_reason"):
         reasons += f" — operator override to {bump.get('bump')}: {bump['override_reason']}"
     privacy_text = model_card_section(manifest.privacy or {})
+    dp_line = bool((manifest.privacy or {}).get("central"))
     examples = sorted({int(r.get("examples", 0)) for r in manifest.round_metrics}) or ["-"]
+    contributors: object = manifest.contributors
+    if dp_line:  # un-noised counts of who took part are not published on a DP line
+        contributors = "an undisclosed number of (DP line)"
+        examples = ["not published (DP line)"]
     test = {k: round(v, 4) for k, v in manifest.metrics.items() if k.startswith("test_")}
     card = ModelCard.from_template(
         data,
@@ -162,9 +185,10 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
         weights_bytes=manifest.weights_bytes,
         strategy=manifest.strategy,
         strategy_params=json.dumps(manifest.strategy_params, sort_keys=True),
+        strategy_code=_code_text(manifest.strategy_code),
         code_version=manifest.code_version,
         key_id=(manifest.signing_key_id or "-")[:16],
-        contributors=manifest.contributors,
+        contributors=contributors,
         rounds=manifest.rounds,
         intended_use=(
             f"Research and downstream fine-tuning on the `{manifest.task}` task. Not validated "
@@ -181,5 +205,36 @@ def render_card(manifest: ReleaseManifest, *, license: str = "apache-2.0") -> st
         compression=manifest.compression,
         upload_bytes=manifest.upload_bytes,
         privacy=privacy_text,
+        base_section=_base_section(manifest),
     )
     return str(card)
+
+
+def _base_section(manifest: ReleaseManifest) -> str:
+    """A patch release's base, adapter and how to load it (empty for whole models)."""
+    base = manifest.base or {}
+    if not base:
+        return ""
+    adapter = base.get("adapter", "-")
+    lora = base.get("lora")
+    config = json.dumps(lora, sort_keys=True) if lora else "-"
+    labels = ", ".join(base.get("label_names", [])) or "-"
+    return f"""
+### Patch of a pinned base
+
+This release is a **patch** ({adapter}) of a pretrained base that it does not contain:
+the registry stores only the {manifest.num_parameters} patch parameters.
+
+| | |
+| --- | --- |
+| base model | `{base.get("name", "-")}` |
+| base weights SHA-256 | `{base.get("sha256", "-")}` |
+| adapter | `{adapter}` |
+| adapter config | {config} |
+| dataset | {base.get("dataset", "-")} |
+| labels | {labels} |
+| max tokens | {base.get("max_length", "-")} |
+
+Load it with `fedcommons release export {manifest.version} --format peft -o DIR` (LoRA:
+`PeftModel.from_pretrained(base, DIR)`) or `--format hf` (merged `transformers` folder).
+"""

@@ -289,8 +289,12 @@ def score(
     weights: Mapping[str, torch.Tensor],
     suite: ValidationSuite,
     device: torch.device,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, DatasetScore]:
-    """Run the model over each data set of the suite once; every metric in one pass."""
+    """Run the model over each data set of the suite once; every metric in one pass.
+
+    ``progress(n)`` is called after each batch with its number of examples.
+    """
     model = task.build_model()
     model.load_state_dict(dict(weights), strict=True)
     model.to(device).eval()
@@ -311,6 +315,8 @@ def score(
             for m in metrics.values():
                 m.update(outputs, targets)
             examples += len(targets)
+            if progress is not None:
+                progress(len(targets))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         fingerprint = _combine(h_inputs, h_targets)
@@ -400,8 +406,11 @@ def run_gate(
     parent_validation: Mapping[str, Any] | None = None,
     start: Mapping[str, torch.Tensor] | None = None,
     device: torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> GateReport:
     """Score ``candidate`` (and ``parent``) on ``suite`` and apply the policy.
+
+    ``progress(n)`` is told the examples of every scored batch (a CLI progress bar).
 
     The parent is re-scored when its weights load into the task's model; when they do not
     (the architecture changed), the values its manifest recorded on the same data set
@@ -411,12 +420,12 @@ def run_gate(
     """
     device = device or task.device()
     started = time.perf_counter()
-    cand_scores = score(task, candidate, suite, device)
+    cand_scores = score(task, candidate, suite, device, progress)
     parent_scores: dict[str, DatasetScore] | None = None
     parent_source = "none"
     if parent is not None:
         try:
-            parent_scores = score(task, parent, suite, device)
+            parent_scores = score(task, parent, suite, device, progress)
             parent_source = "recomputed"
         except RuntimeError as exc:  # state dict does not fit the candidate's architecture
             log.info("gate.parent_not_loadable", detail=str(exc).splitlines()[0])

@@ -22,10 +22,18 @@ commit point. A crash before it leaves the previous state: an orphan blob or dir
 that no index row names, which the next publish of that version replaces.
 
 After the commit, still holding the registry's publish lock (``.publish.lock``), the
-publisher rewrites ``HEAD.json``: the signed list of every release with its manifest hash.
-Verification checks it, so deleting or replacing any attested release (also the newest of
-a line, which no child's chain names) is detected. A crash between the commit and the
-rewrite leaves the new release unattested until the next publish rewrites the head.
+publisher rewrites ``HEAD.json`` (:mod:`fedcommons.releases.head`): the signed, numbered
+list of every release with its manifest hash, and the line aliases. Verification checks
+it, so deleting or replacing any attested release (also the newest of a line, which no
+child's chain names) is detected. A crash between the commit and the rewrite leaves the
+new release unattested until the next publish rewrites the head.
+
+What readers see comes from signed files only: aliases from ``HEAD.json``, weights
+checked against the signed manifest's hash (:meth:`Registry.verified_manifest`). The
+index is the writer's working copy and a pointer to files; editing it changes nothing a
+reader resolves. Reads check signatures with ``trusted_key`` when one is given (a
+user's pinned signer, :mod:`fedcommons.releases.trust`), else with the key the registry
+publishes. Names from the index become paths only after :func:`fedcommons.names.check_name`.
 """
 
 from __future__ import annotations
@@ -47,17 +55,23 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedcommons.errors import (
+    InvalidNameError,
     RegistryError,
     RegistryNotWritableError,
     ReleaseNotFoundError,
+    SignatureError,
     SigningKeyError,
+    VerificationError,
 )
 from fedcommons.fileio import atomic_write, fsync_dir
-from fedcommons.releases.signing import Signer, public_pem
+from fedcommons.names import NameKind, check_name
+from fedcommons.releases.head import SignedHead, build_attestation, read_head, sign_head
+from fedcommons.releases.signing import Signer, load_public_key, public_pem, verify_signature
 from fedcommons.releases.versioning import next_version
 from fedcommons.wire.manifest import ReleaseManifest
 
@@ -67,8 +81,7 @@ SIGNATURE_FILE = "manifest.sig"
 CARD_FILE = "README.md"
 PUBLIC_KEY_FILE = Path("keys") / "ed25519.pub"
 HEAD_FILE = "HEAD.json"
-HEAD_FORMAT = "fedcommons-head/1"
-_ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 # Schema 1 is the foundation's; each migration moves the index one version forward.
 _SCHEMA_V1 = """
@@ -238,6 +251,24 @@ def parse_version(version: str) -> tuple[int, int, int]:
 def is_version(text: str) -> bool:
     """True for ``MAJOR.MINOR.PATCH``."""
     return bool(re.fullmatch(r"\d+\.\d+\.\d+", text))
+
+
+def check_key_outside(key_path: Path | None, root: Path) -> None:
+    """Refuse a signing key file that lies inside the registry directory ``root``.
+
+    Everything under a registry is meant to be served (``rsync``, a static site): a
+    private key there is one careless copy away from being published.
+    """
+    if key_path is None:
+        return
+    key = Path(key_path).expanduser().resolve()
+    served = Path(root).expanduser().resolve()
+    if key == served or key.is_relative_to(served):
+        raise SigningKeyError(
+            f"signing key {str(key)!r} lies inside the registry {str(served)!r}, whose files "
+            "are served: move it out (e.g. to the default under ~/.config/fedcommons) and "
+            "point signing-key or $FEDCOMMONS_SIGNING_KEY at it"
+        )
 
 
 # -- the repository layer -----------------------------------------------------------------
@@ -553,11 +584,6 @@ def check_writable(root: Path) -> None:
         ) from exc
 
 
-def head_body(attestation: Mapping[str, Any]) -> bytes:
-    """The exact bytes ``HEAD.json``'s signature covers (compact canonical JSON)."""
-    return json.dumps(attestation, sort_keys=True, separators=(",", ":")).encode()
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -567,9 +593,16 @@ class Registry:
     """A registry directory: publish, list, resolve and read releases."""
 
     def __init__(
-        self, root: Path | str, *, create: bool = True, store: IndexStore | None = None
+        self,
+        root: Path | str,
+        *,
+        create: bool = True,
+        store: IndexStore | None = None,
+        trusted_key: Ed25519PublicKey | None = None,
     ) -> None:
         self.root = Path(root).expanduser()
+        #: The key reads check signatures with; ``None``: the key the registry publishes.
+        self.trusted_key = trusted_key
         self.index_path = self.root / "index.sqlite"
         if store is None:
             if not self.index_path.exists():
@@ -583,10 +616,14 @@ class Registry:
     # -- paths ------------------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
         """Where the weights with this SHA-256 live."""
+        if not _SHA256_RE.fullmatch(sha256):
+            raise RegistryError(f"weights hash {sha256!r} is not a lowercase hex SHA-256")
         return self.root / "blobs" / "sha256" / sha256[:2] / f"{sha256}.safetensors"
 
     def release_dir(self, name: str, version: str) -> Path:
-        """Directory of one release's manifest, signature and card."""
+        """Directory of one release's manifest, signature and card (names checked first)."""
+        check_name(name, NameKind.line)
+        check_name(version, NameKind.version)
         return self.root / "releases" / name / version
 
     @property
@@ -622,17 +659,102 @@ class Registry:
         return self.root / HEAD_FILE
 
     def write_head(self, signer: Signer) -> None:
-        """Sign and write ``HEAD.json``: every release with its manifest SHA-256."""
-        attestation = {
-            "format": HEAD_FORMAT,
-            "created": _now(),
-            "releases": [
-                {"name": r.name, "version": r.version, "manifest_sha256": r.manifest_sha256}
-                for r in self.store.releases()
-            ],
-        }
-        doc = {"attestation": attestation, "signature": signer.sign(head_body(attestation))}
-        _fsync_write(self.head_path, (json.dumps(doc, indent=1) + "\n").encode())
+        """Sign and write the next ``HEAD.json``: releases, aliases, sequence number.
+
+        The new head continues the one on disk (sequence number + 1, its hash as
+        ``prev_head_sha256``); a head on disk that ``signer`` did not sign is refused
+        rather than silently restarted, so nobody's rollback check is reset by it.
+        """
+        try:
+            previous = read_head(self.head_path, signer.public_key)
+        except VerificationError as exc:
+            raise RegistryError(
+                f"{self.head_path} does not verify with the signing key ({exc}); restore the "
+                "registry's HEAD.json before publishing"
+            ) from exc
+        attestation = build_attestation(
+            previous,
+            ((r.name, r.version, r.manifest_sha256) for r in self.store.releases()),
+            ((line, alias, version) for line, alias, version, _ in self.store.aliases()),
+        )
+        _fsync_write(self.head_path, sign_head(signer, attestation))
+
+    # -- reading signed data ------------------------------------------------------------
+    def published_key(self) -> Ed25519PublicKey | None:
+        """The public key the registry publishes (``keys/ed25519.pub``), or ``None``."""
+        path = self.public_key_path
+        try:
+            return load_public_key(path.read_bytes(), str(path))
+        except FileNotFoundError:
+            return None
+
+    def reader_key(self) -> Ed25519PublicKey | None:
+        """The key reads check signatures with: ``trusted_key``, else the published key."""
+        return self.trusted_key if self.trusted_key is not None else self.published_key()
+
+    def signed_head(self) -> SignedHead | None:
+        """``HEAD.json`` checked against :meth:`reader_key` (``None``: none written yet).
+
+        Raises :class:`~fedcommons.errors.VerificationError` when it does not verify.
+        """
+        key = self.reader_key()
+        if key is None:
+            return None
+        return read_head(self.head_path, key)
+
+    def verified_manifest(
+        self,
+        release: Release,
+        *,
+        key: Ed25519PublicKey | None = None,
+        data: bytes | None = None,
+    ) -> ReleaseManifest:
+        """``release``'s manifest after checking its signature; never the index's word.
+
+        ``key`` defaults to :meth:`reader_key`; ``data`` (the manifest's bytes, if read
+        already) to the file. Raises :class:`~fedcommons.errors.SignatureError` naming the
+        file when the manifest is unsigned, signed by another key or altered, and
+        :class:`~fedcommons.errors.VerificationError` when it names another release.
+        """
+        key = key or self.reader_key()
+        if key is None:
+            raise SigningKeyError(
+                f"registry {str(self.root)!r} publishes no key ({self.public_key_path}) and "
+                "none is trusted: its releases cannot be checked"
+            )
+        if data is None:
+            try:
+                data = release.manifest_path.read_bytes()
+            except FileNotFoundError as exc:
+                raise VerificationError(
+                    f"manifest {release.manifest_path} is missing", str(release.manifest_path)
+                ) from exc
+        try:
+            sig = release.signature_path.read_bytes()
+        except FileNotFoundError as exc:
+            raise SignatureError(
+                f"signature {release.signature_path} is missing (a release published before "
+                "signing? run `fedcommons release sign-legacy`)",
+                str(release.signature_path),
+            ) from exc
+        try:
+            verify_signature(key, data, sig, where=str(release.signature_path))
+        except SignatureError as exc:
+            raise SignatureError(str(exc), str(release.signature_path)) from None
+        try:
+            manifest = ReleaseManifest.from_json(data)
+        except (ValueError, TypeError) as exc:
+            raise VerificationError(
+                f"manifest {release.manifest_path} does not parse: {exc}",
+                str(release.manifest_path),
+            ) from exc
+        if (manifest.name, manifest.version) != (release.name, release.version):
+            raise VerificationError(
+                f"manifest {release.manifest_path} is {manifest.name} {manifest.version}, "
+                f"not {release.name} {release.version}",
+                str(release.manifest_path),
+            )
+        return manifest
 
     def publish_key(self, signer: Signer) -> None:
         """Publish ``signer``'s public half, or check it matches the one published."""
@@ -668,6 +790,8 @@ class Registry:
         ``candidate_alias`` (``@candidate``; ``None``: none) moves to the new release in the
         same transaction; ``@stable`` moves only by :meth:`promote`.
         """
+        check_name(name, NameKind.line)
+        check_key_outside(signer.path, self.root)
         if parent is not None and parent.name != name:
             raise RegistryError(f"parent {parent.name} {parent.version} is not in line {name!r}")
         self.publish_key(signer)
@@ -753,8 +877,7 @@ class Registry:
         hash against the manifest); a corrupt one raises and nothing more is signed.
         Returns the releases signed; rewrites ``HEAD.json``.
         """
-        from fedcommons.errors import VerificationError
-
+        check_key_outside(signer.path, self.root)
         self.publish_key(signer)
         signed: list[Release] = []
         with self._publish_lock():
@@ -804,17 +927,26 @@ class Registry:
         return self.store.rejections(name)
 
     # -- aliases ----------------------------------------------------------------------
-    def promote(self, ref: str, alias: str, *, name: str | None = None) -> Release:
-        """Point ``@alias`` of the release's line at the release ``ref`` resolves to."""
+    def promote(self, ref: str, alias: str, *, signer: Signer, name: str | None = None) -> Release:
+        """Point ``@alias`` of the release's line at the release ``ref`` resolves to.
+
+        Aliases are part of the signed ``HEAD.json``: ``signer`` (the registry's key)
+        re-signs it, so readers see the move and nobody can make it by editing the index.
+        """
         alias = alias.removeprefix("@")
-        if not _ALIAS_RE.match(alias) or alias == "latest":
-            raise RegistryError(
-                f"alias {alias!r} must start with a letter, hold letters, digits, '-' or '_' "
-                "and not be 'latest'"
-            )
+        try:
+            check_name(alias, NameKind.alias)
+        except InvalidNameError as exc:
+            raise InvalidNameError(f"{exc}") from None
+        if alias == "latest":
+            raise InvalidNameError("alias 'latest' is reserved (it names the newest version)")
+        check_key_outside(signer.path, self.root)
+        self.publish_key(signer)
         release = self.get(ref, name=name)
-        with self.store.write() as writer:
-            writer.set_alias(release.name, alias, release.version, _now())
+        with self._publish_lock():
+            with self.store.write() as writer:
+                writer.set_alias(release.name, alias, release.version, _now())
+            self.write_head(signer)
         return self.get(release.version, name=release.name)
 
     def set_tag(self, ref: str, key: str, value: str | None, *, name: str | None = None) -> Release:
@@ -830,14 +962,18 @@ class Registry:
         """Key/value tags of ``release``."""
         return self.store.tags(release.name, release.version)
 
-    def remove_alias(self, alias: str, *, name: str) -> None:
-        """Delete ``@alias`` of line ``name``."""
-        with self.store.write() as writer:
-            if not writer.delete_alias(name, alias.removeprefix("@")):
-                raise ReleaseNotFoundError(f"line {name!r} has no alias @{alias}")
+    def remove_alias(self, alias: str, *, name: str, signer: Signer) -> None:
+        """Delete ``@alias`` of line ``name`` and re-sign ``HEAD.json`` with ``signer``."""
+        self.publish_key(signer)
+        with self._publish_lock():
+            with self.store.write() as writer:
+                if not writer.delete_alias(name, alias.removeprefix("@")):
+                    raise ReleaseNotFoundError(f"line {name!r} has no alias @{alias}")
+            self.write_head(signer)
 
     # -- reading ----------------------------------------------------------------------
     def _release(self, row: ReleaseRow, aliases: tuple[str, ...] = ()) -> Release:
+        # The index is not trusted with paths: they follow from the checked names.
         return Release(
             name=row.name,
             version=row.version,
@@ -845,7 +981,7 @@ class Registry:
             created=row.created,
             weights_sha256=row.weights_sha256,
             manifest_sha256=row.manifest_sha256,
-            manifest_path=self.root / row.manifest_path,
+            manifest_path=self.release_dir(row.name, row.version) / MANIFEST_FILE,
             weights_path=self.blob_path(row.weights_sha256),
             metrics=row.metrics,
             bump=row.bump,
@@ -858,8 +994,13 @@ class Registry:
         return self._release(row, self._alias_map(row.name).get((row.name, row.version), ()))
 
     def _alias_map(self, name: str | None = None) -> dict[tuple[str, str], tuple[str, ...]]:
+        """Aliases per release, for display (empty when ``HEAD.json`` does not verify)."""
         out: dict[tuple[str, str], list[str]] = {}
-        for line, alias, version, _ in self.store.aliases(name):
+        try:
+            rows = self.aliases(name)
+        except VerificationError:
+            rows = []
+        for line, alias, version, _ in rows:
             out.setdefault((line, version), []).append(alias)
         return {k: tuple(v) for k, v in out.items()}
 
@@ -872,8 +1013,22 @@ class Registry:
         ]
 
     def aliases(self, name: str | None = None) -> list[tuple[str, str, str, str]]:
-        """(line, alias, version, updated) rows."""
-        return self.store.aliases(name)
+        """(line, alias, version, updated) rows, as the signed ``HEAD.json`` states them.
+
+        A format-1 head (written before aliases were signed) or a registry that never
+        signed anything falls back to the index until the next publish, promote or
+        ``release sign-legacy`` rewrites the head. Raises
+        :class:`~fedcommons.errors.VerificationError` when the head does not verify.
+        """
+        head = self.signed_head()
+        if head is None or not head.sequenced:
+            return self.store.aliases(name)
+        return [
+            (line, alias, version, head.created)
+            for line in sorted(head.aliases)
+            if name is None or line == name
+            for alias, version in sorted(head.aliases[line].items())
+        ]
 
     def _what_exists(self, name: str | None) -> str:
         rows = self.store.releases(name)
@@ -883,8 +1038,8 @@ class Registry:
         for r in rows:
             lines.setdefault(r.name, []).append(r.version)
         aliases: dict[str, list[str]] = {}
-        for line, alias, version, _ in self.store.aliases(name):
-            aliases.setdefault(line, []).append(f"@{alias}={version}")
+        for (line, version), names in self._alias_map(name).items():
+            aliases.setdefault(line, []).extend(f"@{a}={version}" for a in names)
         parts = []
         for line, versions in lines.items():
             text = f"line {line!r}: {', '.join(versions)}"
@@ -908,7 +1063,7 @@ class Registry:
             return self._release_of(row)
         if ref.startswith("@") or not is_version(ref):
             alias = ref.removeprefix("@")
-            hits = [a for a in self.store.aliases(name) if a[1] == alias]
+            hits = [a for a in self.aliases(name) if a[1] == alias]
             if not hits:
                 raise ReleaseNotFoundError(
                     f"no release or alias {ref!r}"
@@ -933,13 +1088,25 @@ class Registry:
         return self._release_of(row)
 
     def weights_bytes(self, release: Release) -> bytes:
-        """A release's weights file, checked against its SHA-256."""
+        """A release's weights, checked against the SHA-256 its *signed* manifest records.
+
+        The blob is found by the manifest's hash, not the index's: an index pointed at
+        other weights changes nothing. Raises
+        :class:`~fedcommons.errors.VerificationError` naming the file that is wrong.
+        """
+        manifest = self.verified_manifest(release)
+        path = self.blob_path(manifest.weights_sha256)
         try:
-            data = release.weights_path.read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError as exc:
-            raise RegistryError(f"weights file {release.weights_path} is missing") from exc
-        if hashlib.sha256(data).hexdigest() != release.weights_sha256:
-            raise RegistryError(f"weights file {release.weights_path} does not match its hash")
+            raise VerificationError(f"weights file {path} is missing", str(path)) from exc
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != manifest.weights_sha256:
+            raise VerificationError(
+                f"weights file {path} has sha256 {digest}, the signed manifest of "
+                f"{release.name} {release.version} says {manifest.weights_sha256}",
+                str(path),
+            )
         return data
 
     def load_weights(self, release: Release) -> dict[str, torch.Tensor]:

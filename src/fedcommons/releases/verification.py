@@ -20,12 +20,17 @@ verified once per call.
 registry published: an attested release missing from the index (deleted, also the newest
 of a line) or with another manifest hash (replaced) fails; a release the head does not
 list yet (a publish that crashed between commit and head rewrite) is reported, not failed.
+With a :class:`~fedcommons.releases.trust.TrustStore` it also compares the head with the
+last one this user accepted from the same signer (rollback detection).
+
+:func:`verify_registry` is the whole check as ``fedcommons release verify`` runs it:
+decide the key (pinned, remembered, first use, or the registry's own, said so), verify
+the releases and the head, and remember the head when everything verified.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,12 +38,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedcommons.errors import (
-    SignatureError,
+    RollbackError,
     SigningKeyError,
     VerificationError,
 )
-from fedcommons.releases.registry import HEAD_FORMAT, Registry, Release, head_body
-from fedcommons.releases.signing import key_id, load_public_key, verify_signature
+from fedcommons.releases.head import HEAD_FORMAT_V1, SignedHead, read_head
+from fedcommons.releases.registry import Registry, Release
+from fedcommons.releases.signing import key_id
+from fedcommons.releases.trust import TrustDecision, TrustStore, check_head_progress, resolve_trust
 from fedcommons.wire.manifest import ReleaseManifest
 
 
@@ -57,13 +64,18 @@ class VerifyResult:
 
 @dataclass
 class HeadResult:
-    """Outcome of checking ``HEAD.json`` against the index."""
+    """Outcome of checking ``HEAD.json`` against the index (and the last accepted head)."""
 
     ok: bool
     attested: int = 0
     unattested: list[str] = field(default_factory=list)  # "name version" not in the head
     error: str = ""
     path: str | None = None
+    format: str = ""
+    seq: int | None = None
+    sha256: str = ""
+    rollback: bool = False  # the error is a rollback / fork against the accepted head
+    notes: list[str] = field(default_factory=list)
 
 
 def _when(stamp: str) -> datetime:
@@ -96,14 +108,15 @@ class Verifier:
     def __init__(self, registry: Registry, public_key: Ed25519PublicKey | None = None) -> None:
         self.registry = registry
         if public_key is None:
-            path = registry.public_key_path
-            try:
-                public_key = load_public_key(path.read_bytes(), str(path))
-            except FileNotFoundError as exc:
+            public_key = registry.reader_key()
+            if public_key is None:
                 raise SigningKeyError(
-                    f"registry publishes no public key ({path} is missing); pass --public-key"
-                ) from exc
+                    f"registry publishes no public key ({registry.public_key_path} is "
+                    "missing); pass --trust KEY.pem"
+                )
         self.public_key = public_key
+        #: The head :meth:`verify_head` last read and found valid (for the trust store).
+        self.last_head: SignedHead | None = None
         self._verified: dict[tuple[str, str], str] = {}  # -> manifest sha256
         self._lines: dict[str, dict[str, Release]] = {}
 
@@ -116,28 +129,7 @@ class Verifier:
                 f"{release.manifest_sha256}",
                 str(release.manifest_path),
             )
-        try:
-            manifest = ReleaseManifest.from_json(data)
-        except (ValueError, TypeError) as exc:
-            raise VerificationError(
-                f"manifest {release.manifest_path} does not parse: {exc}",
-                str(release.manifest_path),
-            ) from exc
-        if (manifest.name, manifest.version) != (release.name, release.version):
-            raise VerificationError(
-                f"manifest {release.manifest_path} is {manifest.name} {manifest.version}, "
-                f"but the index lists it as {release.name} {release.version}",
-                str(release.manifest_path),
-            )
-        sig_path = release.signature_path
-        try:
-            sig = sig_path.read_bytes()
-        except FileNotFoundError as exc:
-            raise SignatureError(f"signature {sig_path} is missing", str(sig_path)) from exc
-        try:
-            verify_signature(self.public_key, data, sig, where=str(sig_path))
-        except SignatureError as exc:
-            raise SignatureError(str(exc), str(sig_path)) from exc
+        manifest = self.registry.verified_manifest(release, key=self.public_key, data=data)
         _check_file(release.weights_path, "weights file", manifest.weights_sha256)
         if manifest.card_sha256:
             _check_file(release.card_path, "model card", manifest.card_sha256)
@@ -180,57 +172,71 @@ class Verifier:
             result.path = exc.path
         return result
 
-    def verify_head(self, name: str | None = None) -> HeadResult:
-        """Check ``HEAD.json`` (for line ``name``, or every line); never raises."""
+    def verify_head(
+        self, name: str | None = None, *, store: TrustStore | None = None
+    ) -> HeadResult:
+        """Check ``HEAD.json`` (for line ``name``, or every line); never raises.
+
+        With ``store``, the head must also not be older than, fork from or drop releases
+        of the head last accepted from this signer (see
+        :func:`~fedcommons.releases.trust.check_head_progress`).
+        """
         path = self.registry.head_path
         rows = {(r.name, r.version): r for r in self.registry.releases(name)}
+        self.last_head = None
         try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+            head = read_head(path, self.public_key)
+        except VerificationError as exc:
+            return HeadResult(False, error=str(exc), path=str(path))
+        if head is None:
             if not rows:
                 return HeadResult(ok=True)
             return HeadResult(False, error=f"{path} is missing", path=str(path))
-        try:
-            doc = json.loads(raw)
-            attestation, signature = doc["attestation"], doc["signature"]
-            entries = attestation["releases"]
-            if attestation.get("format") != HEAD_FORMAT:
-                raise ValueError(f"format {attestation.get('format')!r}")
-            verify_signature(
-                self.public_key,
-                head_body(attestation),
-                json.dumps(signature).encode(),
-                where=str(path),
+        result = HeadResult(True, format=head.format, seq=head.seq, sha256=head.sha256)
+        if head.format == HEAD_FORMAT_V1:
+            result.notes.append(
+                "HEAD.json is format 1: aliases and its sequence are not signed; the next "
+                "publish, promote or `release sign-legacy` upgrades it"
             )
-        except SignatureError as exc:
-            return HeadResult(False, error=str(exc), path=str(path))
-        except (ValueError, KeyError, TypeError) as exc:
-            return HeadResult(False, error=f"{path} is malformed ({exc})", path=str(path))
-        attested = set()
-        for entry in entries:
-            key = (entry.get("name"), entry.get("version"))
-            if name is not None and key[0] != name:
+        for (line, version), sha in head.releases.items():
+            if name is not None and line != name:
                 continue
-            attested.add(key)
-            row = rows.get(key)  # type: ignore[arg-type]
+            result.attested += 1
+            row = rows.get((line, version))
             if row is None:
-                return HeadResult(
-                    False,
-                    len(attested),
-                    error=f"{key[0]} {key[1]} is attested by {path} but missing from the "
-                    "index (deleted?)",
-                    path=str(path),
+                result.ok = False
+                result.error = (
+                    f"{line} {version} is attested by {path} but missing from the index (deleted?)"
                 )
-            if row.manifest_sha256 != entry.get("manifest_sha256"):
-                return HeadResult(
-                    False,
-                    len(attested),
-                    error=f"{key[0]} {key[1]}: the index's manifest sha256 "
-                    f"{row.manifest_sha256} is not the one {path} attests (replaced?)",
-                    path=str(row.manifest_path),
+                result.path = str(path)
+                return result
+            if row.manifest_sha256 != sha:
+                result.ok = False
+                result.error = (
+                    f"{line} {version}: the index's manifest sha256 {row.manifest_sha256} is "
+                    f"not the one {path} attests (replaced?)"
                 )
-        unattested = [f"{n} {v}" for (n, v) in rows if (n, v) not in attested]
-        return HeadResult(True, len(attested), unattested)
+                result.path = str(row.manifest_path)
+                return result
+        for line, aliases in head.aliases.items():
+            for alias, version in aliases.items():
+                if (line, version) not in head.releases:
+                    result.ok = False
+                    result.error = f"{path}: alias {line} @{alias} names unattested {version}"
+                    result.path = str(path)
+                    return result
+        result.unattested = [f"{n} {v}" for (n, v) in rows if (n, v) not in head.releases]
+        if store is not None:
+            try:
+                result.notes += check_head_progress(
+                    head, store.accepted_head(self.registry.root, head)
+                )
+            except RollbackError as exc:
+                result.ok, result.rollback = False, True
+                result.error, result.path = str(exc), str(path)
+                return result
+        self.last_head = head
+        return result
 
     def _lookup(self, name: str, version: str) -> Release | None:
         """The index's release ``version`` of line ``name`` (one index read per line)."""
@@ -265,3 +271,72 @@ def verify_release(
     result = verifier.verify(release)
     result.key_id = key_id(verifier.public_key)
     return result
+
+
+@dataclass
+class RegistryVerification:
+    """What ``fedcommons release verify`` found: the key used, each release, the head."""
+
+    trust: TrustDecision
+    releases: list[VerifyResult]
+    head: HeadResult
+
+    @property
+    def ok(self) -> bool:
+        """Whether every release and the head verified."""
+        return self.head.ok and all(r.ok for r in self.releases)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (the CLI's ``--format json``)."""
+        from dataclasses import asdict
+
+        return {
+            "ok": self.ok,
+            "trust": {
+                "key_id": self.trust.key_id,
+                "source": self.trust.source.value,
+                "pinned": self.trust.pinned,
+                "note": self.trust.note,
+            },
+            "releases": [asdict(r) for r in self.releases],
+            "head": asdict(self.head),
+        }
+
+
+def verify_registry(
+    registry: Registry,
+    targets: list[Release],
+    *,
+    trust: str | None = None,
+    first_use: bool = False,
+    store: TrustStore | None = None,
+    line: str | None = None,
+    decision: TrustDecision | None = None,
+) -> RegistryVerification:
+    """Verify ``targets`` and ``HEAD.json`` against the signer the user trusts.
+
+    The key comes from :func:`~fedcommons.releases.trust.resolve_trust` (``trust``: a PEM
+    file or fingerprint; else the trust file; else, with ``first_use``, the registry's key
+    pinned now; else the registry's key, reported unpinned). The head is checked for the
+    whole registry against the last one accepted and, when everything verified,
+    remembered as accepted. A ``decision`` made earlier (to resolve aliases with its key)
+    is used as is. Never raises for a bad release; raises
+    :class:`~fedcommons.errors.TrustError` / :class:`~fedcommons.errors.SigningKeyError`
+    when no key can be decided.
+    """
+    store = store or TrustStore()
+    if decision is None:
+        decision = resolve_trust(
+            registry.root, registry.published_key(), trust=trust, first_use=first_use, store=store
+        )
+    verifier = Verifier(registry, decision.public_key)
+    results = []
+    for release in targets:
+        result = verifier.verify(release)
+        result.key_id = decision.key_id
+        results.append(result)
+    head = verifier.verify_head(line, store=store)
+    outcome = RegistryVerification(decision, results, head)
+    if outcome.ok and verifier.last_head is not None:
+        store.accept_head(registry.root, verifier.last_head)
+    return outcome

@@ -4,8 +4,9 @@ An :class:`Aggregator` folds client updates one at a time into a state of size O
 and returns the server step Δ* at :meth:`Aggregator.finalize`; the same classes serve
 federated rounds and offline merges of released models. Built-ins: ``fedavg`` (FedAvgM
 via ``server_momentum``), ``fedadam``, ``fisher``, ``mask-aligned`` (TIES sign election),
-``median``, ``trimmed-mean``, ``multi-krum``; every one takes ``clip_norm`` (norm bounding). Plugins
-register under the entry-point group ``fedcommons.strategies``; authors test them with
+``lora-exact`` (LoRA pairs merged as products), ``median``, ``trimmed-mean``,
+``multi-krum``; every one takes ``clip_norm`` (norm bounding). Plugins register under the
+entry-point group ``fedcommons.strategies``; authors test them with
 :mod:`fedcommons.strategies.testing`.
 """
 
@@ -16,9 +17,11 @@ from fedcommons.strategies.base import (
     guarded_begin,
     guarded_finalize,
     guarded_fold,
+    guarded_fold_many,
 )
 from fedcommons.strategies.fedavg import FedAdam, FedAvg
 from fedcommons.strategies.fisher import FisherMerge
+from fedcommons.strategies.lora import LoraExact, lora_pairs
 from fedcommons.strategies.mask_aligned import MaskAligned
 from fedcommons.strategies.plugin import strategy
 from fedcommons.strategies.registry import (
@@ -29,6 +32,7 @@ from fedcommons.strategies.registry import (
     get_spec,
     refresh_plugins,
     register_strategy,
+    strategy_code,
     strategy_specs,
     unregister_strategy,
 )
@@ -41,6 +45,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FisherMerge",
+    "LoraExact",
     "MaskAligned",
     "Median",
     "MultiKrum",
@@ -54,9 +59,12 @@ __all__ = [
     "guarded_begin",
     "guarded_finalize",
     "guarded_fold",
+    "guarded_fold_many",
+    "lora_pairs",
     "refresh_plugins",
     "register_strategy",
     "strategy",
+    "strategy_code",
     "strategy_specs",
     "unregister_strategy",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -66,6 +66,15 @@ class Aggregator(ABC):
     @abstractmethod
     def fold(self, update: ClientUpdate) -> None:
         """Fold one validated update into the state."""
+
+    def fold_many(self, updates: Sequence[ClientUpdate]) -> None:
+        """Fold several updates, in order: the same state as ``fold`` on each in turn.
+
+        The coordinator passes the replies that arrived together; an aggregator may fold
+        them in one pass over its state (FedAvg does). The default folds one by one.
+        """
+        for update in updates:
+            self.fold(update)
 
     @abstractmethod
     def finalize(self) -> dict[str, torch.Tensor]:
@@ -168,9 +177,57 @@ def guarded_begin(aggregator: Aggregator, base: Mapping[str, torch.Tensor]) -> N
     _guarded(aggregator, "begin", aggregator.begin, base)
 
 
+def _crc(value: torch.Tensor) -> int:
+    import zlib
+
+    flat = value.detach().contiguous().reshape(-1).view(torch.uint8)
+    return zlib.crc32(memoryview(flat.numpy()))
+
+
+def _input_tensors(update: ClientUpdate) -> list[tuple[str, torch.Tensor, int]]:
+    """(label, tensor, CRC-32) of every CPU tensor the update arrived with."""
+    out = []
+    for what in ("delta", "mask", "fisher"):
+        for name, value in (getattr(update, what, None) or {}).items():
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                out.append((f"{what}[{name!r}]", value, _crc(value)))
+    return out
+
+
 def guarded_fold(aggregator: Aggregator, update: ClientUpdate) -> None:
-    """``aggregator.fold(update)``; any unexpected exception becomes a StrategyError."""
-    _guarded(aggregator, "fold", aggregator.fold, update)
+    """``aggregator.fold(update)``; any unexpected exception becomes a StrategyError.
+
+    Updates are read-only views of the reply bytes, which torch cannot mark read-only:
+    for a strategy that is not built in, the update's tensors are checksummed before and
+    after ``fold``, and a write into them fails the round (nothing is published) instead
+    of silently aggregating clipped or corrupted updates.
+    """
+    _checked_fold(aggregator, aggregator.fold, update, [update])
+
+
+def guarded_fold_many(aggregator: Aggregator, updates: Sequence[ClientUpdate]) -> None:
+    """``aggregator.fold_many(updates)``, guarded as :func:`guarded_fold` guards ``fold``."""
+    _checked_fold(aggregator, aggregator.fold_many, updates, updates)
+
+
+def _checked_fold(
+    aggregator: Aggregator, call: Callable[..., Any], arg: Any, updates: Sequence[ClientUpdate]
+) -> None:
+    if aggregator.origin == "built-in":  # the built-ins pass the kit's untouched check
+        _guarded(aggregator, "fold", call, arg)
+        return
+    # the objects themselves: a plugin may rebind fields
+    inputs = [item for update in updates for item in _input_tensors(update)]
+    _guarded(aggregator, "fold", call, arg)
+    written = [label for label, value, crc in inputs if _crc(value) != crc]
+    if written:
+        raise StrategyError(
+            _name(aggregator),
+            aggregator.origin,
+            f"fold wrote into the update's {', '.join(written)} in place; updates are "
+            "read-only views of the reply bytes: copy before changing them "
+            "(e.g. update.delta[k].clone().clamp_(...))",
+        )
 
 
 def guarded_finalize(

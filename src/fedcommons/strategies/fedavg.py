@@ -11,37 +11,65 @@ average sparse updates inside their masks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedcommons.errors import ConfigError, RoundFailedError
 from fedcommons.strategies.base import Aggregator, check_clip_norm, check_server_lr, clip_update
+from fedcommons.wire import kernels
+from fedcommons.wire.decoded import LazyDelta
 from fedcommons.wire.update import ClientUpdate
 
 SCRATCH_ELEMENTS = 1 << 18  # 2 MiB of float64
 
 
 def add_scaled(acc: torch.Tensor, value: torch.Tensor, alpha: float, owner: Any) -> None:
-    """``acc += alpha * value`` with ``value`` cast to ``acc``'s dtype chunk by chunk.
+    """``acc += alpha * value`` with ``value`` cast to ``acc``'s dtype on the fly.
 
-    ``owner._scratch`` holds a reusable float64 buffer, so the cast never allocates a
-    model-sized temporary.
+    A float64 CPU accumulator and a contiguous float32/float64 ``value`` take one
+    compiled pass (:func:`fedcommons.wire.kernels.fold_values`: read the value, widen,
+    multiply, add; no temporary). Other cases go through ``owner._scratch``, a reusable
+    float64 buffer, chunk by chunk, so the cast never allocates a model-sized copy.
+    Both give the same bits: ``alpha · float64(v)`` rounded, then added.
     """
     value = value.to(device=acc.device)
-    if value.dtype == acc.dtype or acc.device.type != "cpu" or acc.dtype != torch.float64:
+    if value.dtype == acc.dtype and acc.dtype != torch.float64:
+        acc.add_(value, alpha=alpha)
+        return
+    if acc.device.type != "cpu" or acc.dtype != torch.float64:
         acc.add_(value.to(acc.dtype), alpha=alpha)
+        return
+    flat_val = value.reshape(-1)
+    if flat_val.dtype in (torch.float32, torch.float64) and flat_val.is_contiguous():
+        kernels.fold_values(flat_val.numpy(), float(alpha), acc.view(-1).numpy())
         return
     if owner._scratch.numel() < min(SCRATCH_ELEMENTS, acc.numel()):
         owner._scratch = torch.empty(min(SCRATCH_ELEMENTS, acc.numel()), dtype=torch.float64)
     flat_acc = acc.view(-1)
-    flat_val = value.reshape(-1)
     for start in range(0, flat_acc.numel(), SCRATCH_ELEMENTS):
         stop = min(start + SCRATCH_ELEMENTS, flat_acc.numel())
         buf = owner._scratch[: stop - start]
         buf.copy_(flat_val[start:stop])
         flat_acc[start:stop].add_(buf, alpha=alpha)
+
+
+FOLD_BLOCK = 1 << 15  # 256 KiB of float64: one block of the sum stays in L2 per batch
+
+
+def _range_folder(
+    delta: Mapping[str, torch.Tensor], name: str, weight: float
+) -> Callable[[int, int, np.ndarray], None]:
+    """``f(start, stop, acc)``: ``acc += weight · delta[name].flat[start:stop]``."""
+    if isinstance(delta, LazyDelta) and delta.foldable(name):
+        return lambda start, stop, acc: delta.fold_range(name, start, stop, weight, acc)
+    value = delta[name].detach().reshape(-1)
+    if value.device.type != "cpu" or value.dtype not in (torch.float32, torch.float64):
+        value = value.to("cpu", torch.float64)
+    array = value.contiguous().numpy()
+    return lambda start, stop, acc: kernels.fold_values(array[start:stop], weight, acc)
 
 
 class FedAvg(Aggregator):
@@ -50,9 +78,9 @@ class FedAvg(Aggregator):
     The running sum is kept in float64, so the result does not depend on the order in
     which replies arrive (to the float32 precision of the output) and memory is one
     float64 copy of the model, whatever the number of clients, allocated once and zeroed
-    at each round's ``begin``. Each update is cast to
-    float64 through a fixed 2 MiB scratch buffer, chunk by chunk (a whole-tensor cast
-    would allocate, and page-fault, a fresh float64 copy per update: 7× slower).
+    at each round's ``begin``. Each update is widened to float64 and added in one
+    compiled pass (no model-sized temporary); an encoded int8/int4/fp16 update is
+    decoded inside that pass.
     ``accumulate="float32"`` sums in float32 instead (half the memory, about 3× faster;
     the result then depends on arrival order in the last float32 bits). ``server_momentum`` > 0
     adds one float32 momentum buffer that persists across rounds (FedAvgM);
@@ -152,13 +180,49 @@ class FedAvg(Aggregator):
         )
 
     def fold(self, update: ClientUpdate) -> None:
-        """Add nᵢ Δᵢ to the running sum."""
-        update = clip_update(update, self.clip_norm)
-        n = update.agg_weight
-        for name, acc in self._sum.items():
-            add_scaled(acc, update.delta[name], n, self)
-        self._weight += n
-        self.num_folded += 1
+        """Add nᵢ Δᵢ to the running sum (see :meth:`fold_many`)."""
+        self._fold_batch([update])
+
+    def fold_many(self, updates: Sequence[ClientUpdate]) -> None:
+        """Add nᵢ Δᵢ of every update, in order, in one pass over the float64 sum.
+
+        The sum is walked in blocks of 32 Ki values that stay in cache while every
+        update's block is added to them, so the sum is read and written once per batch
+        instead of once per update (the sum, 8 bytes a value, is most of the memory
+        traffic). Each value still gets ``acc ← acc + nᵢ·Δᵢ`` in the updates' order:
+        the same bits as folding them one at a time. An encoded update (a
+        :class:`~fedcommons.wire.decoded.LazyDelta` not yet decoded) is decoded inside
+        the pass, from its int8/int4/fp16 codes, with no dense temporary. A subclass
+        that overrides :meth:`fold` gets its ``fold`` called once per update.
+        """
+        if type(self).fold is not FedAvg.fold:
+            for update in updates:
+                self.fold(update)
+        else:
+            self._fold_batch(updates)
+
+    def _fold_batch(self, updates: Sequence[ClientUpdate]) -> None:
+        updates = [clip_update(u, self.clip_norm) for u in updates]
+        if not self._fused_ok():
+            for update in updates:
+                for name, acc in self._sum.items():
+                    add_scaled(acc, update.delta[name], update.agg_weight, self)
+        else:
+            for name, acc in self._sum.items():
+                flat = acc.view(-1).numpy()
+                folders = [_range_folder(u.delta, name, u.agg_weight) for u in updates]
+                for start in range(0, flat.size, FOLD_BLOCK):
+                    block = flat[start : start + FOLD_BLOCK]
+                    for fold_range in folders:
+                        fold_range(start, start + block.size, block)
+        for update in updates:
+            self._weight += update.agg_weight
+            self.num_folded += 1
+
+    def _fused_ok(self) -> bool:
+        return self._acc_dtype == torch.float64 and all(
+            acc.device.type == "cpu" and acc.is_contiguous() for acc in self._sum.values()
+        )
 
     def _mean(self, name: str) -> torch.Tensor:
         """The weighted mean of tensor ``name``, computed in place in its accumulator.

@@ -42,8 +42,14 @@ def strategy(
     single_update_identity: bool = True,
     needs_fisher: bool = False,
     uses_mask: bool = False,
+    check: Callable[..., None] | None = None,
 ) -> Callable[[F], F]:
     """Turn ``fn(updates, base, *, param: T = default, ...) -> dict`` into a strategy.
+
+    ``check(**params)`` validates parameter values when the strategy is created, i.e.
+    before round 1 of a run (raise :class:`~fedcommons.errors.ConfigError` with a message
+    naming the fix); without it a bad value surfaces only when ``fn`` first runs, after
+    round 1 trained.
 
     Returns the function unchanged with an ``aggregator`` attribute: the generated
     :class:`Aggregator` subclass, which the registry, the entry-point loader and the
@@ -79,6 +85,8 @@ def strategy(
                 raise TypeError(f"unknown parameters {unknown}")
             defaults = {p.name: p.default for p in params[2:]}
             self._kwargs = {**defaults, **kwargs}  # type: ignore[attr-defined]
+            if check is not None:
+                check(**self._kwargs)  # type: ignore[attr-defined]
 
         def params_(self: BufferedAggregator) -> dict[str, Any]:
             return dict(self._kwargs)  # type: ignore[attr-defined]

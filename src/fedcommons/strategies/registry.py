@@ -9,12 +9,14 @@ a function decorated with :func:`fedcommons.strategies.strategy`. A name claimed
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, packages_distributions, version
 from typing import Any
 
 from fedcommons.errors import (
@@ -26,6 +28,7 @@ from fedcommons.errors import (
 from fedcommons.strategies.base import Aggregator
 from fedcommons.strategies.fedavg import FedAdam, FedAvg
 from fedcommons.strategies.fisher import FisherMerge
+from fedcommons.strategies.lora import LoraExact
 from fedcommons.strategies.mask_aligned import MaskAligned
 from fedcommons.strategies.robust import Median, MultiKrum, TrimmedMean
 
@@ -120,6 +123,7 @@ _BUILTIN_CLASSES: tuple[type[Aggregator], ...] = (
     FedAvg,
     FedAdam,
     FisherMerge,
+    LoraExact,
     MaskAligned,
     Median,
     TrimmedMean,
@@ -322,3 +326,33 @@ def create_strategy(name: str, params: Mapping[str, Any] | None = None) -> Aggre
     if getattr(instance, "name", None) != name:
         instance.name = name  # type: ignore[misc]  # the registry name is what manifests record
     return instance
+
+
+@functools.cache
+def _distributions() -> Mapping[str, list[str]]:
+    return packages_distributions()
+
+
+def strategy_code(aggregator: Aggregator) -> dict[str, str]:
+    """Which code aggregated (manifests and merge metadata record it).
+
+    ``origin`` (built-in, plugin, local), ``object`` (``module:qualname`` of the
+    class or @strategy function) and, when an installed
+    distribution provides that module, its ``package`` and ``version``
+    (``importlib.metadata``).
+    """
+    cls = type(aggregator)
+    target = getattr(cls, "_strategy_function", None) or cls
+    origin = str(getattr(aggregator, "origin", "built-in"))
+    kind = origin.split(" ", 1)[0] if origin.startswith(("plugin", "built-in")) else "local"
+    out = {"origin": kind, "object": f"{target.__module__}:{target.__qualname__}"}
+    parts = origin.split(" ")
+    if kind == "plugin" and len(parts) == 3:  # "plugin <dist> <version>" from the entry point
+        out["package"], out["version"] = parts[1], parts[2]
+        return out
+    packages = _distributions().get(target.__module__.split(".", 1)[0], [])
+    if packages:
+        out["package"] = packages[0]
+        with contextlib.suppress(Exception):  # no version in the metadata: name only
+            out["version"] = version(packages[0])
+    return out

@@ -10,12 +10,18 @@
         testing.run_conformance(MyStrategy, reference=my_batch_reference)
 
 Every ``check_*`` function raises ``AssertionError`` with a message naming the failed
-property, so each can also be its own test. ``factory`` is an Aggregator subclass, a
-function decorated with :func:`fedcommons.strategies.strategy`, or a zero-argument
-callable returning a configured instance. A ``reference`` is a plain batch function
-``reference(updates, base) -> Δ*``; the built-ins' references live here too
-(:func:`reference_fedavg`, :func:`reference_fisher`, :func:`reference_mask_aligned`,
-:func:`reference_median`, :func:`reference_trimmed_mean`, :func:`reference_multi_krum`).
+property, or :class:`CheckSkipped` (a ``unittest.SkipTest``: pytest reports it as a skip)
+when it does not apply to the strategy, so each can also be its own test.
+:func:`run_conformance` runs every check, reports each as run, skipped (with the reason)
+or failed, and raises one ``AssertionError`` listing every failure.
+
+``factory`` is an Aggregator subclass, a function decorated with
+:func:`fedcommons.strategies.strategy`, or a zero-argument callable returning a configured
+instance (``lambda: my_fn.aggregator(f=2)`` for a function plugin with parameters). A
+``reference`` is a plain batch function ``reference(updates, base) -> Δ*``; the
+built-ins' references live here too (:func:`reference_fedavg`, :func:`reference_fisher`,
+:func:`reference_mask_aligned`, :func:`reference_median`, :func:`reference_trimmed_mean`,
+:func:`reference_multi_krum`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
+import unittest
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +51,26 @@ DEFAULT_SHAPES: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
     "layer.bias": ((5,), torch.float32),
     "head.weight": ((3, 2, 2), torch.float64),
 }
+
+
+class CheckSkipped(unittest.SkipTest):
+    """A check that does not apply to the strategy (the reason says why)."""
+
+
+class ConformanceReport(list[str]):
+    """The checks that ran and passed (the list), plus ``skipped`` and ``failed`` by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+
+    def summary(self) -> str:
+        """One line per check: passed, skipped (reason) or FAILED (message)."""
+        lines = [f"passed  {name}" for name in self]
+        lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
+        lines += [f"FAILED  {name}: {why}" for name, why in self.failed.items()]
+        return "\n".join(lines)
 
 
 def instantiate(factory: Factory) -> Aggregator:
@@ -159,6 +187,8 @@ def check_streaming_matches_batch(
 
 def check_single_update_identity(factory: Factory, *, seed: int = 1) -> None:
     """With one (dense) client, Δ* is that client's delta (if ``single_update_identity``)."""
+    if not getattr(instantiate(factory), "single_update_identity", True):
+        raise CheckSkipped("the strategy declares single_update_identity = False")
     base = make_base(seed)
     updates = make_updates(base, 1, seed=seed, masks=False)
     assert_close(run_round(factory, base, updates), updates[0].delta, "one client")
@@ -206,7 +236,7 @@ def check_finite(factory: Factory, *, seed: int = 4) -> None:
 def check_permutation_invariance(factory: Factory, *, seed: int = 5, k: int = 6) -> None:
     """The result does not depend on arrival order (only if the class declares it)."""
     if not getattr(instantiate(factory), "permutation_invariant", True):
-        return
+        raise CheckSkipped("the strategy declares permutation_invariant = False")
     base = make_base(seed)
     updates = make_updates(base, k, seed=seed)
     first = run_round(factory, base, updates)
@@ -223,7 +253,7 @@ def check_begin_resets(factory: Factory, *, seed: int = 6) -> None:
     """
     agg = instantiate(factory)
     if getattr(agg, "cross_round_state", False):
-        return
+        raise CheckSkipped("the strategy declares cross_round_state = True")
     base = make_base(seed)
     agg.begin(base)
     for u in make_updates(base, 4, seed=seed + 100):
@@ -280,67 +310,146 @@ def check_leaves_inputs_untouched(factory: Factory, *, seed: int = 9) -> None:
             raise AssertionError(f"base[{name!r}] was modified in place")
 
 
+def check_ties_do_not_make_results_order_dependent(
+    factory: Factory, *, seed: int = 10, k: int = 6
+) -> None:
+    """Updates that tie (equal norms, distances, weights and Fisher) give one result in any order.
+
+    Random inputs never tie, so a rule that breaks ties by arrival ("the first of the
+    lowest-scoring updates") passes :func:`check_permutation_invariance` and is still
+    order-dependent on real rounds with duplicated or symmetric updates. Here every update
+    is a different coordinate direction of the same length: every pairwise distance and
+    every norm ties. Only for strategies that declare ``permutation_invariant``.
+    """
+    if not getattr(instantiate(factory), "permutation_invariant", True):
+        raise CheckSkipped("the strategy declares permutation_invariant = False")
+    base = make_base(seed)
+    updates = []
+    for i in range(k):
+        delta = {name: torch.zeros_like(ref) for name, ref in base.items()}
+        first = next(iter(delta))
+        delta[first].view(-1)[i % delta[first].numel()] = 0.5
+        fisher = {name: torch.ones_like(ref, dtype=torch.float32) for name, ref in base.items()}
+        updates.append(ClientUpdate(delta=delta, num_examples=10, node_id=2000 + i, fisher=fisher))
+    first_result = run_round(factory, base, updates)
+    for order, label in (
+        (updates[::-1], "reversed order of tied updates"),
+        (updates[1:] + updates[:1], "rotated order of tied updates"),
+    ):
+        assert_close(run_round(factory, base, order), first_result, label)
+
+
+#: Bytes counted per Python scalar kept in an aggregator's containers.
+_SCALAR_BYTES = 8
+
+
 def state_nbytes(obj: object, _seen: set[int] | None = None) -> int:
-    """Bytes of every tensor reachable from ``obj``'s attributes (dicts, lists, tuples)."""
+    """Bytes reachable from ``obj``: tensors, plus Python scalars and strings in containers.
+
+    Walks attributes, dicts, lists, tuples and sets; a list of K floats counts K × 8
+    bytes, so O(K) state kept as Python numbers shows.
+    """
     seen = _seen if _seen is not None else set()
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
+    if isinstance(obj, bool | int | float | complex):
+        return _SCALAR_BYTES
+    if isinstance(obj, str | bytes | bytearray):
+        return len(obj)
     if isinstance(obj, Mapping):
-        return sum(state_nbytes(v, seen) for v in obj.values())
-    if isinstance(obj, list | tuple | set):
+        return sum(state_nbytes(k, seen) + state_nbytes(v, seen) for k, v in obj.items())
+    if isinstance(obj, list | tuple | set | frozenset):
         return sum(state_nbytes(v, seen) for v in obj)
-    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+    if hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
         return sum(state_nbytes(v, seen) for v in vars(obj).values())
     return 0
 
 
+def _module_state_nbytes(factory: Factory) -> int:
+    """Bytes of the data (not code) that the strategy's module(s) hold in globals."""
+    cls = type(instantiate(factory))
+    names = {cls.__module__, getattr(getattr(cls, "_strategy_function", None), "__module__", "")}
+    total, seen = 0, set()
+    for name in names - {"", __name__}:
+        module = sys.modules.get(name)
+        for value in vars(module).values() if module else ():
+            if isinstance(value, torch.Tensor | Mapping | list | set | tuple | bytearray):
+                total += state_nbytes(value, seen)
+    return total
+
+
 def check_state_is_o_model(factory: Factory, *, seed: int = 8) -> None:
-    """A ``streaming`` strategy's state does not grow with the number of updates folded."""
+    """A ``streaming`` strategy's state does not grow with the number of updates folded.
+
+    Counts the instance's tensors, Python scalars and containers, and the data its
+    module keeps in globals (a module-level list appended to in ``fold`` is O(K) too).
+    """
     if not getattr(instantiate(factory), "streaming", True):
-        return
+        raise CheckSkipped("the strategy declares streaming = False (state is K × model)")
     base = make_base(seed)
-    sizes = []
+    sizes, grown = [], []
     for k in (2, 12):
+        before = _module_state_nbytes(factory)
         agg = instantiate(factory)
         agg.begin(base)
         for u in make_updates(base, k, seed=seed):
             agg.fold(u)
         sizes.append(state_nbytes(agg))
+        grown.append(_module_state_nbytes(factory) - before)
     if sizes[1] > sizes[0]:
         raise AssertionError(
             f"state grew from {sizes[0]} to {sizes[1]} bytes going from 2 to 12 updates: "
             "not O(model) (declare streaming = False if the rule needs every update)"
         )
+    if grown[1] > grown[0]:
+        raise AssertionError(
+            f"module globals grew by {grown[0]} bytes folding 2 updates and by {grown[1]} "
+            "folding 12: the strategy keeps per-update state outside the instance"
+        )
 
 
-def run_conformance(factory: Factory, *, reference: Reference | None = None) -> list[str]:
-    """Run every applicable check; return the names of those that ran.
+def run_conformance(factory: Factory, *, reference: Reference | None = None) -> ConformanceReport:
+    """Run every check; raise one ``AssertionError`` naming every failure.
 
-    The streaming-vs-batch check needs ``reference``; the others need nothing.
+    Returns a :class:`ConformanceReport`: the list of checks that ran and passed, with
+    ``skipped`` (check -> reason) and ``failed`` (check -> message). The
+    streaming-vs-batch check needs ``reference``; without one it is reported skipped.
     """
     checks: list[Callable[[Factory], None]] = [
         check_shapes_and_dtypes,
         check_finite,
         check_zero_weight_keeps_base,
         check_permutation_invariance,
+        check_ties_do_not_make_results_order_dependent,
         check_begin_resets,
         check_does_not_alias_inputs,
         check_leaves_inputs_untouched,
         check_state_is_o_model,
+        check_single_update_identity,
     ]
-    if getattr(instantiate(factory), "single_update_identity", True):
-        checks.append(check_single_update_identity)
-    ran = []
+    report = ConformanceReport()
+    if reference is None:
+        report.skipped[check_streaming_matches_batch.__name__] = "no reference= given"
+    else:
+        checks.append(lambda f: check_streaming_matches_batch(f, reference))
+        checks[-1].__name__ = check_streaming_matches_batch.__name__  # type: ignore[attr-defined]
     for check in checks:
-        check(factory)
-        ran.append(check.__name__)
-    if reference is not None:
-        check_streaming_matches_batch(factory, reference)
-        ran.append(check_streaming_matches_batch.__name__)
-    return ran
+        try:
+            check(factory)
+        except CheckSkipped as skip:
+            report.skipped[check.__name__] = str(skip)
+        except Exception as exc:  # a crash is a failure of the strategy, reported like one
+            report.failed[check.__name__] = f"{type(exc).__name__}: {exc}"
+        else:
+            report.append(check.__name__)
+    if report.failed:
+        raise AssertionError(
+            f"{len(report.failed)} of {len(checks)} conformance checks failed:\n" + report.summary()
+        )
+    return report
 
 
 # -- batch references of the built-ins (float64, whole-stack, written independently) -----

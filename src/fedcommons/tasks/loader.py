@@ -10,7 +10,12 @@ from fedcommons.tasks.base import Task, TaskOptions
 
 #: Built-in tasks by name; third-party packages add theirs under the entry-point group
 #: ``fedcommons.tasks``.
-BUILTIN_TASKS: dict[str, str] = {"digits": "fedcommons.tasks.digits:DigitsTask"}
+BUILTIN_TASKS: dict[str, str] = {
+    "digits": "fedcommons.tasks.digits:DigitsTask",
+    # the text tasks need the `text` extra (transformers, peft, the corpora)
+    "rotten-tomatoes": "fedcommons.tasks.text:RottenTomatoesTask",
+    "bbc-news": "fedcommons.tasks.text:BBCNewsTask",
+}
 
 ENTRY_POINT_GROUP = "fedcommons.tasks"
 

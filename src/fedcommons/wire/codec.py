@@ -14,9 +14,19 @@ Compression specs (``+`` composes a sparsifier with a value coding)::
     fish:F[:N]      FISH fixed sparse mask (Sung et al. 2021) from N examples' Fisher
     topk:0.01+int8, fish:0.02+int4, randk:0.05+fp16, ...   sparsify, then quantize
 
-Quantization (int8: levels −127…127, int4: −7…7) uses unbiased stochastic rounding,
-``q = floor(v·L/s + u)`` with ``u ~ U[0, 1)``, so ``E[q·s/L] = v``, and one fp32 scale
-``s = max|v|`` per chunk of ``CHUNK`` consecutive values (default 256).
+Quantization (int8: levels −127…127, int4: −7…7) uses one fp32 scale ``s = max|v|``
+per chunk of ``CHUNK`` consecutive values (default 256) and one of two roundings:
+
+- ``stochastic`` (the default of :func:`encode_update`, and what a client uses without
+  error feedback): ``q = floor(v·L/s + u)`` with ``u`` uniform on ``[0, 1)`` (per
+  chunk, a random offset drawn from the client's generator plus a Weyl sequence over
+  the positions), so ``E[q·s/L] = v``: the mean of many clients' updates is unbiased.
+- ``nearest`` (what a client uses with error feedback, the default): round half to
+  even, deterministic, half the worst-case error; the error feedback residual carries
+  the rounding error into the client's next update, so nothing is lost on average
+  (Karimireddy et al. 2019) and no random numbers are drawn.
+
+The decoder does not need to know which rounding was used.
 
 Byte format, version 1 (all integers little-endian; *varint* = unsigned LEB128)::
 
@@ -36,7 +46,6 @@ from __future__ import annotations
 
 import math
 import struct
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +54,14 @@ import numpy as np
 import torch
 
 from fedcommons.errors import CompressionSpecError, EncodingError, MalformedUpdateError
+
+try:  # ISA-L's CRC-32: zlib's polynomial and values, ~10x faster (carry-less multiply)
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - a platform without an isal wheel
+    from zlib import crc32
+from fedcommons.wire import kernels
+from fedcommons.wire.decoded import EncodedValues, LazyDelta
+from fedcommons.wire.decoded import unflatten as unflatten  # public here since v1
 
 FORMAT_VERSION = 1
 MAGIC = b"FCU"
@@ -215,18 +232,6 @@ def flatten(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def unflatten(flat: np.ndarray, layout: list[TensorInfo]) -> dict[str, torch.Tensor]:
-    """Split a flat float32 vector back into tensors of ``layout`` (shapes and dtypes)."""
-    out: dict[str, torch.Tensor] = {}
-    offset = 0
-    for info in layout:
-        n = info.numel
-        tensor = torch.from_numpy(flat[offset : offset + n].reshape(info.shape))
-        out[info.name] = tensor if info.dtype == torch.float32 else tensor.to(info.dtype)
-        offset += n
-    return out
-
-
 # ---------------------------------------------------------------------------------------
 # Varints (vectorised LEB128)
 # ---------------------------------------------------------------------------------------
@@ -299,14 +304,21 @@ class _Reader:
         return out
 
     def u8(self) -> int:
-        return self.take(1)[0]
+        if self.pos >= self.end:
+            raise MalformedUpdateError("malformed", "payload sections overrun its length")
+        self.pos += 1
+        return self.data[self.pos - 1]
 
     def varint(self) -> int:
-        value, shift = 0, 0
+        value, shift, data, pos, end = 0, 0, self.data, self.pos, self.end
         while True:
-            byte = self.u8()
+            if pos >= end:
+                raise MalformedUpdateError("malformed", "payload sections overrun its length")
+            byte = data[pos]
+            pos += 1
             value |= (byte & 0x7F) << shift
             if byte < 0x80:
+                self.pos = pos
                 return value
             shift += 7
             if shift > 63:
@@ -337,16 +349,53 @@ def topk_indices(values: np.ndarray, k: int) -> np.ndarray:
     return idx.astype(np.int64, copy=False)
 
 
-def random_k_indices(seed: int, n: int, k: int) -> np.ndarray:
+def random_k_indices(seed: int, n: int, k: int, dtype: type = np.int64) -> np.ndarray:
     """The ``k`` sorted indices of ``range(n)`` a shared ``seed`` selects.
 
-    Built on Philox's raw 64-bit stream (stable across numpy versions) and a partial
-    sort, so encoder and decoder agree without sending the indices.
+    The ``k`` positions whose keys in Philox's raw 64-bit stream (stable across numpy
+    versions) are smallest, ties broken by position, so encoder and decoder agree
+    without sending the indices. Streams the keys in blocks: memory is O(k + block),
+    not the O(n) 64-bit keys a full sort would hold.
     """
     if k >= n:
-        return np.arange(n, dtype=np.int64)
-    keys = np.random.Philox(key=seed & 0xFFFFFFFFFFFFFFFF).random_raw(n)
-    return np.sort(np.argpartition(keys, k)[:k]).astype(np.int64)
+        return np.arange(n, dtype=dtype)
+    out = np.empty(max(k, 0), dtype=dtype)
+    if k <= 0:
+        return out
+    support = _random_k_support(seed, n, k)
+    kernels.support_indices(support, out)
+    return out
+
+
+_RANDK_BLOCK = 1 << 16
+_RANDK_BUCKET_SHIFT = np.uint64(48)
+
+
+def _philox_blocks(seed: int, n: int) -> Any:
+    gen = np.random.Philox(key=seed & 0xFFFFFFFFFFFFFFFF)
+    for start in range(0, n, _RANDK_BLOCK):
+        yield start, gen.random_raw(min(_RANDK_BLOCK, n - start))
+
+
+def _random_k_support(seed: int, n: int, k: int) -> np.ndarray:
+    """Bool mask of the ``k`` smallest keys (two passes over the key stream)."""
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    for _, keys in _philox_blocks(seed, n):
+        hist += np.bincount((keys >> _RANDK_BUCKET_SHIFT).astype(np.intp), minlength=1 << 16)
+    cum = np.cumsum(hist)
+    bucket = int(np.searchsorted(cum, k))  # the bucket holding the k-th smallest key
+    need = k - (int(cum[bucket - 1]) if bucket else 0)
+    support = np.zeros(n, dtype=np.bool_)
+    cand_idx, cand_key = [], []
+    for start, keys in _philox_blocks(seed, n):
+        top = keys >> _RANDK_BUCKET_SHIFT
+        support[start : start + keys.size] = top < np.uint64(bucket)
+        hit = np.flatnonzero(top == np.uint64(bucket))
+        cand_idx.append(hit + start)
+        cand_key.append(keys[hit])
+    idx, key = np.concatenate(cand_idx), np.concatenate(cand_key)
+    support[idx[np.lexsort((idx, key))[:need]]] = True
+    return support
 
 
 def _index_section(idx: np.ndarray, total: int) -> tuple[int, bytes]:
@@ -375,103 +424,50 @@ def _bitmap(idx: np.ndarray, nbytes: int) -> bytes:
 # ---------------------------------------------------------------------------------------
 # Value codings
 # ---------------------------------------------------------------------------------------
-def _quantize(v: np.ndarray, levels: int, chunk: int, rng: np.random.Generator) -> tuple:
-    """Per-chunk scales and stochastically rounded codes in ``[-levels, levels]``."""
-    n = v.size
-    n_chunks = -(-n // chunk)
-    if n_chunks * chunk != n:
-        v = np.concatenate([v, np.zeros(n_chunks * chunk - n, dtype=np.float32)])
-    m = v.reshape(n_chunks, chunk)
-    scales = np.abs(m).max(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):  # NaN/Inf input: NaN scales
-        inv = np.where(scales > 0, np.float32(levels) / scales, np.float32(0)).astype(np.float32)
-        y = m * inv[:, None]
-        y += rng.random(y.shape, dtype=np.float32)
-        np.floor(y, out=y)
-        np.clip(y, -levels, levels, out=y)
-        codes = y.astype(np.int8).reshape(-1)[:n]
-    return scales.astype(np.float32), codes
+def _quantize(
+    v: np.ndarray, levels: int, chunk: int, seed: int, stochastic: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-chunk scales and codes in ``[-levels, levels]`` (see :func:`kernels.quantize`)."""
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    scales = np.empty(-(-v.size // chunk), dtype=np.float32)
+    codes = np.empty(v.size, dtype=np.int8)
+    kernels.quantize(v, chunk, levels, seed, stochastic, scales, codes)
+    return scales, codes
 
 
-def _dequantize(scales: np.ndarray, codes: np.ndarray, levels: int, chunk: int) -> np.ndarray:
-    n = codes.size
-    n_chunks = scales.size
-    out = np.empty(n_chunks * chunk, dtype=np.float32)
-    out[:n] = codes
-    out[n:] = 0
-    m = out.reshape(n_chunks, chunk)
-    m *= (scales / np.float32(levels))[:, None]
-    return out[:n]
-
-
-def _pack_int4(codes: np.ndarray) -> bytes:
-    nib = (codes + 8).astype(np.uint8)
-    if nib.size % 2:
-        nib = np.concatenate([nib, np.zeros(1, dtype=np.uint8)])
-    return (nib[0::2] | (nib[1::2] << 4)).tobytes()
-
-
-def _unpack_int4(data: memoryview, n: int) -> np.ndarray:
-    packed = np.frombuffer(data, dtype=np.uint8)
-    nib = np.empty(packed.size * 2, dtype=np.uint8)
-    nib[0::2] = packed & 0x0F
-    nib[1::2] = packed >> 4
-    if n % 2 and nib[-1] != 0:
-        raise MalformedUpdateError("malformed", "int4 padding nibble is not zero")
-    nib = nib[:n]
-    if (nib == 0).any():
-        raise MalformedUpdateError("malformed", "int4 code -8 is outside [-7, 7]")
-    return nib.astype(np.int8) - np.int8(8)
+def _pack_int4(codes: np.ndarray) -> np.ndarray:
+    out = np.empty((codes.size + 1) // 2, dtype=np.uint8)
+    kernels.pack_int4(codes, out)
+    return out
 
 
 def _encode_values(
-    v: np.ndarray, spec: CompressionSpec, rng: np.random.Generator, reconstruct: bool
-) -> tuple[bytes, np.ndarray | None]:
-    """Value section bytes and (optionally) what the decoder will read back."""
+    v: np.ndarray,
+    spec: CompressionSpec,
+    rng: np.random.Generator,
+    reconstruct: bool,
+    rounding: str,
+) -> tuple[list[Any], np.ndarray | None]:
+    """Value section (a list of buffers) and (optionally) what the decoder reads back."""
     if spec.values == "fp32":
-        return v.astype(np.float32, copy=False).tobytes(), (v if reconstruct else None)
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        return [v], (v if reconstruct else None)
     if spec.values == "fp16":
         h = np.clip(v, -_FP16_MAX, _FP16_MAX).astype(np.float16)
-        return h.tobytes(), (h.astype(np.float32) if reconstruct else None)
+        return [h], (h.astype(np.float32) if reconstruct else None)
     if spec.values == "bf16":
         b = torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16)
         rec = b.float().numpy() if reconstruct else None
-        return b.view(torch.int16).numpy().tobytes(), rec
+        return [b.view(torch.int16).numpy()], rec
     levels = _LEVELS[spec.values]
-    scales, codes = _quantize(v, levels, spec.chunk, rng)
-    body = codes.tobytes() if spec.values == "int8" else _pack_int4(codes)
-    rec = _dequantize(scales, codes, levels, spec.chunk) if reconstruct else None
-    return scales.tobytes() + body, rec
-
-
-def _decode_values(reader: _Reader, count: int, values: str, chunk: int) -> np.ndarray:
-    if values == "fp32":
-        out = np.frombuffer(reader.take(4 * count), dtype=np.float32)
-    elif values == "fp16":
-        out = np.frombuffer(reader.take(2 * count), dtype=np.float16).astype(np.float32)
-    elif values == "bf16":
-        raw = np.frombuffer(reader.take(2 * count), dtype=np.int16).copy()
-        out = torch.from_numpy(raw).view(torch.bfloat16).float().numpy()
-    else:
-        if chunk < 1:
-            raise MalformedUpdateError("malformed", f"chunk size {chunk} for {values}")
-        n_chunks = -(-count // chunk)
-        scales = np.frombuffer(reader.take(4 * n_chunks), dtype=np.float32)
-        if not np.isfinite(scales).all():
-            raise MalformedUpdateError("non-finite", "a quantization scale is NaN or Inf")
-        if (scales < 0).any():
-            raise MalformedUpdateError("malformed", "a quantization scale is negative")
-        levels = _LEVELS[values]
-        if values == "int8":
-            codes = np.frombuffer(reader.take(count), dtype=np.int8)
-            if (codes == -128).any():
-                raise MalformedUpdateError("malformed", "int8 code -128 is outside [-127, 127]")
-        else:
-            codes = _unpack_int4(reader.take((count + 1) // 2), count)
-        return _dequantize(scales, codes, levels, chunk)
-    if not np.isfinite(out).all():
-        raise MalformedUpdateError("non-finite", "update values contain NaN or Inf")
-    return out
+    seed = int(rng.integers(0, 1 << 63)) if rounding == "stochastic" else 0
+    scales, codes = _quantize(v, levels, spec.chunk, seed, rounding == "stochastic")
+    body = codes if spec.values == "int8" else _pack_int4(codes)
+    rec = None
+    if reconstruct:
+        rec = np.empty(codes.size, dtype=np.float32)
+        kernels.dequantize8(codes, scales, spec.chunk, levels, 0, rec)
+    return [scales, body], rec
 
 
 # ---------------------------------------------------------------------------------------
@@ -512,14 +508,16 @@ def encode_update(
     shared_seed: int = 0,
     mask: np.ndarray | None = None,
     reconstruct: bool = False,
+    rounding: str = "stochastic",
 ) -> EncodedUpdate:
     """Encode ``delta`` as ``spec`` says.
 
-    ``rng`` drives stochastic rounding (use a per-client generator); ``shared_seed``
+    ``rng`` seeds stochastic rounding (use a per-client generator); ``shared_seed``
     picks random-k indices (the coordinator sends it each round); ``mask`` is the flat
     boolean FISH mask over the concatenated tensors (required for ``fish``). With
     ``reconstruct`` the result carries the flat vector the decoder will read back, which
-    error feedback subtracts from what the client meant to send.
+    error feedback subtracts from what the client meant to send. ``rounding`` is
+    ``"stochastic"`` (unbiased) or ``"nearest"`` (deterministic; for error feedback).
     """
     spec = CompressionSpec.parse(spec) if isinstance(spec, str) else spec
     layout = layout_of(delta)
@@ -533,7 +531,11 @@ def encode_update(
         shared_seed=shared_seed,
         mask=mask,
         reconstruct=reconstruct,
+        rounding=rounding,
     )
+
+
+ROUNDINGS = ("stochastic", "nearest")
 
 
 def encode_flat(
@@ -546,11 +548,14 @@ def encode_flat(
     shared_seed: int = 0,
     mask: np.ndarray | None = None,
     reconstruct: bool = False,
+    rounding: str = "stochastic",
 ) -> EncodedUpdate:
     """:func:`encode_update` on an already flattened float32 vector and its layout."""
     total = flat.size
     if total != layout_size(layout):
         raise EncodingError(f"flat vector has {total} values, layout {layout_size(layout)}")
+    if rounding not in ROUNDINGS:
+        raise EncodingError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     rng = rng or np.random.default_rng()
     if spec.sparsifier == "none":
         idx = None
@@ -577,7 +582,7 @@ def encode_flat(
     if idx is not None and spec.sparsifier != "randk":
         mode, index_bytes = _index_section(idx, total)
     values = flat if idx is None else flat[idx]
-    value_bytes, rec_values = _encode_values(values, spec, rng, reconstruct)
+    value_parts, rec_values = _encode_values(values, spec, rng, reconstruct, rounding)
     reconstruction = None
     if reconstruct:
         if idx is None:
@@ -594,7 +599,7 @@ def encode_flat(
         index_mode=mode,
         count=int(values.size),
         index_bytes=index_bytes,
-        value_bytes=value_bytes,
+        value_bytes=value_parts,
     )
     return EncodedUpdate(payload, reconstruction, int(values.size), _INDEX_MODE_NAMES[mode])
 
@@ -614,13 +619,15 @@ def pack_payload(
     index_mode: int,
     count: int,
     index_bytes: bytes,
-    value_bytes: bytes,
+    value_bytes: bytes | list[Any],
     version: int = FORMAT_VERSION,
 ) -> bytes:
     """Assemble a payload from its sections and seal it with length and CRC-32.
 
-    The low-level builder :func:`encode_flat` uses; it validates nothing, so tools and
-    tests can also build deliberately wrong payloads with it.
+    ``value_bytes`` is bytes or a list of buffers (numpy arrays are read in place, so
+    the values are copied once, into the payload). The low-level builder
+    :func:`encode_flat` uses; it validates nothing, so tools and tests can also build
+    deliberately wrong payloads with it.
     """
     head = bytearray()
     head += _varint(round_no)
@@ -635,22 +642,35 @@ def pack_payload(
             head += _varint(dim)
     head += bytes([index_mode])
     head += _varint(count)
-    total = _FIXED_HEADER.size + len(head) + len(index_bytes) + len(value_bytes) + _CRC.size
-    body = b"".join(
-        [_FIXED_HEADER.pack(MAGIC, version, total), bytes(head), index_bytes, value_bytes]
-    )
-    return body + _CRC.pack(zlib.crc32(body))
+    values = [value_bytes] if isinstance(value_bytes, bytes | bytearray) else value_bytes
+    views = [memoryview(v).cast("B") for v in values]
+    body_len = len(head) + len(index_bytes) + sum(v.nbytes for v in views)
+    total = _FIXED_HEADER.size + body_len + _CRC.size
+    parts = [_FIXED_HEADER.pack(MAGIC, version, total), bytes(head), index_bytes, *views]
+    crc = 0
+    for part in parts:
+        crc = crc32(part, crc)
+    return b"".join([*parts, _CRC.pack(crc)])
 
 
 # ---------------------------------------------------------------------------------------
 # Decode
 # ---------------------------------------------------------------------------------------
+#: Without a reference layout, the largest update (in values) the decoder accepts.
+MAX_UNCHECKED_ELEMENTS = 1 << 26
+
+
 @dataclass
 class DecodedUpdate:
-    """A decoded, validated update."""
+    """A decoded, validated update.
+
+    ``delta`` is a :class:`~fedcommons.wire.decoded.LazyDelta`: a read-only mapping
+    that decodes to dense tensors on first access, or folds straight into an
+    accumulator (:meth:`~fedcommons.wire.decoded.LazyDelta.fold_into`).
+    """
 
     round_no: int
-    delta: dict[str, torch.Tensor]
+    delta: LazyDelta
     spec: CompressionSpec
     num_values: int
     index_mode: str
@@ -679,6 +699,7 @@ def decode_update(
     expected_round: int | None = None,
     max_bytes: int | None = None,
     expected_seed: int | None = None,
+    max_elements: int = MAX_UNCHECKED_ELEMENTS,
 ) -> DecodedUpdate:
     """Decode and validate ``payload``; raise MalformedUpdateError naming the problem.
 
@@ -687,8 +708,14 @@ def decode_update(
     encoding codes (``unknown-encoding``), round (``wrong-round``), tensor names,
     shapes and dtypes against ``reference`` (``wrong-tensors``, ``wrong-shape``,
     ``wrong-dtype``), indices (``index-out-of-range``, ``duplicate-index``), the
-    random-k seed (``wrong-seed``), and values (``non-finite``). Nothing is allocated
-    at the size the payload claims before the layout matched the reference.
+    random-k seed (``wrong-seed``), and values (``non-finite``).
+
+    Memory: every header field is bounded before anything is allocated — the layout by
+    ``reference`` (without one, by ``max_elements`` values), counts by the bytes
+    actually present — and the values stay views of ``payload``. Decoding allocates
+    at most a sparse update's support mask (1 byte a parameter, a quarter of the dense
+    fp32 size); reading ``delta`` adds the dense float32 vector (1×), folding it
+    (:meth:`LazyDelta.fold_into`) nothing.
     """
     size = len(payload)
     if max_bytes is not None and size > max_bytes:
@@ -702,8 +729,10 @@ def decode_update(
         raise MalformedUpdateError("truncated", f"payload has {size} of its {total} bytes")
     if size > total:
         raise MalformedUpdateError("malformed", f"{size - total} bytes after the payload's end")
+    if total < _FIXED_HEADER.size + _CRC.size:
+        raise MalformedUpdateError("truncated", f"declared length {total} is below the minimum")
     (crc,) = _CRC.unpack_from(payload, total - _CRC.size)
-    if zlib.crc32(memoryview(payload)[: total - _CRC.size]) != crc:
+    if crc32(memoryview(payload)[: total - _CRC.size]) != crc:
         raise MalformedUpdateError("checksum", "CRC-32 does not match the payload")
     reader = _Reader(memoryview(payload), _FIXED_HEADER.size, total - _CRC.size)
     round_no = reader.varint()
@@ -712,8 +741,12 @@ def decode_update(
         raise MalformedUpdateError(
             "unknown-encoding", f"sparsifier code {sparsifier_code}, value code {value_code}"
         )
+    coding = VALUE_CODINGS[value_code]
     chunk = reader.varint()
-    layout = _read_layout(reader)
+    ref_layout = None
+    if reference is not None:
+        ref_layout = reference if isinstance(reference, list) else layout_of(reference)
+    layout = _read_layout(reader, None if ref_layout is None else len(ref_layout))
     index_mode = reader.u8()
     if index_mode not in _INDEX_MODE_NAMES:
         raise MalformedUpdateError("unknown-encoding", f"index mode {index_mode}")
@@ -722,46 +755,49 @@ def decode_update(
         raise MalformedUpdateError(
             "wrong-round", f"update for round {round_no}, expected {expected_round}"
         )
-    if reference is not None:
-        ref_layout = reference if isinstance(reference, list) else layout_of(reference)
+    if ref_layout is not None:
         check_layout(layout, ref_layout)
     n = layout_size(layout)
+    if ref_layout is None and n > max_elements:
+        raise MalformedUpdateError(
+            "too-large", f"layout of {n} values exceeds {max_elements} (no reference layout)"
+        )
     if count > n:
         raise MalformedUpdateError("malformed", f"{count} values for {n} parameters")
+    if coding in _LEVELS and chunk < 1:
+        raise MalformedUpdateError("malformed", f"chunk size {chunk} for {coding}")
     seed = None
     if index_mode == INDEX_ALL:
         if count != n:
             raise MalformedUpdateError("malformed", f"dense update with {count} of {n} values")
-        idx = None
+        support = None
     elif index_mode == INDEX_VARINT:
-        idx = _read_varint_indices(reader, count, n)
+        support = _read_varint_support(reader, count, n)
     elif index_mode == INDEX_BITMAP:
-        idx = _read_bitmap(reader, count, n)
+        support = _read_bitmap_support(reader, count, n)
     else:
         (seed,) = struct.unpack("<Q", reader.take(8))
         if expected_seed is not None and seed != expected_seed & 0xFFFFFFFFFFFFFFFF:
             raise MalformedUpdateError(
                 "wrong-seed", f"random-k seed {seed} is not this round's shared seed"
             )
-        idx = random_k_indices(seed, n, count)
-    values = _decode_values(reader, count, VALUE_CODINGS[value_code], chunk)
+        _need_value_bytes(reader, count, coding, chunk)  # before generating n keys
+        support = np.ones(n, dtype=np.bool_) if count >= n else _random_k_support(seed, n, count)
+    values = _read_values(reader, count, coding, chunk)
     if reader.pos != reader.end:
         raise MalformedUpdateError("malformed", f"{reader.end - reader.pos} unread bytes")
-    if idx is None:
-        flat = np.array(values, dtype=np.float32, copy=True)
-    else:
-        flat = np.zeros(n, dtype=np.float32)
-        flat[idx] = values
     spec = CompressionSpec(
         SPARSIFIERS[sparsifier_code],
         count / n if n else 1.0,
-        VALUE_CODINGS[value_code],
-        chunk or DEFAULT_CHUNK,
+        coding,
+        chunk if coding in _LEVELS else DEFAULT_CHUNK,
     )
+    delta = LazyDelta(layout, values, support)
+    overflow = delta.check_range()
+    if overflow is not None:
+        raise MalformedUpdateError("non-finite", f"{overflow}: values overflow its dtype")
     mask = None
-    if idx is not None:
-        support = np.zeros(n, dtype=np.bool_)
-        support[idx] = True
+    if support is not None:
         mask, offset = {}, 0
         for info in layout:
             mask[info.name] = torch.from_numpy(support[offset : offset + info.numel])
@@ -769,7 +805,7 @@ def decode_update(
             offset += info.numel
     return DecodedUpdate(
         round_no,
-        unflatten(flat, layout),
+        delta,
         spec,
         count,
         _INDEX_MODE_NAMES[index_mode],
@@ -779,8 +815,14 @@ def decode_update(
     )
 
 
-def _read_layout(reader: _Reader) -> list[TensorInfo]:
+def _read_layout(reader: _Reader, expected_tensors: int | None) -> list[TensorInfo]:
     n_tensors = reader.varint()
+    if expected_tensors is not None and n_tensors != expected_tensors:
+        raise MalformedUpdateError(
+            "wrong-tensors", f"{n_tensors} tensors, the base release has {expected_tensors}"
+        )
+    if n_tensors > (reader.end - reader.pos) // 3:  # name length, dtype, ndim: >= 3 bytes
+        raise MalformedUpdateError("malformed", f"{n_tensors} tensors cannot fit the payload")
     layout = []
     for _ in range(n_tensors):
         name_len = reader.varint()
@@ -820,35 +862,84 @@ def check_layout(layout: list[TensorInfo], reference: list[TensorInfo]) -> None:
             )
 
 
-def _read_varint_indices(reader: _Reader, count: int, n: int) -> np.ndarray:
+_INDEX_ERRORS = {
+    kernels.MID_NUMBER: ("malformed", "index varints end mid-number"),
+    kernels.TOO_LONG: ("malformed", "index varint longer than 63 bits"),
+    kernels.COUNT: ("malformed", "the index section does not hold one index per value"),
+    kernels.OUT_OF_RANGE: ("index-out-of-range", "an index lies outside the parameters"),
+    kernels.DUPLICATE: ("duplicate-index", "an index is sent twice"),
+}
+
+
+def _index_status(status: int) -> None:
+    if status != kernels.OK:
+        raise MalformedUpdateError(*_INDEX_ERRORS[status])
+
+
+def _read_varint_support(reader: _Reader, count: int, n: int) -> np.ndarray:
     nbytes = reader.varint()
-    gaps = decode_varints(np.frombuffer(reader.take(nbytes), dtype=np.uint8))
-    if gaps.size != count:
-        raise MalformedUpdateError("malformed", f"{gaps.size} indices for {count} values")
-    if count == 0:
-        return np.zeros(0, dtype=np.int64)
-    if (gaps >= np.uint64(max(n, 1))).any():
-        raise MalformedUpdateError("index-out-of-range", f"an index step exceeds {n} parameters")
-    if count > 1 and (gaps[1:] == 0).any():
-        raise MalformedUpdateError("duplicate-index", "an index is sent twice")
-    idx = np.cumsum(gaps, dtype=np.uint64)
-    if idx[-1] >= n:
-        raise MalformedUpdateError(
-            "index-out-of-range", f"index {int(idx[-1])} outside {n} parameters"
-        )
-    return idx.astype(np.int64)
+    data = np.frombuffer(reader.take(nbytes), dtype=np.uint8)
+    support = np.zeros(n, dtype=np.bool_)
+    _index_status(kernels.varint_support(data, n, count, support))
+    return support
 
 
-def _read_bitmap(reader: _Reader, count: int, n: int) -> np.ndarray:
-    bits = np.unpackbits(
-        np.frombuffer(reader.take((n + 7) // 8), dtype=np.uint8), bitorder="little"
-    )
-    if bits[n:].any():
-        raise MalformedUpdateError("index-out-of-range", f"bitmap marks indices beyond {n}")
-    idx = np.flatnonzero(bits[:n])
-    if idx.size != count:
-        raise MalformedUpdateError("malformed", f"bitmap has {idx.size} indices, {count} values")
-    return idx
+def _read_bitmap_support(reader: _Reader, count: int, n: int) -> np.ndarray:
+    bits = np.frombuffer(reader.take((n + 7) // 8), dtype=np.uint8)
+    support = np.zeros(n, dtype=np.bool_)
+    _index_status(kernels.bitmap_support(bits, n, count, support))
+    return support
+
+
+def _value_bytes(count: int, coding: str, chunk: int) -> int:
+    if coding == "fp32":
+        return 4 * count
+    if coding in ("fp16", "bf16"):
+        return 2 * count
+    scales = 4 * (-(-count // chunk))
+    return scales + (count if coding == "int8" else (count + 1) // 2)
+
+
+def _need_value_bytes(reader: _Reader, count: int, coding: str, chunk: int) -> None:
+    need = _value_bytes(count, coding, chunk)
+    if need > reader.end - reader.pos:
+        raise MalformedUpdateError("malformed", f"{count} {coding} values need {need} bytes")
+
+
+def _read_values(reader: _Reader, count: int, coding: str, chunk: int) -> EncodedValues:
+    """Views of the value section, validated (finite, codes in range)."""
+    _need_value_bytes(reader, count, coding, chunk)
+    if coding == "fp32":
+        data = np.frombuffer(reader.take(4 * count), dtype=np.float32)
+        _check_finite(data.view(np.int32), np.int32(0x7F800000))
+        return EncodedValues("fp32", count, data)
+    if coding in ("fp16", "bf16"):
+        data = np.frombuffer(reader.take(2 * count), dtype=np.uint16)
+        _check_finite(data, np.uint16(0x7C00 if coding == "fp16" else 0x7F80))
+        return EncodedValues(coding, count, data)
+    n_chunks = -(-count // chunk)
+    scales = np.frombuffer(reader.take(4 * n_chunks), dtype=np.float32)
+    if not kernels.all_finite_bits(scales.view(np.int32), np.int32(0x7F800000)):
+        raise MalformedUpdateError("non-finite", "a quantization scale is NaN or Inf")
+    if n_chunks and np.signbit(scales).any():
+        raise MalformedUpdateError("malformed", "a quantization scale is negative")
+    levels = _LEVELS[coding]
+    if coding == "int8":
+        codes = np.frombuffer(reader.take(count), dtype=np.int8)
+        if not kernels.int8_codes_ok(codes):
+            raise MalformedUpdateError("malformed", "int8 code -128 is outside [-127, 127]")
+    else:
+        codes = np.frombuffer(reader.take((count + 1) // 2), dtype=np.uint8)
+        if not kernels.int4_codes_ok(codes, count):
+            raise MalformedUpdateError(
+                "malformed", "int4 code -8 is outside [-7, 7], or the padding nibble is not 0"
+            )
+    return EncodedValues(coding, count, codes, scales, min(chunk, max(count, 1)), levels)
+
+
+def _check_finite(bits: np.ndarray, exponent: Any) -> None:
+    if not kernels.all_finite_bits(bits, exponent):
+        raise MalformedUpdateError("non-finite", "update values contain NaN or Inf")
 
 
 def dense_fp32_bytes(tensors: Mapping[str, torch.Tensor] | list[TensorInfo]) -> int:

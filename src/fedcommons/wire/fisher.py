@@ -26,6 +26,7 @@ from fedcommons.wire.update import squared_norm
 
 ZERO_CODE = -128
 LEVELS = 254  # codes -127 .. 127
+_BLOCK = 1 << 16  # decode in blocks: float64 temporaries stay at 512 KiB, not 2x the model
 
 
 def encode_fisher(
@@ -99,11 +100,15 @@ def decode_fisher(
         if rng.size != 2 or not np.all(np.isfinite(rng)) or rng[0] > rng[1]:
             raise UpdateRejectedError("bad-fisher", f"Fisher {name}: bad range {rng.tolist()}")
         lo, hi = rng
-        values = np.exp(lo + (code.astype(np.float64) + 127) / LEVELS * (hi - lo))
-        values[code == ZERO_CODE] = 0.0
-        if not np.all(np.isfinite(values)):
-            raise UpdateRejectedError("bad-fisher", f"Fisher {name}: decodes to Inf")
-        dense = torch.from_numpy(values.astype(np.float32))
+        values = np.empty(code.size, dtype=np.float32)
+        for start in range(0, code.size, _BLOCK):  # float64 math a block at a time
+            block = code[start : start + _BLOCK]
+            exact = np.exp(lo + (block.astype(np.float64) + 127) / LEVELS * (hi - lo))
+            exact[block == ZERO_CODE] = 0.0
+            values[start : start + block.size] = exact
+            if not np.all(np.isfinite(values[start : start + block.size])):  # float32 Inf too
+                raise UpdateRejectedError("bad-fisher", f"Fisher {name}: decodes to Inf")
+        dense = torch.from_numpy(values)
         if selected is not None:
             full = torch.zeros(ref.numel(), dtype=torch.float32)
             full[selected] = dense

@@ -54,3 +54,7 @@ SECAGG_MIN_THRESHOLD = "secagg-min-threshold"  # node config: refuse rounds with
 SECAGG_REQUIRED_CODE = 6002
 #: Error code of a secure-aggregation message the client refused (protocol violation).
 SECAGG_PROTOCOL_ERROR_CODE = 6003
+
+# Institutions decide which task code runs (#13)
+#: Error code of a round refused because it asks for a task the site does not allow.
+TASK_REFUSED_CODE = 6004

@@ -52,8 +52,13 @@ class ReleaseManifest:
     card_sha256: str = ""
     #: Key id (SHA-256 of the raw Ed25519 public key) that signs this manifest (#5).
     signing_key_id: str = ""
+    #: The code that aggregated: origin, ``module:qualname``, package and version (#17).
+    strategy_code: dict[str, Any] = field(default_factory=dict)
     schema_version: int = MANIFEST_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: For a patch release (#15): the pinned base it applies to — name, SHA-256 of the
+    #: base's weights, adapter and its configuration. The registry stores the patch only.
+    base: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_weights(

@@ -18,7 +18,9 @@ class ClientUpdate:
     """One client's decoded contribution to a round.
 
     ``delta`` holds θ_local − θ0 per tensor, with the base release's names, shapes and
-    dtypes. ``num_examples`` is the client's FedAvg weight.
+    dtypes: a dict, or for an encoded reply a read-only
+    :class:`~fedcommons.wire.decoded.LazyDelta` that decodes on first access (FedAvg
+    folds it from its codes instead). ``num_examples`` is the client's FedAvg weight.
 
     ``mask`` (optional) holds one bool tensor per name: the coordinates the client
     actually sent (``None``: dense, all ones); ``delta`` is zero outside it. ``fisher``
