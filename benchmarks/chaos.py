@@ -2,7 +2,8 @@
 
 Run as ``python -m benchmarks.chaos [--quick] [--json PATH]``. On loopback it starts the
 coordinator service (``fedcommons coordinator start --insecure --database ... --registry
-...``: a ``flower-superlink`` plus the run scheduler) and ``--nodes`` institutions
+...``: Flower's SuperLink behind fedcommons' listeners, the SuperExec it supervises, the run
+scheduler) and ``--nodes`` institutions
 (``fedcommons client join --insecure``: a ``flower-supernode`` plus its warm ClientApp
 worker), schedules one run on a central-DP line (``fedcommons round schedule``) and
 lets the scheduler submit it. While it runs:
@@ -10,28 +11,29 @@ lets the scheduler submit it. While it runs:
 - in every round, a random ``--kill-fraction`` of the institutions is SIGKILLed (every
   process of the institution, by PID) a random moment after the previous round was
   committed, and started again at once (a restarted SuperNode registers as a new node);
-- once (round ``R/3``) the ``flower-superlink`` process is SIGKILLed; the coordinator
-  service around it exits and is started again with the same ``--database``; the
-  SuperExec and ServerApp the SuperLink had started are left to notice on their own
-  (Flower's parent monitor stops them with SIGINT; survivors are reported);
+- once (round ``R/3``) the SuperLink process (``python -m fedcommons.engines.listeners``,
+  which runs Flower's SuperLink app) is SIGKILLed; the coordinator service around it exits
+  and is started again with the same ``--database``; the SuperExec and ServerApp are left
+  to notice on their own (Flower's parent monitor stops them; survivors are reported);
 - once (round ``2R/3``) the ServerApp process (``flwr-serverapp``) is SIGKILLed; the
   scheduler notices that the run's Flower run ended while the registry still says
   ``running`` and submits the run again, which resumes after its last committed round.
 
 It then reads the registry and reports: rounds committed (and whether they are exactly
 1..R, each once), committed rounds lost (rounds committed before a ServerApp died that
-the next one played again), rounds retried (round attempts that failed short of
-``min-clients`` and were re-sampled), ServerApp starts, replies lost (sampled nodes whose
-update was not aggregated: killed, timed out or rejected), whether the release was
-published and verifies, whether the privacy ledger holds exactly one DP-FedAvg entry per
-round, and the resident memory of the coordinator's processes (ServerApp, SuperLink) at
-the start and at the end of the run. Every process the benchmark starts is stopped by its
-PID (``tests/processes.py``); the whole run is bounded by ``--timeout``.
+the next one played again), rounds retried (round attempts that failed and were
+re-sampled: none on a DP line, which refuses retries), ServerApp starts, replies lost
+(sampled nodes whose update was not aggregated: killed, timed out or rejected), whether
+the release was published and verifies, whether the privacy ledger holds exactly one
+DP-FedAvg entry per round, and the resident memory of the coordinator's processes
+(ServerApp, SuperLink) at the start and at the end of the run. Every process the
+benchmark starts is stopped by its PID (``tests/processes.py``); the whole run is
+bounded by ``--timeout``.
 
-Node sampling: every connected node is asked each round (``clients-per-round = 0``), and
-the DP line uses Poisson sampling (with every node asked, q = 1 either way): the
-fixed-size sampler draws a permutation of the node ids themselves, and numpy turns
-Flower's random 64-bit ids into float64, which rounds them to ids no node has.
+The DP line's round policy (``docs/privacy.md``): a declared ``population`` (the number of
+institutions), every node asked each round (``clients-per-round = 0``: q = 1),
+``min-clients = 1`` and ``on-round-failure = abort`` (a DP line releases every sampled
+round; a retry would condition the release on who replied).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from unittest import mock
 
 from tests.processes import ProcessGroup, _descendants, free_port, tail, wait_for_port
 
@@ -175,7 +178,8 @@ class Cluster:
     def __init__(self, work: Path, env: dict[str, str], nodes: int) -> None:
         self.work, self.env, self.nodes = work, env, nodes
         self.group = ProcessGroup(work, env)
-        self.port = free_port()
+        self.port = free_port()  # the Fleet API (what SuperNodes dial)
+        self.control_port = free_port()  # Control and runtime APIs (scheduler, ServerApps)
         self.coordinator: subprocess.Popen | None = None
         self.node_procs: dict[int, subprocess.Popen] = {}
         self.starts: dict[str, int] = {}
@@ -202,6 +206,8 @@ class Cluster:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                "--control-port",
+                str(self.control_port),
                 "--database",
                 str(self.work / "superlink.db"),
                 "--registry",
@@ -252,8 +258,8 @@ class Cluster:
         return [p for p in _descendants(self.coordinator.pid) if needle in _cmdline(p)]
 
     def superlink_pid(self) -> int | None:
-        """PID of the ``flower-superlink`` process."""
-        found = self._coordinator_pids("flower-superlink")
+        """PID of the SuperLink process (Flower's app behind fedcommons' listeners)."""
+        found = self._coordinator_pids("fedcommons.engines.listeners")
         return found[0] if found else None
 
     def serverapp_pids(self) -> list[int]:
@@ -261,7 +267,7 @@ class Cluster:
         return self._coordinator_pids("flwr-serverapp")
 
     def kill_superlink(self) -> tuple[int | None, list[str]]:
-        """SIGKILL ``flower-superlink`` alone, as a crash would.
+        """SIGKILL the SuperLink process alone, as a crash would.
 
         Its children (SuperExec, the ServerApp) are left to notice on their own; returns
         the coordinator service's exit code and the processes still alive 30 s later
@@ -269,7 +275,7 @@ class Cluster:
         """
         pid = self.superlink_pid()
         if pid is None or self.coordinator is None:
-            raise RuntimeError("no flower-superlink process to kill")
+            raise RuntimeError("no SuperLink process to kill")
         tree = {p: _start_time(p) for p in _descendants(self.coordinator.pid)}
         os.kill(pid, signal.SIGKILL)
         code = None
@@ -324,19 +330,19 @@ def _schedule(work: Path, env: dict[str, str], args: argparse.Namespace) -> None
         "--rounds",
         str(args.rounds),
         "--min-clients",
-        str(args.min_clients),
+        "1",  # a DP line releases every sampled round (no retry, no min-clients > 1)
         "--deadline",
         str(args.deadline),
         "--on-round-failure",
-        "retry",
-        "--round-retries",
-        "5",
+        "abort",
         "-c",
         f"local-epochs={args.local_epochs}",
         "-c",
         f"task.num-partitions={args.nodes}",
         "-c",
-        "node-wait-timeout=180",
+        f"population={args.nodes}",
+        "-c",
+        "node-wait-timeout=30",
         "--dp",
         "noise-multiplier=0.5",
         "--dp",
@@ -346,7 +352,7 @@ def _schedule(work: Path, env: dict[str, str], args: argparse.Namespace) -> None
         "--dp",
         "delta=1e-5",
         "--dp",
-        "sampling=poisson",  # q = 1 with every node asked; see the module docstring
+        "sampling=poisson",  # q = clients-per-round / population = 1: every node asked
     ]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
@@ -377,6 +383,8 @@ def soak(args: argparse.Namespace, work: Path) -> Soak:
             "FEDCOMMONS_METRICS_PORT": "0",
             "FEDCOMMONS_STATE_DIR": str(work / "client-state"),
             "FEDCOMMONS_CLIENT_THREADS": "1",
+            # the signing key and trust store of this soak, not the user's
+            "FEDCOMMONS_CONFIG_DIR": str(work / "user-config"),
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         }
     )
@@ -422,9 +430,7 @@ def soak(args: argparse.Namespace, work: Path) -> Soak:
                     code, leftovers = cluster.kill_superlink()
                     result.coordinator_exit_after_superlink_kill = code
                     result.left_running_after_superlink_kill = leftovers
-                    result.faults.append(
-                        Fault(current, "superlink", "flower-superlink", committed, now)
-                    )
+                    result.faults.append(Fault(current, "superlink", "superlink", committed, now))
                     result.superlink_kills += 1
                 if current == serverapp_round and cluster.kill_serverapp():
                     result.faults.append(
@@ -442,7 +448,8 @@ def soak(args: argparse.Namespace, work: Path) -> Soak:
     finally:
         cluster.stop_all()
         result.wall_s = result.wall_s or time.monotonic() - started
-    _read_outcome(result, registry, work)
+    with mock.patch.dict(os.environ, {"FEDCOMMONS_CONFIG_DIR": env["FEDCOMMONS_CONFIG_DIR"]}):
+        _read_outcome(result, registry, work)
     return result
 
 
@@ -561,7 +568,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=0, help="rounds (default 30; quick 8)")
     parser.add_argument("--nodes", type=int, default=6)
     parser.add_argument("--kill-fraction", type=float, default=0.3)
-    parser.add_argument("--min-clients", type=int, default=3)
     parser.add_argument("--deadline", type=float, default=45.0, help="round-timeout, seconds")
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--max-kill-delay", type=float, default=4.0)

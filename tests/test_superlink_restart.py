@@ -2,10 +2,10 @@
 
 Loopback only: ``fedcommons coordinator start`` (SuperLink + scheduler, with a
 ``--database``) and two ``fedcommons client join`` institutions (the chaos soak's
-:class:`benchmarks.chaos.Cluster`); every process is stopped by PID. Only the
-``flower-superlink`` process is killed: its SuperExec and ServerApp are left to stop on
-their own (Flower's parent monitor raises SIGINT in them), and the run must stay
-resumable rather than be recorded as failed.
+:class:`benchmarks.chaos.Cluster`); every process is stopped by PID. Only the SuperLink
+process (Flower's SuperLink app behind fedcommons' listeners) is killed: its SuperExec
+and ServerApp are left to stop on their own (Flower's parent monitor stops them), and
+the run must stay resumable rather than be recorded as failed.
 """
 
 from __future__ import annotations
