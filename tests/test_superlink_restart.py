@@ -66,7 +66,9 @@ def test_superlink_killed_mid_run_restarts_and_the_run_resumes_to_a_verified_rel
     try:
         cluster.start_coordinator()
         cluster.start_nodes([0, 1])
-        deadline = time.monotonic() + 600
+        # generous bounds: on a loaded 2-core machine a ServerApp can take minutes to start
+        # (Flower gives it 30 s from the SuperExec's claim to authenticate, then retries)
+        deadline = time.monotonic() + 900
         while RunStore(registry).get("e2e").committed_round < 1:
             assert time.monotonic() < deadline, "round 1 never committed"
             time.sleep(1.0)
@@ -74,6 +76,7 @@ def test_superlink_killed_mid_run_restarts_and_the_run_resumes_to_a_verified_rel
         code, leftovers = cluster.kill_superlink()
         assert code not in (None, 0), "the coordinator service must notice its SuperLink died"
         cluster.start_coordinator()  # same port, same --database
+        deadline = time.monotonic() + 900
         record = RunStore(registry).get("e2e")
         while record.state in ("scheduled", "running") and time.monotonic() < deadline:
             time.sleep(1.0)
