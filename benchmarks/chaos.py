@@ -448,7 +448,9 @@ def soak(args: argparse.Namespace, work: Path) -> Soak:
     finally:
         cluster.stop_all()
         result.wall_s = result.wall_s or time.monotonic() - started
-    with mock.patch.dict(os.environ, {"FEDCOMMONS_CONFIG_DIR": env["FEDCOMMONS_CONFIG_DIR"]}):
+    # read as the coordinator did: its signing key / trust store and its private directory
+    keys = ("FEDCOMMONS_CONFIG_DIR", "FEDCOMMONS_STATE_DIR")
+    with mock.patch.dict(os.environ, {k: env[k] for k in keys}):
         _read_outcome(result, registry, work)
     return result
 
@@ -457,6 +459,7 @@ def _read_outcome(result: Soak, registry: Path, work: Path) -> None:
     """Fill ``result`` from the registry: commits, resumes, release, ledger."""
     from fedcommons.coordinator.runs import RunStore
     from fedcommons.observability.audit_log import read
+    from fedcommons.privacy.disclosure import PrivateRoundLog, private_dir
     from fedcommons.privacy.ledger import PrivacyLedger, ledger_path
     from fedcommons.releases.registry import Registry
     from fedcommons.releases.verification import verify_release
@@ -470,13 +473,20 @@ def _read_outcome(result: Soak, registry: Path, work: Path) -> None:
     commits = store.rounds(RUN_NAME)
     result.rounds_committed = [c.round for c in commits]
     result.round_attempts_retried = sum(c.attempts - 1 for c in commits)
+    # a DP line keeps its per-round counts and its audit log (they name nodes) in the
+    # coordinator's private directory, not in the registry it serves
+    private = private_dir(registry)
+    reports = {int(r["round"]): r["report"] for r in PrivateRoundLog(private).records()}
     for c in commits:
-        report = c.report
+        report = reports.get(c.round, c.report)
         result.replies_sampled += int(report["sampled"])
         result.replies_aggregated += int(report["accepted"])
         result.replies_timed_out += int(report["timed_out"])
         result.replies_rejected += sum(int(v) for v in report["rejected"].values())
-    audit = list(read(registry / "audit.jsonl"))
+    audit = sorted(
+        (r for path in (registry, private) for r in _audit(path / "audit.jsonl", read)),
+        key=lambda r: r["timestamp"],
+    )
     result.resumed_after = [
         int(r["details"]["resume_after_round"]) for r in audit if r["action"] == "run.resume"
     ]
@@ -512,6 +522,10 @@ def _read_outcome(result: Soak, registry: Path, work: Path) -> None:
     if result.state != "finished":
         logs = "\n".join(tail(p, 15) for p in sorted(work.glob("*.log")))
         result.error = (result.error + "\n" + logs)[-6000:]
+
+
+def _audit(path: Path, read: object) -> list[dict]:
+    return list(read(path)) if path.exists() else []  # type: ignore[operator]
 
 
 def report(r: Soak) -> str:
