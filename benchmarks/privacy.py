@@ -33,11 +33,11 @@ from benchmarks.progress import steps
 from fedcommons.engines.canary_audit import PipelineAuditConfig, run_pipeline_audit
 from fedcommons.logs import configure_logging
 from fedcommons.privacy.accounting import audit_epsilon, runtime_epsilon
-from fedcommons.privacy.audit import audit_ledger
+from fedcommons.privacy.audits.ledger_audit import audit_ledger
+from fedcommons.privacy.audits.seeded_bugs import SEEDED_BUGS
 from fedcommons.privacy.central import DPFedAvg
 from fedcommons.privacy.config import CentralDPConfig
 from fedcommons.privacy.line import LinePrivacy
-from fedcommons.privacy.seeded_bugs import SEEDED_BUGS
 from fedcommons.strategies import FedAvg
 from fedcommons.wire.update import ClientUpdate
 

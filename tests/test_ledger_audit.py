@@ -20,7 +20,7 @@ from fedcommons.coordinator.config import RunConfig
 from fedcommons.engines.inprocess import run_in_process
 from fedcommons.errors import LedgerTamperedError, PrivacyAuditError
 from fedcommons.privacy.accounting import audit_epsilon
-from fedcommons.privacy.audit import audit_ledger
+from fedcommons.privacy.audits.ledger_audit import audit_ledger
 from fedcommons.privacy.ledger import GENESIS, PrivacyLedger, entry_hash
 from fedcommons.releases.ledger_audit import audit_signed_ledger
 from fedcommons.releases.registry import Registry

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedcommons.engines.canary_audit import PipelineAuditConfig, run_pipeline_audit
-from fedcommons.privacy.canary import (
+from fedcommons.privacy.audits.canary import (
     GUESS_FRACTIONS,
     claim_falsified,
     guesses,

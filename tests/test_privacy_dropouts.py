@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedcommons.errors import PrivacyBudgetExceededError
-from fedcommons.privacy.audit import audit_ledger
+from fedcommons.privacy.audits.ledger_audit import audit_ledger
 from fedcommons.privacy.config import CentralDPConfig
 from fedcommons.privacy.line import LinePrivacy
 from fedcommons.strategies import FedAvg

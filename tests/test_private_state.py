@@ -38,7 +38,7 @@ def test_dp_line_serves_no_node_id_and_its_epsilon_recomputes(tmp_path: Path) ->
     from fedcommons.client_sdk.client_app import app as client_app
     from fedcommons.coordinator.config import RunConfig
     from fedcommons.engines.inprocess import run_in_process
-    from fedcommons.privacy.audit import audit_ledger
+    from fedcommons.privacy.audits.ledger_audit import audit_ledger
 
     ids = [2**63 + 12_345_678_901, 18_000_000_000_000_000_001, 9_999_999_999_999, 2**64 - 59]
     config = RunConfig.from_flat(

@@ -87,7 +87,9 @@ def test_plan_bytes_equal_the_real_messages_of_a_round() -> None:
         payload = clients[i].masked_input(req, vec)
         if i == 1:
             down["masked-input"] = size(
-                _request("masked-input", {**req, keys.SECAGG_DP_CLIP: 0.0}, 1)
+                _request(
+                    "masked-input", {**req, keys.SECAGG_DP_CLIP: 0.0, keys.SECAGG_DP_NOISE: 0.0}, 1
+                )
             )
             up["masked-input"] = size(reply("masked-input", payload))
         server.add_masked(i, payload)
@@ -98,3 +100,45 @@ def test_plan_bytes_equal_the_real_messages_of_a_round() -> None:
             up["unmask"] = size(reply("unmask", payload))
     assert plan["upload_bytes"] == up
     assert plan["download_bytes"] == down
+
+
+def test_keygen_and_signed_roster_from_the_installed_executable(tmp_path) -> None:
+    """`fedcommons secagg keygen` (the consortium key) and `secagg roster --sign-with` as
+    subprocesses: the roster file loads with the consortium key pinned; a second keygen onto
+    an existing key exits non-zero and leaves the key as it was."""
+    import subprocess
+
+    from fedcommons.privacy.secagg.roster import Roster, new_signing_key
+    from tests.conftest import BIN
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "fedcommons"), "secagg", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    public = {n: new_signing_key(tmp_path / f"{n}.pem") for n in ("site-a", "site-b", "site-c")}
+    run = cli("keygen", "--out", str(tmp_path / "consortium.pem"))
+    assert run.returncode == 0, run.stderr
+    public["consortium"] = run.stdout.strip()
+    members = [f"-m{n}={public[n]}" for n in ("site-a", "site-b", "site-c")]
+    run = cli(
+        "roster",
+        "--consortium",
+        "test",
+        *members,
+        "--sign-with",
+        str(tmp_path / "consortium.pem"),
+        "--out",
+        str(tmp_path / "roster.json"),
+    )
+    assert run.returncode == 0, run.stderr
+    roster = Roster.load(tmp_path / "roster.json", public["consortium"])
+    assert sorted(roster.members) == ["site-a", "site-b", "site-c"]
+    before = (tmp_path / "site-a.pem").read_bytes()
+    again = cli("keygen", "--out", str(tmp_path / "site-a.pem"))
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+    assert (tmp_path / "site-a.pem").read_bytes() == before

@@ -21,6 +21,7 @@ from fedcommons.errors import ConfigError, SecAggAbortedError, SecAggIncompatibl
 from fedcommons.privacy.secagg.quantize import dequantize
 from fedcommons.releases.registry import Registry
 from fedcommons.wire import keys
+from tests.secagg_helpers import dropping, run_secure_demo
 
 
 def _config(tmp_path: Path, rounds: int = 1, **extra: object) -> RunConfig:
@@ -35,24 +36,6 @@ def _config(tmp_path: Path, rounds: int = 1, **extra: object) -> RunConfig:
     }
     flat.update(extra)
     return RunConfig.from_flat(flat)
-
-
-def _dropping(stage: str, partitions: set[int]) -> ClientApp:
-    """The real ClientApp, except that ``partitions`` crash when ``stage`` reaches them."""
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        record = msg.content.config_records.get(keys.SECAGG_RECORD)
-        if (
-            record is not None
-            and record[keys.SECAGG_STAGE] == stage
-            and int(context.node_config["partition-id"]) in partitions
-        ):
-            raise ConnectionError(f"site went offline during {stage}")
-        return client_app(msg, context)
-
-    return app
 
 
 @pytest.fixture
@@ -93,7 +76,7 @@ def test_secure_sum_is_exact_with_dropouts(
     The unmasked sum equals the sum of the survivors' ring vectors bit for bit, and so
     does its dequantization; the dropped sites are counted, not folded.
     """
-    result = run_in_process(_config(tmp_path), [_dropping(stage, dropped)] * 10)
+    result = run_in_process(_config(tmp_path), [dropping(stage, dropped)] * 10)
     report = result.reports[0]
     survivors = {1000 + p for p in range(10)} - (
         {1000 + p for p in dropped} if stage != "unmask" else set()
@@ -117,7 +100,7 @@ def test_round_beyond_threshold_aborts_and_publishes_nothing(tmp_path: Path) -> 
     """7 sites, threshold 4, four drop at masked input: run fails, no release, reason audited."""
     config = _config(tmp_path)
     with pytest.raises(SecAggAbortedError, match="threshold 4"):
-        run_in_process(config, [_dropping("masked-input", {0, 1, 2, 3})] * 7)
+        run_in_process(config, [dropping("masked-input", {0, 1, 2, 3})] * 7)
     registry = tmp_path / "registry"
     assert not (registry / "index.sqlite").exists() or not Registry(registry).list()
     audit = [json.loads(line) for line in (registry / "audit.jsonl").read_text().splitlines()]
@@ -317,32 +300,8 @@ def test_demo_with_secagg_on_the_simulation_engine(
 ) -> None:
     """`fedcommons demo --secagg` on Flower's simulation engine (Ray): sessions persist in
     each SuperNode's Context between the four stages, and the release records secagg."""
-    import subprocess
-
-    from tests.conftest import BIN
-
     registry = tmp_path / "registry"
-    run = subprocess.run(
-        [
-            str(BIN / "fedcommons"),
-            "demo",
-            "--secagg",
-            "--institutions",
-            "5",
-            "--rounds",
-            "2",
-            "--local-epochs",
-            "1",
-            "--registry",
-            str(registry),
-        ],
-        env={**flower_env, "FEDCOMMONS_STATE_DIR": str(tmp_path / "state")},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=tmp_path,
-    )
+    run = run_secure_demo(tmp_path, flower_env, 5, 2)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "secure aggregation (SecAgg+)" in run.stdout
     assert "clients 5/5" in run.stdout

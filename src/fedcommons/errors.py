@@ -206,5 +206,9 @@ class SecAggAbortedError(RoundFailedError):
     """
 
 
+class SecAggRosterError(ConfigError):
+    """An institution's SecAgg+ roster or signing key is missing, malformed or unauthentic."""
+
+
 class SecAggIncompatibleError(ConfigError):
     """Secure aggregation was combined with something that needs individual updates."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
@@ -114,7 +115,12 @@ def audit_ledger_cmd(
     summary.add_row(f"recomputed ε ({result.method})", f"{result.recomputed_epsilon:.6f}")
     summary.add_row("runtime accountant", result.accountant)
     summary.add_row("ε, RDP (dp-accounting)", f"{result.epsilon_rdp:.6f}")
-    summary.add_row("ε, PLD (dp-accounting)", f"{result.epsilon_pld:.6f}")
+    summary.add_row(
+        "ε, PLD (dp-accounting)",
+        "n/a (no PLD of the Skellam mechanism)"
+        if math.isnan(result.epsilon_pld)
+        else f"{result.epsilon_pld:.6f}",
+    )
     for c in result.client_checks:
         summary.add_row(
             f"institution node {c['node']}",

@@ -149,6 +149,14 @@ def demo(
             "needs the mlflow extra.",
         ),
     ] = "",
+    secagg_consortium: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --secagg: authenticated key advertisements. Creates (or reuses) one "
+            "Ed25519 key per simulated institution and their roster in this directory; "
+            "every institution signs its keys and checks its neighbours'."
+        ),
+    ] = None,
     log_level: LogLevelOpt = "WARNING",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
@@ -166,6 +174,21 @@ def demo(
     elif alpha is not None or defaults["partition"] == "dirichlet":
         options.update(partition="dirichlet", alpha=defaults["alpha"] if alpha is None else alpha)
     options.update(parse_settings(task_option))
+    if secagg_consortium is not None:
+        import os
+
+        from fedcommons.client_sdk.secagg import SITE_ENV
+        from fedcommons.errors import ConfigError
+        from fedcommons.privacy.secagg.roster import simulated_consortium
+        from fedcommons.wire import keys
+
+        if not secagg:
+            raise ConfigError("--secagg-consortium authenticates SecAgg+ keys: add --secagg")
+        roster_path = simulated_consortium(secagg_consortium, institutions)
+        os.environ[SITE_ENV[keys.SECAGG_ROSTER]] = str(roster_path)
+        os.environ[SITE_ENV[keys.SECAGG_SIGNING_KEY]] = str(
+            roster_path.parent / "site-{partition-id}.pem"
+        )
     config = RunConfig(
         task=task,
         task_options=options,
@@ -184,6 +207,7 @@ def demo(
         error_feedback=defaults["error_feedback"] if error_feedback is None else error_feedback,
         secagg=secagg,
         mlflow_tracking_uri=mlflow_tracking_uri,
+        secagg_auth="roster" if secagg_consortium is not None else "none",
     )
     strategy, rounds = config.strategy, config.rounds
     partition = str(options.get("partition", "the task's default"))
@@ -195,6 +219,7 @@ def demo(
         f"{strategy} on {task} ({split}), Flower simulation engine"
         + (f", updates {config.compression}" if config.compression != "dense" else "")
         + (", secure aggregation (SecAgg+)" if secagg else "")
+        + (", roster-signed keys" if secagg_consortium is not None else "")
     )
     with Progress(*progress_columns(), console=console, transient=True) as progress:
         task_id = progress.add_task("starting Flower simulation", total=rounds)

@@ -11,10 +11,18 @@ the individual update) and sends only the masked vector: no individual metrics.
 
 A site that sets ``secagg-required = true`` in its node config refuses every plaintext
 round with error code :data:`~fedcommons.wire.keys.SECAGG_REQUIRED_CODE`.
+
+A site that sets ``secagg-roster`` (the consortium's roster of Ed25519 keys, see
+:mod:`fedcommons.privacy.secagg.roster`) and ``secagg-signing-key`` (its own key) signs
+its key advertisements and refuses any round in which a neighbour's advertisement does
+not verify against the roster: a coordinator that substitutes keys is caught before the
+site derives a pairwise key or sends a share.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,8 +30,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedcommons.client_sdk.compression import ClientState
-from fedcommons.errors import SecAggProtocolError
+from fedcommons.errors import SecAggProtocolError, SecAggRosterError
 from fedcommons.logs import get_logger
+from fedcommons.privacy.distributed import norm_bound, skellam_noise
 from fedcommons.privacy.secagg.protocol import (
     STAGE_ADVERTISE,
     STAGE_MASKED,
@@ -33,6 +42,7 @@ from fedcommons.privacy.secagg.protocol import (
     RoundParams,
 )
 from fedcommons.privacy.secagg.quantize import clip_l2_and_round, quantize, support, to_ring
+from fedcommons.privacy.secagg.roster import AdvertisementSigner, Roster
 from fedcommons.wire import keys
 from fedcommons.wire.codec import flatten
 
@@ -83,6 +93,87 @@ def check_site_minimum(params: RoundParams, node_config: Mapping[str, Any]) -> N
         )
 
 
+def check_site_noise(
+    params: RoundParams, record: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> None:
+    """Refuse a round whose distributed DP noise is below the site's own floor.
+
+    With node config ``dp-min-noise-multiplier`` z_site, the noise every surviving client
+    adds must sum, with only ``threshold`` of them (the fewest a round can unmask with),
+    to at least ``(z_site·Δ₂)²``; a round without distributed noise, or whose clip exceeds
+    the ring's range, is refused. The site does not take the coordinator's word for it.
+    """
+    raw = node_config.get(keys.SECAGG_DP_MIN_NOISE, 0)
+    try:
+        floor = float(raw or 0)
+    except (TypeError, ValueError):
+        raise SecAggProtocolError(f"{keys.SECAGG_DP_MIN_NOISE} {raw!r} is not a number") from None
+    variance = float(record.get(keys.SECAGG_DP_NOISE, 0.0) or 0.0)
+    if variance > 0 and float(record.get(keys.SECAGG_DP_CLIP, 0.0) or 0.0) > params.ring.clip:
+        raise SecAggProtocolError("distributed DP round clips beyond the ring's range")
+    if floor <= 0:
+        return
+    if variance <= 0:
+        raise SecAggProtocolError(
+            f"this institution sends updates only with distributed DP noise (its "
+            f"{keys.SECAGG_DP_MIN_NOISE} is {floor:g}); the round adds none"
+        )
+    bound = norm_bound(params.ring.levels, params.length)
+    z = math.sqrt(variance * params.threshold) / bound
+    if z < floor:
+        raise SecAggProtocolError(
+            f"the round's distributed noise gives noise multiplier {z:.4g} with "
+            f"{params.threshold} survivors, below this institution's floor {floor:g}"
+        )
+
+
+#: Environment fallbacks of the roster settings, for Flower's simulation engine (it gives
+#: every simulated SuperNode the same environment and no node config of its own):
+#: ``{partition-id}`` in a value becomes the node's partition id.
+SITE_ENV = {
+    keys.SECAGG_ROSTER: "FEDCOMMONS_SECAGG_ROSTER",
+    keys.SECAGG_SIGNING_KEY: "FEDCOMMONS_SECAGG_SIGNING_KEY",
+    keys.SECAGG_ROSTER_SIGNER: "FEDCOMMONS_SECAGG_ROSTER_SIGNER",
+}
+
+
+def _site_setting(node_config: Mapping[str, Any], key: str) -> str:
+    """A roster setting: the node config's, else its environment fallback."""
+    value = str(node_config.get(key, "") or "") or os.environ.get(SITE_ENV[key], "")
+    return value.replace("{partition-id}", str(node_config.get("partition-id", "")))
+
+
+def site_roster(node_config: Mapping[str, Any]) -> Roster | None:
+    """The roster this institution authenticates key advertisements with, if it set one.
+
+    Raises :class:`~fedcommons.errors.SecAggRosterError` when the file is unreadable or
+    does not verify under the pinned ``secagg-roster-signer``.
+    """
+    path = _site_setting(node_config, keys.SECAGG_ROSTER)
+    if not path:
+        return None
+    return Roster.load(path, _site_setting(node_config, keys.SECAGG_ROSTER_SIGNER) or None)
+
+
+def site_signer(
+    node_config: Mapping[str, Any], roster: Roster | None
+) -> AdvertisementSigner | None:
+    """This institution's advertisement signer (required once it holds a roster)."""
+    path = _site_setting(node_config, keys.SECAGG_SIGNING_KEY)
+    if roster is None:
+        if path:
+            raise SecAggRosterError(
+                f"{keys.SECAGG_SIGNING_KEY} is set but {keys.SECAGG_ROSTER} is not: set both"
+            )
+        return None
+    if not path:
+        raise SecAggRosterError(
+            f"{keys.SECAGG_ROSTER} is set: {keys.SECAGG_SIGNING_KEY} must name this "
+            "institution's Ed25519 key, listed in the roster"
+        )
+    return AdvertisementSigner.load(path, roster)
+
+
 def handle_secagg(
     msg: Message, context: Context, local_round: Callable[[Message, Context], Any]
 ) -> Message:
@@ -99,7 +190,8 @@ def handle_secagg(
             params = RoundParams.from_record(record)
             check_site_minimum(params, context.node_config)
             session = ClientSession(params, int(record[keys.SECAGG_INDEX]))
-            payload = session.advertise()
+            roster = site_roster(context.node_config)
+            payload = session.advertise(site_signer(context.node_config, roster))
         else:
             session = _load(context)
             if int(record.get("round", -1)) != session.params.round_no:
@@ -108,9 +200,10 @@ def handle_secagg(
                     f"{session.params.round_no}"
                 )
             if stage == STAGE_SHARE:
-                payload = session.share_keys(record)
+                payload = session.share_keys(record, site_roster(context.node_config))
             elif stage == STAGE_MASKED:
                 session.receive_shares(record)  # authenticate before training or sending
+                check_site_noise(session.params, record, context.node_config)
                 trained = local_round(msg, context)
                 if isinstance(trained, Message):
                     _save(context, None)
@@ -123,7 +216,7 @@ def handle_secagg(
             else:
                 raise SecAggProtocolError(f"unknown secure-aggregation stage {stage!r}")
         _save(context, None if session.stage == "done" else session)
-    except SecAggProtocolError as exc:
+    except (SecAggProtocolError, SecAggRosterError) as exc:
         _save(context, None)  # a refused round leaves no secrets behind
         log.warning("client.secagg-refused", stage=stage, detail=str(exc))
         return Message(
@@ -146,6 +239,9 @@ def encode_input(
     feedback (the part compression and quantization dropped) stays on the client as in
     plaintext rounds. Weight ``w`` = examples capped at the ring's ``max_weight``; under
     central DP ``w`` = 1 and the L2 clip applies here. The aux slots are ``[w, clipped]``.
+    Under distributed DP (the request names a Skellam variance) the update is clipped,
+    rounded within the sensitivity bound Δ₂ and noised here, and the only aux slot is
+    ``[1]`` (:mod:`fedcommons.privacy.distributed`).
     """
     cfg, spec, result = trained.cfg, trained.spec, trained.result
     ring = params.ring
@@ -163,7 +259,11 @@ def encode_input(
             f"update has {x.size} coordinates to send, the round expects {params.length}"
         )
     dp_clip = float(record.get(keys.SECAGG_DP_CLIP, 0.0) or 0.0)
-    if dp_clip > 0:
+    variance = float(record.get(keys.SECAGG_DP_NOISE, 0.0) or 0.0)
+    if variance > 0:  # distributed DP: clip, round within Δ₂; the noise is added below
+        codes, _ = clip_l2_and_round(x, ring, dp_clip, norm_bound=norm_bound(ring.levels, x.size))
+        weight, aux = 1, [1]  # no clipped flag: nothing un-noised about the update leaves
+    elif dp_clip > 0:
         codes, clipped = clip_l2_and_round(x, ring, dp_clip)
         weight, aux = 1, [1, int(clipped)]
     else:
@@ -180,6 +280,8 @@ def encode_input(
         if idx is not None:
             recon[idx] = sent
         state.save_flat(state.residual_path, "residual", (flat - recon).astype(np.float32))
+    if variance > 0:  # after error feedback: the noise is never carried into later rounds
+        codes = codes + skellam_noise(codes.size, variance)
     return to_ring(codes, weight, aux, ring)
 
 

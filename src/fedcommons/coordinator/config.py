@@ -76,6 +76,8 @@ class RunConfig:
     # -- MLflow mirror (#17), see docs/operations.md --
     mlflow_tracking_uri: str = ""  # e.g. sqlite:///mlflow.db or http://host:5000; "": off
     mlflow_experiment: str = ""  # MLflow experiment of the run; "": the release line
+    #: "roster": only roster-signed key advertisements take part (#13); "none": any
+    secagg_auth: str = "none"
 
     @property
     def central_dp(self) -> CentralDPConfig | None:
@@ -164,6 +166,14 @@ class RunConfig:
             raise ConfigError(f"secagg-max-weight must be >= 1, got {self.secagg_max_weight}")
         if not self.secagg_stage_timeout > 0:
             raise ConfigError("secagg-stage-timeout must be > 0")
+        if self.secagg_auth not in {"none", "roster"}:
+            raise ConfigError(f"secagg-auth must be none or roster, got {self.secagg_auth!r}")
+        dp = self.central_dp
+        if dp is not None and dp.distributed and not self.secagg:
+            raise ConfigError(
+                "dp.mechanism = skellam (distributed DP) adds the noise at the institutions "
+                "under secure aggregation: set secagg = true"
+            )
         if self.secagg_num_shares and self.secagg_threshold:
             shares = self.secagg_num_shares + (self.secagg_num_shares + 1) % 2  # even degree
             try:

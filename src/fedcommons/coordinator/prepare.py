@@ -26,7 +26,7 @@ from fedcommons.errors import (
 )
 from fedcommons.fileio import config_dir
 from fedcommons.logs import get_logger
-from fedcommons.privacy import seeded_bugs
+from fedcommons.privacy.audits import seeded_bugs
 from fedcommons.privacy.disclosure import private_dir
 from fedcommons.privacy.line import LinePrivacy, check_dp_round_policy
 from fedcommons.releases.gate import ValidationSuite, load_suite

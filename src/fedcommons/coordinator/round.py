@@ -36,8 +36,8 @@ from fedcommons.errors import (
 )
 from fedcommons.logs import get_logger
 from fedcommons.observability import events as observe
+from fedcommons.privacy.audits.seeded_bugs import active_bug
 from fedcommons.privacy.line import LinePrivacy, round_claim_config
-from fedcommons.privacy.seeded_bugs import active_bug
 from fedcommons.strategies import (
     guarded_begin,
     guarded_finalize,

@@ -536,17 +536,10 @@ class DurableRun:
             entry = dict(commit.ledger_entry or {})
             if records and seq is not None and seq != len(records):
                 # others appended meanwhile: the cumulative ε must include their rounds
-                from fedcommons.privacy.accounting import runtime_epsilon
-                from fedcommons.privacy.line import central_history
+                from fedcommons.privacy.line import recompute_entry_epsilon
 
-                if entry.get("mechanism") == "dp-fedavg" and privacy.central is not None:
-                    history = central_history([r.entry for r in records])
-                    history.append(
-                        (float(entry["noise_multiplier"]), float(entry["sample_rate"]), 1)
-                    )
-                    entry["epsilon"] = runtime_epsilon(
-                        history, privacy.central.delta, privacy.central.accountant
-                    )
+                if privacy.central is not None:
+                    entry = recompute_entry_epsilon(entry, records, privacy.central)
             record = privacy.ledger.append(entry)
             records.append(record)
             if record.sha256 != commit.ledger_sha256:

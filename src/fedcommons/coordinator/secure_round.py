@@ -52,6 +52,7 @@ from fedcommons.logs import get_logger
 from fedcommons.observability import events as observe
 from fedcommons.privacy.central import DPFedAvg
 from fedcommons.privacy.client_spend import parse_spend
+from fedcommons.privacy.distributed import SkellamMean, SkellamRound, calibrate, ring_bits_for
 from fedcommons.privacy.secagg import graph
 from fedcommons.privacy.secagg.protocol import (
     STAGE_ADVERTISE,
@@ -75,7 +76,24 @@ def round_threshold(config: Any, shares: int) -> int:
     return int(config.secagg_threshold) or (2 * shares) // 3 + 1
 
 
-def ring_for_round(config: Any, spec: CompressionSpec, n: int) -> RingSpec:
+def distributed_calibration(
+    config: Any, spec: CompressionSpec, length: int, threshold: int
+) -> SkellamRound | None:
+    """The round's Skellam noise under distributed DP (``dp.mechanism = skellam``), else None.
+
+    Calibrated so that the fewest inputs a completed round can hold — the threshold, or
+    ``min-clients`` when larger (SecAgg+ aborts below it) — carry variance (z·Δ₂)².
+    """
+    dp = config.central_dp
+    if dp is None or not dp.distributed:
+        return None
+    fewest = max(int(threshold), int(config.min_clients))
+    return calibrate(dp.noise_multiplier, dp.clip_norm, LEVELS[spec.values], length, fewest)
+
+
+def ring_for_round(
+    config: Any, spec: CompressionSpec, n: int, calibration: SkellamRound | None = None
+) -> RingSpec:
     """The public fixed-point encoding of a round with ``n`` participants.
 
     Levels follow the value coding (fp32: 2^23 − 1, fp16/bf16: 2^15 − 1, int8: 127, int4:
@@ -84,6 +102,9 @@ def ring_for_round(config: Any, spec: CompressionSpec, n: int) -> RingSpec:
     1 (DP-FedAvg's uniform user weights). Two aux slots follow the values: the weight,
     and 1 if the client clipped its update (the coordinator learns how many did).
     The ring is the smallest with no possible overflow, or ``secagg-bits`` if that fits.
+    Under distributed DP (``calibration``) one aux slot (the weight, 1 per client: no
+    clipped flag) follows, and the ring also holds the noise of n clients except with
+    probability :data:`~fedcommons.privacy.distributed.WRAP_BETA`.
     """
     levels = LEVELS[spec.values]
     dp = config.central_dp
@@ -91,16 +112,22 @@ def ring_for_round(config: Any, spec: CompressionSpec, n: int) -> RingSpec:
         clip, max_weight = float(dp.clip_norm), 1
     else:
         clip, max_weight = float(config.secagg_clip), int(config.secagg_max_weight)
-    need = ring_bits(n, max_weight, levels)
+    if calibration is not None:
+        need = ring_bits_for(n, levels, calibration.dim, calibration.local_variance)
+    else:
+        need = ring_bits(n, max_weight, levels)
     bits = int(config.secagg_bits) or need
     if need > 64 or bits < need:
         raise SecAggAbortedError(
-            f"{n} participants x weight {max_weight} x {levels} levels need a {need}-bit ring"
+            f"{n} participants x weight {max_weight} x {levels} levels"
+            + (" plus their noise" if calibration is not None else "")
+            + f" need a {need}-bit ring"
             + (f"; secagg-bits is {bits}" if config.secagg_bits else "")
             + ": lower secagg-max-weight or clients-per-round, or use a coarser value coding"
         )
     # aux slots: the weight, and whether the client clipped (the sum counts clipped clients)
-    return RingSpec(bits=bits, levels=levels, clip=clip, max_weight=max_weight, aux=2)
+    aux = 1 if calibration is not None else 2
+    return RingSpec(bits=bits, levels=levels, clip=clip, max_weight=max_weight, aux=aux)
 
 
 def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
@@ -115,6 +142,7 @@ def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
     """
     from fedcommons.privacy.secagg.primitives import NONCE_BYTES
     from fedcommons.privacy.secagg.protocol import _SHARE_PLAIN
+    from fedcommons.privacy.secagg.roster import SIGNATURE_BYTES
     from fedcommons.privacy.secagg.shamir import SHARE_BYTES
     from fedcommons.strategies import create_strategy
 
@@ -128,14 +156,15 @@ def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
         check_threshold(threshold, shares)
     except SecAggProtocolError as exc:
         raise ConfigError(f"{clients} clients: {exc}") from None
-    try:
-        ring = ring_for_round(config, spec, clients)
-    except SecAggAbortedError as exc:
-        raise ConfigError(str(exc)) from None
     if spec.sparsifier == "randk":
         length = min(num_params, max(1, round(spec.density * num_params)))
     else:
         length = num_params
+    calibration = distributed_calibration(config, spec, length, threshold)
+    try:
+        ring = ring_for_round(config, spec, clients, calibration)
+    except SecAggAbortedError as exc:
+        raise ConfigError(str(exc)) from None
     k = shares - 1
     ct = bytes(NONCE_BYTES + _SHARE_PLAIN.size + 16)
     share = bytes(SHARE_BYTES)
@@ -151,8 +180,13 @@ def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
         return int(recorddict_to_proto(RecordDict({keys.SECAGG_RECORD: record})).ByteSize())
 
     masked = bytes(((length + ring.aux) * ring.bits + 7) // 8)
+    signed = config.secagg_auth == "roster"
+    member, sig = "m" * 16, bytes(SIGNATURE_BYTES)  # a 16-character roster name
+    own_sig = {"member": member, "sig": sig} if signed else {}
+    peer_sigs = {"member": [member] * k, "sig": [sig] * k} if signed else {}
+    noise = {keys.SECAGG_DP_NOISE: 0.0}
     up = {
-        STAGE_ADVERTISE: reply_size(STAGE_ADVERTISE, {"c-pk": key, "s-pk": key}),
+        STAGE_ADVERTISE: reply_size(STAGE_ADVERTISE, {"c-pk": key, "s-pk": key, **own_sig}),
         STAGE_SHARE: reply_size(STAGE_SHARE, {"dst": nbrs, "ct": [ct] * k, "b-commit": key}),
         STAGE_MASKED: reply_size(STAGE_MASKED, {"masked": masked}),
         STAGE_UNMASK: reply_size(
@@ -162,8 +196,12 @@ def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
     }
     down = {
         STAGE_ADVERTISE: size(STAGE_ADVERTISE, {**params.to_record(), keys.SECAGG_INDEX: 1}),
-        STAGE_SHARE: size(STAGE_SHARE, {"idx": nbrs, "c-pk": [key] * k, "s-pk": [key] * k}),
-        STAGE_MASKED: size(STAGE_MASKED, {"src": nbrs, "ct": [ct] * k, keys.SECAGG_DP_CLIP: 0.0}),
+        STAGE_SHARE: size(
+            STAGE_SHARE, {"idx": nbrs, "c-pk": [key] * k, "s-pk": [key] * k, **peer_sigs}
+        ),
+        STAGE_MASKED: size(
+            STAGE_MASKED, {"src": nbrs, "ct": [ct] * k, keys.SECAGG_DP_CLIP: 0.0, **noise}
+        ),
         STAGE_UNMASK: size(STAGE_UNMASK, {"survivors": nbrs, "dropped": []}),
     }
     dense = 4 * num_params
@@ -186,6 +224,8 @@ def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
         "download_total": sum(down.values()),
         "dense_fp32_bytes": dense,
         "upload_vs_dense_fp32": sum(up.values()) / dense,
+        "authenticated": signed,
+        "distributed_dp": calibration.to_dict() if calibration is not None else None,
     }
 
 
@@ -308,10 +348,12 @@ def run_secure_round(
     except SecAggProtocolError as exc:
         raise SecAggAbortedError(f"round {round_no} with {n} sampled client(s): {exc}") from None
     spec = CompressionSpec.parse(config.compression)
-    ring = ring_for_round(config, spec, n)
     seed = compression_seed(prepared.run_tag, round_no)
     total_size = sum(v.numel() for v in weights.values())
     idx = support(spec.sparsifier, spec.density, seed, total_size)
+    length = total_size if idx is None else int(idx.size)
+    calibration = distributed_calibration(config, spec, length, threshold)
+    ring = ring_for_round(config, spec, n, calibration)
     params = RoundParams(
         run_tag=prepared.run_tag,
         round_no=round_no,
@@ -320,14 +362,20 @@ def run_secure_round(
         threshold=threshold,
         graph_seed=graph.graph_seed(prepared.run_tag, round_no),
         ring=ring,
-        length=total_size if idx is None else int(idx.size),
+        length=length,
     )
     strategy = privacy.start_round(
-        round_no, strategy, population=len(nodes), sampled=n, sample_rate=rate, expected=expected
+        round_no,
+        strategy,
+        population=len(nodes),
+        sampled=n,
+        sample_rate=rate,
+        expected=expected,
+        distributed=calibration,
     )
     node_of = {i + 1: int(node) for i, node in enumerate(sampled)}
     stages = _Stages(grid, round_no, node_of)
-    server = ServerSession(params)
+    server = ServerSession(params, require_signatures=config.secagg_auth == "roster")
     log.info(
         "secagg.round_started",
         sampled=n,
@@ -337,6 +385,8 @@ def run_secure_round(
         ring_bits=ring.bits,
         quantization_step=ring.step,
         length=params.length,
+        authenticated=server.require_signatures,
+        distributed_dp=calibration is not None,
     )
     stage_timeout = config.secagg_stage_timeout
     base_record = params.to_record()
@@ -364,7 +414,12 @@ def run_secure_round(
     dp_clip = float(privacy.central.clip_norm) if privacy.central is not None else 0.0
     masked_requests = {}
     for i, r in requests.items():
-        rd = _request(STAGE_MASKED, {**r, keys.SECAGG_DP_CLIP: dp_clip}, round_no)
+        noise = calibration.local_variance if calibration is not None else 0.0
+        rd = _request(
+            STAGE_MASKED,
+            {**r, keys.SECAGG_DP_CLIP: dp_clip, keys.SECAGG_DP_NOISE: noise},
+            round_no,
+        )
         rd[keys.BASE_ARRAYS] = content[keys.BASE_ARRAYS]
         rd[keys.TRAIN_CONFIG] = content[keys.TRAIN_CONFIG]
         masked_requests[i] = rd
@@ -402,7 +457,14 @@ def run_secure_round(
         full[idx] = values
     guarded_begin(strategy, weights)
     examples = 0
-    if isinstance(strategy, DPFedAvg):
+    if isinstance(strategy, SkellamMean):  # distributed DP: the noise is in the sum already
+        if int(aux[0]) != len(survivors):
+            raise SecAggAbortedError(
+                f"round {round_no}: the secure sum counts {int(aux[0])} participants, "
+                f"{len(survivors)} survived"
+            )
+        strategy.fold_sum(_unflatten64(full, weights), len(survivors))
+    elif isinstance(strategy, DPFedAvg):
         if int(aux[0]) != len(survivors):
             raise SecAggAbortedError(
                 f"round {round_no}: the secure sum counts {int(aux[0])} participants, "

@@ -18,9 +18,9 @@ durable commits and publishing into a scratch registry. The institutions are can
    canary's coordinate, with the mechanism's public parameters (z, C, W, q from the
    ledger); a canary whose node id appears in any served file is scored as enrolled.
 3. Guesses, the f-DP test against the claimed curve and the empirical ε:
-   :mod:`fedcommons.privacy.canary`.
+   :mod:`fedcommons.privacy.audits.canary`.
 
-Seeded bugs (:mod:`fedcommons.privacy.seeded_bugs`) are switched on through their
+Seeded bugs (:mod:`fedcommons.privacy.audits.seeded_bugs`) are switched on through their
 environment variable for the duration of one audit; the scratch registry carries the
 marker file that lets them act.
 """
@@ -48,8 +48,8 @@ from fedcommons.coordinator.checkpoint import WEIGHTS_PREFIX
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.engines.inprocess import run_in_process
 from fedcommons.errors import PrivacyConfigError
-from fedcommons.privacy import seeded_bugs
-from fedcommons.privacy.canary import (
+from fedcommons.privacy.audits import seeded_bugs
+from fedcommons.privacy.audits.canary import (
     GUESS_FRACTIONS,
     claim_falsified,
     empirical_epsilon,

@@ -25,7 +25,7 @@ for a fixed-size sample (adding a user can swap it for another member of the sam
 the noise std on the mean is z·Δ/W.
 
 ``seeded_bug`` is set only through the test-only switch of
-:mod:`fedcommons.privacy.seeded_bugs` (the canary audit's scratch registries): it makes
+:mod:`fedcommons.privacy.audits.seeded_bugs` (the canary audit's scratch registries): it makes
 this very code misbehave while :class:`MechanismStats` keeps reporting the intended
 mechanism, as a silent implementation bug would.
 """
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from fedcommons.errors import PrivacyConfigError, RoundFailedError
+from fedcommons.privacy.audits.seeded_bugs import SEEDED_BUGS
 from fedcommons.privacy.config import check_clip_norm, check_noise_multiplier
-from fedcommons.privacy.seeded_bugs import SEEDED_BUGS
 from fedcommons.strategies.base import Aggregator
 from fedcommons.wire.update import ClientUpdate
 
@@ -229,11 +229,23 @@ class DPFedAvg(Aggregator):
         """The server step: the inner strategy applied to the noisy mean."""
         mean = self.noisy_mean()
         self._sum = {}
-        if self.inner is None:
-            return {k: mean[k].to(self._base[k].dtype) for k in mean}
-        self.inner.begin(self._base)
-        self.inner.fold(ClientUpdate({k: v.to(self._base[k].dtype) for k, v in mean.items()}, 1))
-        return self.inner.finalize()
+        return step_from_mean(self.inner, self._base, mean)
+
+
+def step_from_mean(
+    inner: Aggregator | None,
+    base: Mapping[str, torch.Tensor],
+    mean: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The server step for a released (noisy) mean: ``inner`` folds it as one update.
+
+    Post-processing of the mean; without ``inner`` the mean itself is the step.
+    """
+    if inner is None:
+        return {k: mean[k].to(base[k].dtype) for k in mean}
+    inner.begin(base)
+    inner.fold(ClientUpdate({k: v.to(base[k].dtype) for k, v in mean.items()}, 1))
+    return inner.finalize()
 
 
 def poisson_sample(nodes: list[int], rate: float, rng: np.random.Generator) -> list[int]:

@@ -15,8 +15,10 @@ from typing import Any
 from fedcommons.errors import PrivacyConfigError
 from fedcommons.privacy.accounting import check_accountant
 
-#: Central DP mechanisms the coordinator implements (run-config key ``dp.mechanism``).
-CENTRAL_MECHANISMS = ("dp-fedavg",)
+#: Line-level DP mechanisms (run-config key ``dp.mechanism``): ``dp-fedavg`` (central: the
+#: coordinator adds Gaussian noise) and ``skellam`` (distributed: clients add Skellam noise
+#: before secure aggregation masks their updates; needs ``secagg = true``).
+CENTRAL_MECHANISMS = ("dp-fedavg", "skellam")
 #: How the coordinator samples clients under central DP (``dp.sampling``).
 SAMPLING = ("poisson", "fixed")
 
@@ -85,7 +87,10 @@ class CentralDPConfig:
     the line's budget; ``sampling`` is ``poisson`` (each connected node joins a round
     independently with probability q = clients-per-round / connected nodes: amplification
     by sampling is accounted) or ``fixed`` (a fixed-size sample: accounted without
-    amplification, q = 1).
+    amplification, q = 1). With ``mechanism = skellam`` (distributed DP,
+    :mod:`fedcommons.privacy.distributed`) the clients add the noise and every round is
+    accounted with q = 1: the coordinator, which distributed DP guards against, knows
+    the sample.
     """
 
     noise_multiplier: float
@@ -124,6 +129,16 @@ class CentralDPConfig:
             raise PrivacyConfigError(
                 f"dp.mechanism must be one of {CENTRAL_MECHANISMS}, got {self.mechanism!r}"
             )
+        if self.distributed and self.accountant != "rdp":
+            raise PrivacyConfigError(
+                "dp.mechanism = skellam is accounted with its published RDP bound: "
+                f"dp.accountant must be rdp, got {self.accountant!r}"
+            )
+
+    @property
+    def distributed(self) -> bool:
+        """Whether clients add the noise (distributed DP under secure aggregation)."""
+        return self.mechanism == "skellam"
 
     @property
     def budget(self) -> Budget:

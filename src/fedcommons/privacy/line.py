@@ -38,12 +38,25 @@ from typing import Any
 
 import numpy as np
 
-from fedcommons.errors import ConfigError, PrivacyBudgetExceededError
+from fedcommons.errors import ConfigError, PrivacyBudgetExceededError, PrivacyConfigError
 from fedcommons.logs import get_logger
 from fedcommons.privacy.accounting import RDP_ORDERS, Step, runtime_epsilon
+from fedcommons.privacy.audits.seeded_bugs import active_bug
 from fedcommons.privacy.central import DPFedAvg, poisson_sample, secret_rng
 from fedcommons.privacy.client_spend import ClientSpend
 from fedcommons.privacy.config import CentralDPConfig
+from fedcommons.privacy.distributed import (
+    MECHANISM as SKELLAM,
+)
+from fedcommons.privacy.distributed import (
+    REFERENCE as SKELLAM_REFERENCE,
+)
+from fedcommons.privacy.distributed import (
+    SkellamMean,
+    SkellamRound,
+    epsilon_from_rdp,
+    line_rdp,
+)
 from fedcommons.privacy.ledger import (
     GENESIS,
     LEDGER_DIR,
@@ -52,12 +65,40 @@ from fedcommons.privacy.ledger import (
     PrivacyLedger,
     ledger_path,
 )
-from fedcommons.privacy.seeded_bugs import active_bug
 from fedcommons.strategies.base import Aggregator
 
 LEDGER_SCHEMA = 2
 #: The neighbouring relation every central-DP guarantee of fedcommons is stated for.
 ADJACENCY = "add-or-remove-one-institution"
+
+
+#: Mechanisms whose rounds the ledger accounts (a line keeps the one it started with).
+DP_MECHANISMS = ("dp-fedavg", SKELLAM)
+
+
+def skellam_epsilon(entries: list[dict[str, Any]], delta: float, extra: SkellamRound | None = None):
+    """Cumulative ε at ``delta`` of a line's Skellam rounds (plus ``extra``, not yet run)."""
+    rdp = line_rdp(entries)
+    if extra is not None:
+        rdp = rdp + extra.rdp()
+    if not rdp.any():
+        return 0.0
+    return epsilon_from_rdp(rdp, delta)[0]
+
+
+def recompute_entry_epsilon(
+    entry: Mapping[str, Any], records: list[LedgerRecord], cfg: CentralDPConfig
+) -> dict[str, Any]:
+    """``entry`` with its cumulative ε recomputed after ``records`` (a roll-forward append)."""
+    out = dict(entry)
+    earlier = [r.entry for r in records]
+    if entry.get("mechanism") == "dp-fedavg":
+        history = central_history(earlier)
+        history.append((float(entry["noise_multiplier"]), float(entry["sample_rate"]), 1))
+        out["epsilon"] = runtime_epsilon(history, cfg.delta, cfg.accountant)
+    elif entry.get("mechanism") == SKELLAM:
+        out["epsilon"] = skellam_epsilon(earlier, cfg.delta, SkellamRound.from_entry(entry))
+    return out
 
 
 def central_history(entries: list[dict[str, Any]]) -> list[Step]:
@@ -151,7 +192,7 @@ class _Round:
     sampled: int
     sample_rate: float
     expected: float
-    aggregator: DPFedAvg | None
+    aggregator: DPFedAvg | SkellamMean | None
     client_spends: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -247,9 +288,11 @@ class LinePrivacy:
         return central_history(self.ledger.entries())
 
     def spent(self) -> float:
-        """The line's cumulative ε at the configured δ (0 with no central-DP round yet)."""
+        """The line's cumulative ε at the configured δ (0 with no DP round yet)."""
         if self.central is None:
             return 0.0
+        if self.central.distributed:
+            return skellam_epsilon(self.ledger.entries(), self.central.delta)
         return runtime_epsilon(self.history(), self.central.delta, self.central.accountant)
 
     def check_plan(self, rounds: int) -> None:
@@ -263,29 +306,36 @@ class LinePrivacy:
         if self.central is None:
             return
         cfg = self.central
+        used = {e.get("mechanism") for e in self.ledger.entries()} & set(DP_MECHANISMS)
+        if used - {cfg.mechanism}:
+            raise PrivacyConfigError(
+                f"line {self.line!r} was accounted with {sorted(used)}; it cannot switch to "
+                f"dp.mechanism = {cfg.mechanism} (start a new line)"
+            )
         history = self.history()
-        spent = runtime_epsilon(history, cfg.delta, cfg.accountant)
+        spent = self.spent()
         if spent >= cfg.epsilon or cfg.noise_multiplier == 0:
             raise PrivacyBudgetExceededError(
                 f"line {self.line!r} cannot run a central-DP round: spent ε={spent:.4g} of "
                 f"budget ε={cfg.epsilon:g} at δ={cfg.delta:g}"
                 + (" and z=0 gives ε=∞" if cfg.noise_multiplier == 0 else "")
             )
-        rate = self.sample_rate
-        planned = [*history, (cfg.noise_multiplier, rate, rounds)]
-        eps = runtime_epsilon(planned, cfg.delta, cfg.accountant)
-        if eps > cfg.epsilon:
-            fit = self._rounds_that_fit(history, rate, rounds)
-            scheme = (
-                f"Poisson sampling q={rate:.4g}"
-                if cfg.sampling == "poisson" and rate < 1
-                else "no amplification by sampling"
-            )
-            raise PrivacyBudgetExceededError(
-                f"{rounds} round(s) of DP-FedAvg (z={cfg.noise_multiplier:g}, {scheme}) would "
-                f"take line {self.line!r} to ε={eps:.4g} > budget ε={cfg.epsilon:g} at "
-                f"δ={cfg.delta:g}; {fit} round(s) fit"
-            )
+        if not cfg.distributed:
+            rate = self.sample_rate
+            planned = [*history, (cfg.noise_multiplier, rate, rounds)]
+            eps = runtime_epsilon(planned, cfg.delta, cfg.accountant)
+            if eps > cfg.epsilon:
+                fit = self._rounds_that_fit(history, rate, rounds)
+                scheme = (
+                    f"Poisson sampling q={rate:.4g}"
+                    if cfg.sampling == "poisson" and rate < 1
+                    else "no amplification by sampling"
+                )
+                raise PrivacyBudgetExceededError(
+                    f"{rounds} round(s) of DP-FedAvg (z={cfg.noise_multiplier:g}, {scheme}) would "
+                    f"take line {self.line!r} to ε={eps:.4g} > budget ε={cfg.epsilon:g} at "
+                    f"δ={cfg.delta:g}; {fit} round(s) fit"
+                )
 
     def _rounds_that_fit(self, history: list[Step], rate: float, upto: int) -> int:
         assert self.central is not None
@@ -349,12 +399,26 @@ class LinePrivacy:
         sampled: int,
         sample_rate: float = 1.0,
         expected: float | None = None,
+        distributed: SkellamRound | None = None,
     ) -> Aggregator:
-        """Refuse the round if it would exceed the budget; return the round's aggregator."""
+        """Refuse the round if it would exceed the budget; return the round's aggregator.
+
+        Distributed DP (``dp.mechanism = skellam``) needs the round's ``distributed``
+        calibration (noise at its fewest contributors: the worst case is checked).
+        """
         if self.central is None:
             self._round = _Round(round_no, population, sampled, sample_rate, 0.0, None)
             return strategy
         cfg = self.central
+        if cfg.distributed:
+            return self._start_distributed(
+                round_no,
+                strategy,
+                population,
+                sampled,
+                float(expected if expected is not None else sampled),
+                distributed,
+            )
         sample_rate, expected = self.sample_rate, self.expected_participants
         history = self.history()
         eps = runtime_epsilon(
@@ -379,6 +443,55 @@ class LinePrivacy:
             seeded_bug=active_bug(self.registry_root),
         )
         self._round = _Round(round_no, population, sampled, sample_rate, expected, aggregator)
+        return aggregator
+
+    def _start_distributed(
+        self,
+        round_no: int,
+        strategy: Aggregator,
+        population: int,
+        sampled: int,
+        expected: float,
+        calibration: SkellamRound | None,
+    ) -> Aggregator:
+        assert self.central is not None
+        cfg = self.central
+        if calibration is None:
+            raise PrivacyConfigError("a distributed-DP round needs its Skellam calibration")
+        entries = self.ledger.entries()
+        spent = skellam_epsilon(entries, cfg.delta)
+        eps = skellam_epsilon(entries, cfg.delta, calibration)
+        if eps > cfg.epsilon:
+            raise PrivacyBudgetExceededError(
+                f"round {round_no} refused before it started: it would take line "
+                f"{self.line!r} from ε={spent:.4g} to ε={eps:.4g}, past its budget "
+                f"ε={cfg.epsilon:g} at δ={cfg.delta:g} (distributed Skellam, "
+                f"z={cfg.noise_multiplier:g} at {calibration.min_contributors} contributors)"
+            )
+        if self._rounds_started == 0 and self._planned_rounds > 1:
+            rdp = line_rdp(entries) + self._planned_rounds * calibration.rdp()
+            eps_run = epsilon_from_rdp(rdp, cfg.delta)[0]
+            if eps_run > cfg.epsilon:
+                fit = 0
+                while (
+                    fit < self._planned_rounds
+                    and epsilon_from_rdp(
+                        line_rdp(entries) + (fit + 1) * calibration.rdp(), cfg.delta
+                    )[0]
+                    <= cfg.epsilon
+                ):
+                    fit += 1
+                raise PrivacyBudgetExceededError(
+                    f"run refused before round {round_no}: its {self._planned_rounds} rounds "
+                    f"of distributed Skellam noise (z={cfg.noise_multiplier:g}) would take "
+                    f"line {self.line!r} to ε={eps_run:.4g} > budget ε={cfg.epsilon:g} at "
+                    f"δ={cfg.delta:g}; {fit} round(s) fit"
+                )
+        self._rounds_started += 1
+        aggregator = SkellamMean(
+            strategy, calibration=calibration, expected_participants=max(expected, 1.0)
+        )
+        self._round = _Round(round_no, population, sampled, 1.0, expected, aggregator)
         return aggregator
 
     def add_client_spend(self, node_id: int, spend: ClientSpend) -> None:
@@ -413,7 +526,7 @@ class LinePrivacy:
             "participating": accepted,
             "rejected": rejected,
             "timed_out": timed_out,
-            "clipped": stats.clipped if stats is not None else None,
+            "clipped": getattr(stats, "clipped", None),
             "client_spends": current.client_spends,
         }
         if current.aggregator is None or self.central is None:
@@ -427,10 +540,16 @@ class LinePrivacy:
             "run_id": int(self.run_id),
             "run_tag": self.run_tag,
             "round": current.round_no,
-            "mechanism": "dp-fedavg",
             "adjacency": ADJACENCY,
             "population": self.population,
             "clients_per_round": self.clients_per_round,
+        }
+        if self.run_name:
+            entry["run_name"] = self.run_name
+        if isinstance(current.aggregator, SkellamMean):
+            return self._commit_distributed(current, entry)
+        entry |= {
+            "mechanism": "dp-fedavg",
             "sampling": cfg.sampling,
             "amplification": cfg.sampling == "poisson" and current.sample_rate < 1,
             "sample_rate": current.sample_rate,
@@ -445,21 +564,32 @@ class LinePrivacy:
             "delta": cfg.delta,
             "budget_epsilon": cfg.epsilon,
         }
-        if self.run_name:
-            entry["run_name"] = self.run_name
+        return self._append_round(
+            current,
+            entry,
+            effective_noise_multiplier=round(stats.effective_noise_multiplier, 6),
+            fraction_clipped=round(stats.fraction_clipped, 4),
+            participating=accepted,
+            sampled=current.sampled,
+        )
 
-        def with_epsilon(records: list[Any]) -> dict[str, Any]:
+    def _append_round(
+        self, current: _Round, entry: dict[str, Any], **log_fields: Any
+    ) -> dict[str, Any]:
+        """Append a DP round's entry with the line's cumulative ε, or refuse past the budget."""
+        assert self.central is not None
+        cfg = self.central
+
+        def with_epsilon(records: list[LedgerRecord]) -> dict[str, Any]:
             # under the ledger's lock: rounds another coordinator committed meanwhile count
-            history = central_history([r.entry for r in records])
-            history.append((cfg.noise_multiplier, current.sample_rate, 1))
-            eps = runtime_epsilon(history, cfg.delta, cfg.accountant)
-            if eps > cfg.epsilon:
+            out = recompute_entry_epsilon(entry, records, cfg)
+            if out["epsilon"] > cfg.epsilon:
                 raise PrivacyBudgetExceededError(
                     f"round {current.round_no} discarded before release: rounds committed "
                     f"concurrently on line {self.line!r} leave no budget for it "
-                    f"(ε would be {eps:.4g} > {cfg.epsilon:g})"
+                    f"(ε would be {out['epsilon']:.4g} > {cfg.epsilon:g})"
                 )
-            return {**entry, "epsilon": eps}
+            return out
 
         record = self._append(with_epsilon)
         self.run_entries += 1
@@ -467,15 +597,39 @@ class LinePrivacy:
             "privacy.round",
             line=self.line,
             round=current.round_no,
+            mechanism=entry["mechanism"],
             epsilon=round(record.entry["epsilon"], 6),
             delta=cfg.delta,
             budget=cfg.epsilon,
-            effective_noise_multiplier=round(stats.effective_noise_multiplier, 6),
-            fraction_clipped=round(stats.fraction_clipped, 4),
-            participating=accepted,
-            sampled=current.sampled,
+            **log_fields,
         )
         return record.entry
+
+    def _commit_distributed(self, current: _Round, entry: dict[str, Any]) -> dict[str, Any]:
+        """The ledger entry of a distributed-DP round (aggregate figures only)."""
+        assert self.central is not None and isinstance(current.aggregator, SkellamMean)
+        cfg = self.central
+        stats = current.aggregator.stats
+        if stats is None:
+            raise RuntimeError("commit_round before the aggregator was finalized")
+        done = stats.round
+        entry.update(
+            mechanism=SKELLAM,
+            reference=SKELLAM_REFERENCE,
+            sampling=cfg.sampling,
+            amplification=False,  # the coordinator knows the sample: accounted with q = 1
+            sample_rate=1.0,
+            expected_participants=stats.expected_participants,
+            denominator=stats.denominator,
+            **done.to_dict(),
+            accountant="skellam-rdp+dp-accounting",
+            rdp_orders=f"{RDP_ORDERS[0]}..{RDP_ORDERS[-1]}",
+            delta=cfg.delta,
+            budget_epsilon=cfg.epsilon,
+        )
+        return self._append_round(
+            current, entry, noise_variance=done.variance, contributors=done.contributors
+        )
 
     # -- per release ----------------------------------------------------------------
     def manifest_privacy(self) -> dict[str, Any]:
@@ -512,6 +666,38 @@ class LinePrivacy:
             "rounds_this_run": self.run_entries,
         }
         central = [e for e in entries if e.get("mechanism") == "dp-fedavg"]
+        distributed = [e for e in entries if e.get("mechanism") == SKELLAM]
+        if self.central is not None and self.central.distributed and distributed:
+            cfg = self.central
+            last = distributed[-1]
+            out["distributed"] = {
+                "mechanism": SKELLAM,
+                "reference": SKELLAM_REFERENCE,
+                "level": "user",
+                "adjacency": ADJACENCY,
+                "population": self.population,
+                "epsilon": last["epsilon"],
+                "delta": last["delta"],
+                "accountant": last["accountant"],
+                "rdp_orders": last["rdp_orders"],
+                "rounds_accounted": len(distributed),
+                "noise_multiplier": cfg.noise_multiplier,
+                "clip_norm": cfg.clip_norm,
+                "amplification_by_sampling": False,
+                "budget": {"epsilon": cfg.epsilon, "delta": cfg.delta},
+                "min_noise_variance_over_bound": min(
+                    e["noise_variance"] / e["norm_bound"] ** 2 for e in distributed
+                ),
+            }
+            out["guarantee"] = (
+                f"user-level ({last['epsilon']:.4g}, {last['delta']:g})-DP for every "
+                f"institution against the coordinator and anyone downstream, composed over "
+                f"all {len(distributed)} distributed Skellam round(s) recorded for line "
+                f"{self.line!r} (noise added by the institutions before secure aggregation, "
+                f"z={cfg.noise_multiplier:g} at the fewest contributors a round can complete "
+                f"with, C={cfg.clip_norm:g}, no amplification by sampling)"
+            )
+            return out
         if not central:
             return {}
         cfg = self.central
@@ -590,6 +776,23 @@ def model_card_section(privacy: dict[str, Any]) -> str:
             + " |",
             f"| rounds accounted | {central['rounds_accounted']} |",
             f"| accountant | {central['accountant']} (orders {central['rdp_orders']}) |",
+            "",
+        ]
+    distributed = privacy.get("distributed")
+    if distributed:
+        lines += [
+            "| | |",
+            "| --- | --- |",
+            f"| mechanism | distributed Skellam noise under SecAgg+ ({distributed['reference']}),"
+            f" {distributed['level']}-level |",
+            f"| ε at δ | {distributed['epsilon']:.6g} at {distributed['delta']:g} |",
+            f"| budget | ε={distributed['budget']['epsilon']:g}, "
+            f"δ={distributed['budget']['delta']:g} |",
+            f"| noise multiplier z, clip norm C | {distributed['noise_multiplier']:g}, "
+            f"{distributed['clip_norm']:g} |",
+            "| sampling | no amplification accounted (the coordinator knows the sample) |",
+            f"| rounds accounted | {distributed['rounds_accounted']} |",
+            f"| accountant | {distributed['accountant']} (orders {distributed['rdp_orders']}) |",
             "",
         ]
     if central and "adjacency" in central:

@@ -9,8 +9,8 @@ signing key:
    ledger + manifest + index fails here: the forger cannot sign), and the head is not a
    rollback of one the user accepted;
 3. the privacy ledger the *signed* manifest names is audited
-   (:func:`fedcommons.privacy.audit.audit_ledger`): chain, each entry's signed hash (the
-   first wrong round is named), noise, ε recomputed with dp-accounting;
+   (:func:`fedcommons.privacy.audits.ledger_audit.audit_ledger`): chain, each entry's
+   signed hash (the first wrong round is named), noise, ε recomputed with dp-accounting;
 4. the whole ledger's chain is read, and entries after what the newest signed release of
    the line covers are flagged: an appended line, or a run still in progress, that no
    signature vouches for.
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcommons.errors import PrivacyAuditError, VerificationError
-from fedcommons.privacy.audit import LedgerAudit, audit_ledger
+from fedcommons.privacy.audits.ledger_audit import LedgerAudit, audit_ledger
 from fedcommons.privacy.ledger import LedgerRecord, PrivacyLedger
 from fedcommons.releases.registry import Registry, Release
 from fedcommons.releases.trust import TrustDecision, TrustStore, resolve_trust

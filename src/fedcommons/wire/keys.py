@@ -48,8 +48,16 @@ SECAGG_STAGE = (
 )
 SECAGG_INDEX = "index"  # int inside SECAGG_RECORD: the node's participant number (1..n)
 SECAGG_DP_CLIP = "dp-clip-norm"  # float inside SECAGG_RECORD: clients L2-clip (central DP), 0: off
+#: float inside SECAGG_RECORD: variance of the Skellam noise each client adds (distributed DP)
+SECAGG_DP_NOISE = "dp-local-variance"
+#: node config (#14): refuse secure rounds whose distributed noise at the threshold is lower
+SECAGG_DP_MIN_NOISE = "dp-min-noise-multiplier"
 SECAGG_REQUIRED = "secagg-required"  # node config: the institution refuses plaintext rounds
 SECAGG_MIN_THRESHOLD = "secagg-min-threshold"  # node config: refuse rounds with a lower threshold
+# node config (#13): the consortium roster of Ed25519 keys; with it, only signed advertisements
+SECAGG_ROSTER = "secagg-roster"
+SECAGG_SIGNING_KEY = "secagg-signing-key"  # node config: this institution's Ed25519 key (PEM)
+SECAGG_ROSTER_SIGNER = "secagg-roster-signer"  # node config: pinned consortium key (64 hex)
 #: Error code of a plaintext train message refused by an institution that requires secagg.
 SECAGG_REQUIRED_CODE = 6002
 #: Error code of a secure-aggregation message the client refused (protocol violation).

@@ -4,6 +4,7 @@
 - :mod:`.shamir` — t-of-n Shamir sharing over GF(2^256 + 297);
 - :mod:`.graph` — the random k-regular neighbour graph from a public seed;
 - :mod:`.quantize` — fixed-point encoding into Z_{2^b} with the weight alongside;
+- :mod:`.roster` — authenticated key advertisements against a consortium roster;
 - :mod:`.protocol` — the client and server state machines of the four stages.
 
 The coordinator's round driver (:mod:`fedcommons.coordinator.secure_round`) and the

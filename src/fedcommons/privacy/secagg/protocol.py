@@ -8,9 +8,10 @@ round's public :class:`RoundParams`.
 Stages (``U1 ⊇ U2 ⊇ U3 ⊇ U4`` are the participants still answering):
 
 1. *advertise keys* — each client sends two X25519 public keys: ``c`` (share encryption)
-   and ``s`` (pairwise masks).
+   and ``s`` (pairwise masks); with a consortium roster, signed (:mod:`.roster`).
 2. *share keys* — the server sends each client its neighbours' keys (neighbours in the
-   round's k-regular graph); the client splits its self-mask seed ``b`` and its mask key
+   round's k-regular graph); a client holding a roster verifies every neighbour's
+   signature first; the client splits its self-mask seed ``b`` and its mask key
    ``s_sk`` t-of-(k+1) with Shamir, and encrypts one share pair per neighbour under the
    key agreed with that neighbour's ``c`` key; it also commits to ``b`` (SHA-256).
 3. *masked input* — the server routes the ciphertexts; the client checks each one
@@ -41,16 +42,24 @@ import numpy as np
 from fedcommons.errors import SecAggAbortedError, SecAggProtocolError
 from fedcommons.privacy.secagg import graph, shamir
 from fedcommons.privacy.secagg.primitives import (
+    PROTOCOL,
+    add_mask,
     agree,
     context_info,
-    expand_mask,
     new_private_key,
     open_sealed,
+    private_key,
     public_key,
     seal,
     share_ad,
 )
-from fedcommons.privacy.secagg.quantize import RingSpec, pack, unpack
+from fedcommons.privacy.secagg.quantize import PackedSum, RingSpec, pack
+from fedcommons.privacy.secagg.roster import (
+    SIGNATURE_BYTES,
+    AdvertisementSigner,
+    Roster,
+    params_digest,
+)
 
 STAGE_ADVERTISE = "advertise-keys"
 STAGE_SHARE = "share-keys"
@@ -103,6 +112,7 @@ class RoundParams:
         """Plain fields for a message."""
         ring = self.ring.to_dict()
         return {
+            "protocol": PROTOCOL.decode(),
             "run-tag": self.run_tag,
             "round": self.round_no,
             "n": self.n,
@@ -113,9 +123,24 @@ class RoundParams:
             **{f"ring-{k.replace('_', '-')}": v for k, v in ring.items()},
         }
 
+    @cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of the public parameters: what signed key advertisements bind to."""
+        return params_digest(self.to_record())
+
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> RoundParams:
-        """Inverse of :meth:`to_record`; :class:`SecAggProtocolError` if malformed."""
+        """Inverse of :meth:`to_record`.
+
+        Raises :class:`SecAggProtocolError` if malformed or of another protocol version
+        (its masks would not cancel against ours).
+        """
+        version = rec.get("protocol")
+        if version != PROTOCOL.decode():
+            raise SecAggProtocolError(
+                f"round uses secure-aggregation protocol {version!r}, this party speaks "
+                f"{PROTOCOL.decode()!r}: upgrade the older side"
+            )
         try:
             ring = RingSpec(
                 bits=int(rec["ring-bits"]),
@@ -195,6 +220,8 @@ class ClientSession:
     #: U2 ∩ N(u): neighbour -> (share of its b, share of its s_sk)
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
     own_b_share: bytes = field(default=b"", repr=False)
+    #: This institution's roster name when it signed its advertisement ("" unsigned).
+    member: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.index <= self.params.n:
@@ -207,15 +234,29 @@ class ClientSession:
             )
 
     # stage 1 -------------------------------------------------------------------------
-    def advertise(self) -> dict[str, Any]:
-        """Stage 1: the two public keys."""
+    def advertise(self, signer: AdvertisementSigner | None = None) -> dict[str, Any]:
+        """Stage 1: the two public keys, signed with the institution's roster key if given."""
         self._expect(STAGE_ADVERTISE)
+        c_pk, s_pk = public_key(self.c_sk), public_key(self.s_sk)
+        out: dict[str, Any] = {"c-pk": c_pk, "s-pk": s_pk}
+        if signer is not None:
+            self.member = signer.member
+            out["member"] = signer.member
+            out["sig"] = signer.sign(self.params.digest, self.index, c_pk, s_pk)
         self.stage = STAGE_SHARE
-        return {"c-pk": public_key(self.c_sk), "s-pk": public_key(self.s_sk)}
+        return out
 
     # stage 2 -------------------------------------------------------------------------
-    def share_keys(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Stage 2: check the neighbours' keys; return encrypted shares and a commitment."""
+    def share_keys(
+        self, request: Mapping[str, Any], roster: Roster | None = None
+    ) -> dict[str, Any]:
+        """Stage 2: check the neighbours' keys; return encrypted shares and a commitment.
+
+        With a ``roster``, every neighbour's advertisement must carry a signature by a
+        distinct roster member (not this institution) over this round's parameters, its
+        seat and its keys (:meth:`Roster.verify`); nothing secret is derived or sent
+        before all of them verify.
+        """
         self._expect(STAGE_SHARE)
         p = self.params
         idx = _as_int_list(request.get("idx"), "idx")
@@ -223,6 +264,8 @@ class ClientSession:
         s_pks = _as_bytes_list(request.get("s-pk"), "s-pk")
         if not len(idx) == len(c_pks) == len(s_pks):
             raise SecAggProtocolError("share-keys request: lists of different lengths")
+        if roster is not None:
+            self._verify_peers(roster, request, idx, c_pks, s_pks)
         mine = p.neighbours_of(self.index)
         if len(set(idx)) != len(idx) or not set(idx) <= mine:
             raise SecAggProtocolError(
@@ -253,6 +296,40 @@ class ClientSession:
             )
         self.stage = STAGE_MASKED
         return {"dst": dst, "ct": cts, "b-commit": hashlib.sha256(self.b_seed).digest()}
+
+    def _verify_peers(
+        self,
+        roster: Roster,
+        request: Mapping[str, Any],
+        idx: list[int],
+        c_pks: list[bytes],
+        s_pks: list[bytes],
+    ) -> None:
+        """Every neighbour's advertisement is signed by its own roster member."""
+        members = request.get("member")
+        sigs = _as_bytes_list(request.get("sig"), "sig")
+        if not isinstance(members, list | tuple) or not all(isinstance(m, str) for m in members):
+            raise SecAggProtocolError(
+                "share-keys request carries no roster signatures, and this institution accepts "
+                "only authenticated key advertisements: refusing the round"
+            )
+        if not len(members) == len(sigs) == len(idx):
+            raise SecAggProtocolError("share-keys request: signature lists of different lengths")
+        if not self.member:
+            raise SecAggProtocolError("this institution did not sign its own advertisement")
+        seen = {self.member}
+        for v, member, sig, c, s in zip(idx, members, sigs, c_pks, s_pks, strict=True):
+            if not member or len(sig) != SIGNATURE_BYTES:
+                raise SecAggProtocolError(
+                    f"participant {v}'s key advertisement is not signed: refusing the round"
+                )
+            if member in seen:
+                raise SecAggProtocolError(
+                    f"roster member {member!r} holds two seats in this round (participant {v}): "
+                    "the coordinator is impersonating participants; refusing the round"
+                )
+            seen.add(member)
+            roster.verify(self.params.digest, v, member, c, s, sig)
 
     def _info(self, purpose: str, other: int) -> bytes:
         return context_info(purpose, self.params.run_tag, self.params.round_no, self.index, other)
@@ -302,19 +379,15 @@ class ClientSession:
         total = p.length + p.ring.aux
         if y.shape != (total,):
             raise SecAggProtocolError(f"input has {y.size} elements, the round expects {total}")
-        bits = p.ring.bits
-        masked = y + expand_mask(self.b_seed, total, bits)
+        masked = y.copy()
+        add_mask(masked, self.b_seed)
+        s_sk = private_key(self.s_sk)
         for v in sorted(self.held):
-            pair = expand_mask(
-                agree(self.s_sk, self.peers[v][1], self._info("mask", v)), total, bits
-            )
-            if _sign_for(self.index, v) > 0:
-                masked += pair
-            else:
-                masked -= pair
+            pair = agree(s_sk, self.peers[v][1], self._info("mask", v))
+            add_mask(masked, pair, _sign_for(self.index, v))
         masked &= p.ring.modulus_mask
         self.stage = STAGE_UNMASK
-        return {"masked": pack(masked, bits)}
+        return {"masked": pack(masked, p.ring.bits)}
 
     def masked_input(self, request: Mapping[str, Any], ring_vector: np.ndarray) -> dict[str, Any]:
         """Stage 3 in one call: :meth:`receive_shares`, then :meth:`mask`."""
@@ -370,6 +443,7 @@ class ClientSession:
             "peers": {str(k): [c.hex(), s.hex()] for k, (c, s) in self.peers.items()},
             "held": {str(k): [b.hex(), s.hex()] for k, (b, s) in self.held.items()},
             "own_b_share": self.own_b_share.hex(),
+            "member": self.member,
         }
         return json.dumps(state, sort_keys=True).encode()
 
@@ -394,6 +468,7 @@ class ClientSession:
                     int(k): (bytes.fromhex(b), bytes.fromhex(x)) for k, (b, x) in s["held"].items()
                 },
                 own_b_share=bytes.fromhex(s["own_b_share"]),
+                member=str(s.get("member", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SecAggProtocolError(f"corrupt secure-aggregation client state: {exc}") from exc
@@ -418,9 +493,13 @@ class ServerSession:
     ciphertexts, whatever the number of participants.
     """
 
-    def __init__(self, params: RoundParams) -> None:
+    def __init__(self, params: RoundParams, *, require_signatures: bool = False) -> None:
         self.params = params
+        #: Refuse advertisements without a roster signature (run config ``secagg-auth``).
+        self.require_signatures = require_signatures
         self.keys: dict[int, tuple[bytes, bytes]] = {}
+        #: participant -> (roster member, signature), for signed advertisements
+        self.signed: dict[int, tuple[str, bytes]] = {}
         self.u1: set[int] = set()
         self.u2: set[int] = set()
         self.u3: set[int] = set()
@@ -429,7 +508,8 @@ class ServerSession:
         self.commit: dict[int, bytes] = {}
         self.b_shares: dict[int, dict[int, bytes]] = {}
         self.s_shares: dict[int, dict[int, bytes]] = {}
-        self.total = np.zeros(params.length + params.ring.aux, dtype=np.uint64)
+        #: Running sum of the masked inputs (O(model) memory, whatever the clients).
+        self.sum = PackedSum(params.length + params.ring.aux, params.ring.bits)
         self._expected_dst: dict[int, list[int]] = {}
         self._unmask_asked: dict[int, tuple[list[int], list[int]]] = {}
 
@@ -461,13 +541,34 @@ class ServerSession:
             raise SecAggProtocolError("advertise reply needs two 32-byte public keys")
         if index in self.keys or not 1 <= index <= self.params.n:
             raise SecAggProtocolError(f"unexpected advertise reply from participant {index}")
+        member, sig = reply.get("member"), reply.get("sig")
+        if member is None and sig is None:
+            if self.require_signatures:
+                raise SecAggProtocolError(
+                    "advertise reply is not signed, and this run requires roster-signed keys "
+                    "(secagg-auth = roster)"
+                )
+        elif not (
+            isinstance(member, str)
+            and 0 < len(member) <= 64
+            and isinstance(sig, bytes)
+            and len(sig) == SIGNATURE_BYTES
+        ):
+            raise SecAggProtocolError("advertise reply: malformed roster member or signature")
+        else:
+            self.signed[index] = (member, sig)
         self.keys[index] = (c, s)
 
     def share_keys_requests(self) -> dict[int, dict[str, Any]]:
         """Stage 2 requests: each client's advertised neighbours' keys."""
         seen = Counter(k for pair in self.keys.values() for k in pair)
         dup = {k for k, count in seen.items() if count > 1}
-        alive = {u for u, pair in self.keys.items() if not set(pair) & dup}
+        members = Counter(m for m, _ in self.signed.values())
+        alive = {
+            u
+            for u, pair in self.keys.items()
+            if not set(pair) & dup and members[self.signed.get(u, ("", b""))[0]] <= 1
+        }  # a roster member in two seats would be refused by its neighbours: drop both
         self.u1 = self._prune(alive)
         self._need(self.u1, STAGE_ADVERTISE)
         out = {}
@@ -479,6 +580,9 @@ class ServerSession:
                 "c-pk": [self.keys[v][0] for v in peers],
                 "s-pk": [self.keys[v][1] for v in peers],
             }
+            if self.signed:  # relayed as advertised; unsigned seats as ("", b"")
+                out[u]["member"] = [self.signed.get(v, ("", b""))[0] for v in peers]
+                out[u]["sig"] = [self.signed.get(v, ("", b""))[1] for v in peers]
         return out
 
     # stage 2 -> 3 ------------------------------------------------------------------------
@@ -519,9 +623,7 @@ class ServerSession:
         data = reply.get("masked")
         if not isinstance(data, bytes):
             raise SecAggProtocolError("masked-input reply lacks the masked vector")
-        vec = unpack(data, self.total.size, self.params.ring.bits)
-        self.total += vec
-        self.total &= self.params.ring.modulus_mask
+        self.sum.add(data)  # mod 2^64 here, mod 2^bits once in finish()
         self.u3.add(index)
 
     def unmask_requests(self) -> dict[int, dict[str, Any]]:
@@ -563,8 +665,8 @@ class ServerSession:
         reconstruction does not match what the client committed to.
         """
         p = self.params
-        t, bits, size = p.threshold, p.ring.bits, self.total.size
-        total = self.total.copy()
+        t = p.threshold
+        total = self.sum.total()
         for v in sorted(self.u3):
             shares = self.b_shares.get(v, {})
             if len(shares) < t:
@@ -575,7 +677,7 @@ class ServerSession:
             b = shamir.reconstruct(shares.items(), t)
             if hashlib.sha256(b).digest() != self.commit[v]:
                 raise SecAggAbortedError(f"reconstructed self-mask of {v} fails its commitment")
-            total -= expand_mask(b, size, bits)
+            add_mask(total, b, -1)
         for d in sorted(self.u2 - self.u3):
             partners = sorted(self._nbrs(d) & self.u3)
             if not partners:
@@ -586,16 +688,14 @@ class ServerSession:
                     f"secure aggregation aborted at unmask: {len(shares)} share(s) of dropped "
                     f"client {d}'s mask key, threshold {t}"
                 )
-            s_sk = shamir.reconstruct(shares.items(), t)
-            if public_key(s_sk) != self.keys[d][1]:
+            raw = shamir.reconstruct(shares.items(), t)
+            if public_key(raw) != self.keys[d][1]:
                 raise SecAggAbortedError(f"reconstructed mask key of {d} fails its public key")
+            s_sk = private_key(raw)
             for u in partners:
                 info = context_info("mask", p.run_tag, p.round_no, d, u)
-                pair = expand_mask(agree(s_sk, self.keys[u][1], info), size, bits)
-                if _sign_for(u, d) > 0:  # u added +PRG(s_ud): take it out
-                    total -= pair
-                else:
-                    total += pair
+                # u added sign(u, d)·PRG(s_ud): take it out
+                add_mask(total, agree(s_sk, self.keys[u][1], info), -_sign_for(u, d))
         total &= p.ring.modulus_mask
         n_all = set(range(1, p.n + 1))
         return SecAggOutcome(
