@@ -18,9 +18,12 @@ it), stopped by PID when the SuperLink ends.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from fedcommons.engines.submission import DeploymentError, flower_exe
 from fedcommons.logs import get_logger
@@ -51,6 +54,35 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait(timeout=timeout)
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (Linux ``/proc``; none elsewhere)."""
+    found = []
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _stop_pids(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGTERM each PID, then SIGKILL those still there after ``timeout``."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+        time.sleep(0.2)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def supervise(
@@ -91,4 +123,8 @@ def supervise(
             time.sleep(poll)
         return int(link.returncode)
     finally:
+        # the ServerApps it started cannot go on without the SuperLink: stop them too,
+        # by PID (they record the run as interrupted; the scheduler resubmits it)
+        servers = _children(exe.pid)
         _stop(exe)
+        _stop_pids(servers)
