@@ -47,6 +47,7 @@ def test_defaults_are_tls_and_node_auth_on_loopback(pki: Path, tmp_path: Path) -
     assert argv[:5] == ["flower-superlink", "--host", "127.0.0.1", "--port", "9091"]
     assert "--enable-supernode-auth" in argv and "--insecure" not in argv
     assert argv[argv.index("--ssl-ca-certfile") + 1] == str(pki / "ca.pem")
+    assert argv[argv.index("--isolation") + 1] == "process"  # our supervised SuperExec
     assert settings.metrics_host == "127.0.0.1"
 
 

@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 from fedcommons.client_sdk.client_app import app as fedcommons_client
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.engines.inprocess import run_in_process
-from fedcommons.errors import RoundFailedError
+from fedcommons.errors import CandidateRejectedError, RoundFailedError
 from fedcommons.logs import configure_logging
 from fedcommons.releases.registry import Registry
 from fedcommons.wire import keys
@@ -116,9 +116,14 @@ def test_crashing_client_is_counted_as_client_error(tmp_path: Path) -> None:
 
 
 def test_plain_flower_client_full_weights_count_as_a_dense_update(tmp_path: Path) -> None:
-    result = run_in_process(_config(tmp_path, rounds=1), [_plain_flower_client(0.25)])
+    """The candidate (θ0 + 0.25 everywhere, no training) is rejected: read its weights there."""
+    from safetensors.torch import load_file
+
+    with pytest.raises(CandidateRejectedError, match="does not beat the starting weights"):
+        run_in_process(_config(tmp_path, rounds=1), [_plain_flower_client(0.25)])
     reg = Registry(tmp_path / "reg", create=False)
-    weights = reg.load_weights(result.release)
+    (rejection,) = reg.rejections()
+    weights = load_file(reg.blob_path(rejection.weights_sha256))
     from fedcommons.tasks.digits import DigitsTask
 
     base = DigitsTask({"num-partitions": 1}).build_model().state_dict()

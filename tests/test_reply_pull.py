@@ -51,7 +51,7 @@ def _message(content: RecordDict, *, src: int = 0, dst: int = 0, reply_to: str =
     return make_message(metadata=metadata, content=content)
 
 
-def _reply(record: ArrayRecord) -> Message:
+def _reply(record: ArrayRecord, reply_to: str = "a" * 64) -> Message:
     content = RecordDict(
         {
             "delta": record,
@@ -59,7 +59,7 @@ def _reply(record: ArrayRecord) -> Message:
             "extra": ConfigRecord({"note": "x"}),
         }
     )
-    return _message(content, src=7, reply_to="a" * 64)
+    return _message(content, src=7, reply_to=reply_to)
 
 
 def _contents(message: Message) -> tuple[ObjectTree, dict[str, bytes]]:
@@ -247,14 +247,15 @@ def test_replies_pulled_through_the_http_grid_come_one_at_a_time_and_are_confirm
     link = _FakeSuperLink()
     grid = _http_grid(link)
     values = [np.full(700, i, np.float32) for i in range(3)]
-    for value in values:
-        reply = _reply(ArrayRecord({"w": Array(value)}))
+    asked = [str(i) * 64 for i in range(3)]  # the round's three instruction messages
+    for value, reply_to in zip(values, asked, strict=True):
+        reply = _reply(ArrayRecord({"w": Array(value)}), reply_to)
         objects = get_all_nested_objects(reply)
         link.objects.update({oid: obj.deflate() for oid, obj in objects.items()})
         link.trees.append(get_object_tree(reply))
         link.messages.append(message_to_proto(remove_content_from_message(reply)))
         link.messages[-1].metadata.message_id = reply.object_id
-    stream = pull_replies(grid, ["a" * 64], max_bytes=None)
+    stream = pull_replies(grid, asked, max_bytes=None)
     first = next(stream)
     assert len(link.confirmed) == 1  # the second reply is not pulled yet
     rest = list(stream)

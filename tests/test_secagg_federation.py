@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,8 +18,14 @@ import fedcommons.coordinator.secure_round as secure_round
 from fedcommons.client_sdk.client_app import app as client_app
 from fedcommons.coordinator.config import RunConfig
 from fedcommons.coordinator.prepare import prepare_run
+from fedcommons.coordinator.runs import RunStore
 from fedcommons.engines.inprocess import InProcessGrid, run_in_process
-from fedcommons.errors import ConfigError, SecAggAbortedError, SecAggIncompatibleError
+from fedcommons.errors import (
+    CandidateRejectedError,
+    ConfigError,
+    SecAggAbortedError,
+    SecAggIncompatibleError,
+)
 from fedcommons.privacy.secagg.quantize import dequantize
 from fedcommons.releases.registry import Registry
 from fedcommons.wire import keys
@@ -36,6 +44,19 @@ def _config(tmp_path: Path, rounds: int = 1, **extra: object) -> RunConfig:
     }
     flat.update(extra)
     return RunConfig.from_flat(flat)
+
+
+def _round_one(config: RunConfig, clients: list) -> SimpleNamespace:
+    """Round 1's committed report, whether or not the gate published the 1-round candidate.
+
+    These tests are about the secure sum of one round; a barely trained candidate may not
+    beat the line's starting weights, which the gate requires of a first release.
+    """
+    with contextlib.suppress(CandidateRejectedError):
+        run_in_process(config, clients)
+    (run,) = RunStore(config.registry_path).list()
+    (commit,) = RunStore(config.registry_path).rounds(run.name)
+    return SimpleNamespace(**commit.report)
 
 
 @pytest.fixture
@@ -76,8 +97,7 @@ def test_secure_sum_is_exact_with_dropouts(
     The unmasked sum equals the sum of the survivors' ring vectors bit for bit, and so
     does its dequantization; the dropped sites are counted, not folded.
     """
-    result = run_in_process(_config(tmp_path), [dropping(stage, dropped)] * 10)
-    report = result.reports[0]
+    report = _round_one(_config(tmp_path), [dropping(stage, dropped)] * 10)
     survivors = {1000 + p for p in range(10)} - (
         {1000 + p for p in dropped} if stage != "unmask" else set()
     )
@@ -170,12 +190,11 @@ def test_central_dp_with_secagg_publishes_with_its_guarantee(tmp_path: Path) -> 
 
 
 def test_randk_int8_under_secagg_sends_fewer_bytes(tmp_path: Path) -> None:
-    """Shared-seed random-k (10 %) with int8 inputs: a release, uploads far below dense."""
-    result = run_in_process(
+    """Shared-seed random-k (10 %) with int8 inputs: a round committed, uploads far below dense."""
+    report = _round_one(
         _config(tmp_path, compression="randk:0.1+int8", **{"secagg-clip": 0.05}),
         [client_app] * 5,
     )
-    report = result.reports[0]
     assert report.accepted == 5
     assert report.ratio_vs_dense > 4
 

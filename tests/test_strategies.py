@@ -14,6 +14,7 @@ from fedcommons.strategies import (
     FisherMerge,
     MaskAligned,
     Median,
+    MultiKrum,
     TrimmedMean,
     check_step,
     guarded_finalize,
@@ -41,6 +42,8 @@ CONFORMANCE = {
         lambda: TrimmedMean(beta=0.2),
         partial(kit.reference_trimmed_mean, beta=0.2),
     ),
+    "multi-krum": (MultiKrum, kit.reference_multi_krum),
+    "krum": (lambda: MultiKrum(f=2, m=1), partial(kit.reference_multi_krum, f=2, m=1)),
     "fedavgm": (lambda: FedAvg(server_momentum=0.9), None),
     "fedadam": (FedAdam, None),
 }
@@ -156,6 +159,30 @@ def test_median_resists_one_outlier() -> None:
     ups = [ClientUpdate({"w": torch.tensor([v])}, 1) for v in (1.0, 2.0, 1e6)]
     assert Median().aggregate(base, ups)["w"].item() == 2.0
     assert TrimmedMean(beta=0.34).aggregate(base, ups)["w"].item() == 2.0
+
+
+def test_multi_krum_leaves_out_scaled_and_sign_flipped_updates() -> None:
+    """Input: 7 honest updates near (1, 1), one ×10 sign flip, one ×50 scaled, K = 9, f = 2."""
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(2)}
+    honest = [torch.ones(2) + 0.1 * torch.randn(2, generator=gen) for _ in range(7)]
+    ups = [ClientUpdate({"w": h}, 10, node_id=i) for i, h in enumerate(honest)]
+    ups.append(ClientUpdate({"w": -10 * honest[0]}, 10, node_id=7))
+    ups.append(ClientUpdate({"w": 50 * honest[1]}, 10, node_id=8))
+    agg = MultiKrum(f=2)
+    step = agg.aggregate(base, ups)["w"]
+    assert agg.selected == list(range(7))
+    assert torch.allclose(step, torch.stack(honest).mean(0))
+
+
+def test_multi_krum_parameters_are_checked() -> None:
+    """Input: f = -1, f = 1.5, m = -2."""
+    with pytest.raises(ConfigError, match="f must be"):
+        MultiKrum(f=-1)
+    with pytest.raises(ConfigError, match="f must be"):
+        MultiKrum(f=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="m must be"):
+        MultiKrum(m=-2)
 
 
 def test_fedavgm_accumulates_momentum_across_rounds() -> None:

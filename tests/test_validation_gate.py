@@ -98,6 +98,21 @@ def test_first_release_without_parent_is_recorded_not_compared(
     assert all(t.parent is None for t in report.tasks)
 
 
+def test_first_release_must_beat_its_starting_weights(trained: dict[str, torch.Tensor]) -> None:
+    """Input: a candidate equal to the starting weights (chance level), then a trained one."""
+    task = DigitsTask()
+    start = {k: v.detach().clone() for k, v in task.build_model().state_dict().items()}
+    same = run_gate(task, default_suite(task), start, start=start)
+    assert not same.passed and same.parent_source == "start"
+    assert any("accuracy: does not beat the starting weights" in r for r in same.reasons)
+    better = run_gate(task, default_suite(task), trained, start=start)
+    assert better.passed and better.parent_source == "start"
+    acc = better.tasks[0]
+    assert acc.parent == pytest.approx(same.tasks[0].candidate)
+    assert acc.candidate - acc.parent > acc.tolerance
+    assert better.degraded_tasks == []  # the starting weights are no parent to regress from
+
+
 def test_parent_with_other_architecture_uses_its_recorded_values(
     trained: dict[str, torch.Tensor],
 ) -> None:

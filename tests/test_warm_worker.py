@@ -23,6 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_object import get_object_tree, no_object_id_recompute
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run
@@ -89,8 +90,15 @@ class RuntimeApi:
             time.sleep(0.05)
         assert self.server.started
 
-    def add_task(self, run_id: int, content: RecordDict, fab: bytes) -> Message:
-        """Store run, FAB, context and a train message; create the ClientApp task."""
+    def add_task(
+        self, run_id: int, content: RecordDict, fab: bytes, *, orphan_ttl: float | None = None
+    ) -> Message:
+        """Store run, FAB, context and a train message; create the ClientApp task.
+
+        ``orphan_ttl``: store the message (with that TTL) the way flower-supernode does when
+        its run ended while it pulled the message's objects: metadata and object tree, but
+        the objects never arrive.
+        """
         fab_hash = hashlib.sha256(fab).hexdigest()
         run = Run.create_empty(run_id)
         run.fab_id, run.fab_version, run.fab_hash, run.series_id = (
@@ -105,8 +113,15 @@ class RuntimeApi:
         context = Context(run_id, NODE_ID, node_config, RecordDict(), {}, series_id=run_id)
         self.state.set_run_series_context(run_id, context)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 1, 1
-        message = Message(content, dst_node_id=NODE_ID, message_type="train", group_id="1")
-        _insert_message(message, self.state, self.store)
+        ttl = orphan_ttl if orphan_ttl is not None else None
+        message = Message(content, dst_node_id=NODE_ID, message_type="train", group_id="1", ttl=ttl)
+        if orphan_ttl is None:
+            _insert_message(message, self.state, self.store)
+        else:
+            with no_object_id_recompute():
+                message.metadata.__dict__["_message_id"] = message.object_id
+                self.state.store_message(message)
+                self.store.preregister(run_id, get_object_tree(message))
         task_id = self.state.create_task(TaskType.CLIENT_APP, run_id=run_id, fab_hash=fab_hash)
         assert task_id is not None
         return message
@@ -186,6 +201,23 @@ def test_fab_that_ships_its_clientapp_code_gets_a_load_error_reply(
     reply = runtime_api.reply_to(sent)
     assert reply.has_error() and reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION
     assert "--mode subprocess" in reply.error.reason
+
+
+def test_task_whose_message_never_arrives_is_dropped_at_its_ttl_and_the_worker_serves_on(
+    runtime_api: RuntimeApi,
+) -> None:
+    """Input: a task of a run that ended while its SuperNode pulled the message (TTL 3 s)."""
+    weights = DigitsTask().build_model().state_dict()
+    content = round_content(RunConfig(local_epochs=1), weights, 1, "run-tag")
+    runtime_api.add_task(41, content, FEDCOMMONS_FAB, orphan_ttl=3.0)
+    worker = WarmWorker(runtime_api.address)
+    started = time.monotonic()
+    _serve_one(worker)
+    assert worker.outcomes[-1].status == "failed"
+    assert time.monotonic() - started < 60  # Flower's own pull would retry for 2 hours
+    good = runtime_api.add_task(43, content, FEDCOMMONS_FAB)
+    _serve_one(worker)
+    assert not runtime_api.reply_to(good).has_error()
 
 
 def test_fab_naming_another_installed_clientapp_is_refused_before_import(

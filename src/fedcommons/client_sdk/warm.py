@@ -53,6 +53,8 @@ log = get_logger("fedcommons.client.warm")
 DEFAULT_CLIENTAPP_REF = "fedcommons.client_sdk.client_app:app"
 #: Seconds between ``AcquireTask`` polls of the SuperNode's Runtime API.
 DEFAULT_POLL_INTERVAL = 0.1
+#: Shortest wait for a task's message objects, even when its TTL has (nearly) run out.
+MIN_PULL_S = 5.0
 
 
 class WarmWorkerError(FedcommonsError):
@@ -195,11 +197,7 @@ class WarmWorker:
         from flwr.clientapp.client_app import LoadClientAppError
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender
-        from flwr.supernode.runtime.run_clientapp import (
-            pull_task_input,
-            push_message,
-            push_task_output,
-        )
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         outcome = TaskOutcome(task_id=task_id)
         clock = time.perf_counter()
@@ -274,6 +272,54 @@ class WarmWorker:
             raise LoadClientAppError(f"{ref} is not a flwr ClientApp ({type(app).__name__})")
         self._apps[fab_hash] = app
         return app
+
+
+def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
+    """Flower's ``pull_task_input``, with the message pull bounded by the message's TTL.
+
+    A SuperNode creates a task before it has pulled the message's objects from the
+    SuperLink; when that pull fails because the run ended (its ServerApp died), Flower
+    1.41 logs "Ignoring message" but leaves the task in its state with objects that never
+    arrive. Flower's pull would then retry for up to two hours
+    (``PULL_MAX_TIME``) — harmless in ``flwr-clientapp``'s one process per task, but it
+    would stall this worker, and every later round of this institution, behind a dead
+    message. A message past its TTL gets no reply anyway, so the pull gives up then.
+    """
+    from flwr.app import Context, Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context: Context = context_from_proto(res.context)
+    run, fab = run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    meta = pulled.messages_list[0].metadata
+    remaining = meta.created_at + meta.ttl - time.time() if meta.ttl > 0 else None
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(
+            client.ConfirmMessageReceived, node, context.run_id
+        ),
+        return_type=Message,
+        max_time=None if remaining is None else max(MIN_PULL_S, remaining),
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id
+    return message, context, run, fab
 
 
 def load_installed_app(ref: str, *, shipped: set[str] | frozenset[str] = frozenset()) -> Any:

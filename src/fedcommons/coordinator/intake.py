@@ -39,10 +39,13 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import warnings
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -331,49 +334,111 @@ def _decode_reply(
 _PULL_BACKOFF = (0.1, 2.0)
 
 
+#: Seconds a reply's objects may take per poll before the other replies get their turn.
+SLICE_S = 2.0
+
+
+@dataclass
+class _Partial:
+    """A reply taken from the SuperLink whose objects were not all uploaded yet."""
+
+    proto: Any  # flwr.proto.message_pb2.Message
+    tree: ObjectTree
+    since: float
+
+
+#: grid -> {instruction message id: reply whose objects are still arriving}. The
+#: SuperLink hands a reply out once: one still uploading is kept here for the next poll.
+_PARTIAL: weakref.WeakKeyDictionary[Grid, dict[str, _Partial]] = weakref.WeakKeyDictionary()
+
+
 def pull_replies(
-    grid: Grid, message_ids: Collection[str], *, max_bytes: int | None = None
+    grid: Grid,
+    message_ids: Collection[str],
+    *,
+    max_bytes: int | None = None,
+    deadline: float | None = None,
+    slice_s: float = SLICE_S,
 ) -> Iterator[Message]:
-    """The replies to ``message_ids`` that have arrived, pulled and inflated one at a time.
+    """The replies to ``message_ids`` that can be had now, pulled and inflated one at a time.
 
     On the deployment engine (Flower's ``HttpGrid``) each reply's objects are pulled only
     when the caller asks for the reply, and array by array (:func:`inflate_reply`). A
     reply whose arrays would hold more than ``max_bytes`` (counted before they are
     allocated: a chunk may be named many times), whose objects do not form a message,
-    or that cannot be pulled comes back as an error reply that :func:`decode_reply`
-    rejects (``too-large``, ``malformed``, ``unavailable``). Other grids (simulation,
-    in-process) hold their replies in memory already: their ``pull_messages`` is used as
-    is. Consume every reply: the SuperLink hands each out once.
+    or whose objects the SuperLink no longer has comes back as an error reply that
+    :func:`decode_reply` rejects (``too-large``, ``malformed``, ``unavailable``). A reply
+    whose upload is unfinished (its sender was killed mid-upload, or is slow) gets at
+    most ``slice_s`` seconds per poll, never past ``deadline`` (``time.monotonic()``), and
+    is kept for the next poll: it never holds up the replies behind it (Flower's own
+    pull waits for it until the SuperLink's object-push session expires, 180 s: found by
+    ``benchmarks/chaos.py``, a SuperNode killed mid-upload made a 45 s round take 186 s
+    and count 5 of its 6 nodes as "no reply"). Other grids (simulation, in-process) hold their
+    replies in memory already: their ``pull_messages`` is used as is. Consume every
+    reply: the SuperLink hands each out once.
     """
     if not isinstance(grid, HttpGrid):
         yield from grid.pull_messages(list(message_ids))
         return
     client = grid._runtime_client  # Flower 1.41's Runtime API client (no public accessor)
     run_id = grid.run.run_id
-    res = client.PullMessages(PullAppMessagesRequest(message_ids=list(message_ids)))
-    pull_object = make_pull_object_fn_protobuf(client.PullObject, grid.node, run_id)
+    wanted = set(message_ids)
+    partial = _PARTIAL.setdefault(grid, {})
+    for gone in set(partial) - wanted:  # an earlier round's, or already counted
+        del partial[gone]
+    asked = [i for i in wanted if i not in partial]
+    if asked:
+        res = client.PullMessages(PullAppMessagesRequest(message_ids=asked))
+        for proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
+            partial[proto.metadata.reply_to_message_id] = _Partial(proto, tree, time.monotonic())
+    fetch = make_pull_object_fn_protobuf(client.PullObject, grid.node, run_id)
+    for reply_to in list(partial):
+        item = partial[reply_to]
+        meta = item.proto.metadata
+        budget = slice_s if deadline is None else min(slice_s, deadline - time.monotonic())
+        dropped: list[str] = []  # objects the SuperLink no longer has (final)
 
-    def pull(object_ids: list[str]) -> dict[str, bytes]:
-        return pull_objects(
-            object_ids,
-            pull_object,
-            initial_backoff=_PULL_BACKOFF[0],
-            backoff_cap=_PULL_BACKOFF[1],
-        )
+        def pull_one(object_id: str, dropped: list[str] = dropped) -> bytes:
+            try:
+                return fetch(object_id)
+            except ObjectPullError:
+                dropped.append(object_id)
+                raise
 
-    for proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
-        meta = proto.metadata
+        def pull(
+            object_ids: list[str],
+            budget: float = max(budget, 0.05),
+            pull_one: Callable[[str], bytes] = pull_one,
+        ) -> dict[str, bytes]:
+            return pull_objects(
+                object_ids,
+                pull_one,
+                max_time=budget,
+                max_tries_per_object=None,
+                initial_backoff=_PULL_BACKOFF[0],
+                backoff_cap=_PULL_BACKOFF[1],
+            )
+
         try:
-            reply: Message = inflate_reply(tree, pull, max_bytes)
+            reply: Message = inflate_reply(item.tree, pull, max_bytes)
         except ObjectPullError as exc:
+            if not dropped:  # not uploaded yet: its turn comes again at the next poll
+                log.info(
+                    "round.reply_incomplete",
+                    reply_to=reply_to,
+                    waiting_s=round(time.monotonic() - item.since, 1),
+                )
+                continue
+            del partial[reply_to]
             yield _stand_in(run_id, meta, REPLY_UNAVAILABLE_CODE, f"objects unavailable: {exc}")
             continue
         except UpdateRejectedError as exc:
             code = REPLY_TOO_LARGE_CODE if exc.reason == "too-large" else REPLY_MALFORMED_CODE
             reply = _stand_in(run_id, meta, code, exc.detail)
+        del partial[reply_to]
         client.ConfirmMessageReceived(  # the SuperLink may drop the reply's objects now
             ConfirmMessageReceivedRequest(
-                node=grid.node, run_id=run_id, message_object_id=tree.object_id
+                node=grid.node, run_id=run_id, message_object_id=item.tree.object_id
             )
         )
         yield reply

@@ -61,6 +61,9 @@ class PreparedRun:
     run_tag: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     #: Attempt of the current round (0: first; retries re-sample nodes) (#8).
     attempt: int = 0
+    #: A line's first release must beat the starting weights (the gate): the run keeps
+    #: them here when it has no parent release; ``None`` otherwise (#18).
+    start_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def release_weights(self) -> None:
         """Drop the starting weights once the run holds its own; keep names, shapes, dtypes.
@@ -68,8 +71,11 @@ class PreparedRun:
         The run holds the current weights itself: keeping round 0's here as well would
         pin one more copy of the model for the whole run. What stays are ``meta``
         tensors (no memory), enough for :attr:`max_update_bytes`; a released PreparedRun
-        cannot start another run (:attr:`released`).
+        cannot start another run (:attr:`released`). A run with no parent release keeps
+        the starting weights in :attr:`start_weights` for the gate.
         """
+        if self.parent is None and self.start_weights is None:
+            self.start_weights = dict(self.weights)
         self.weights = {k: torch.empty_like(v, device="meta") for k, v in self.weights.items()}
 
     @property

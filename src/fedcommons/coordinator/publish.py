@@ -38,8 +38,9 @@ def publish(
 ) -> Release:
     """Gate the candidate, then publish it signed, versioned and with its model card.
 
-    The line's validation suite scores the candidate against its parent; a candidate that
-    fails is recorded (``fedcommons release rejected``) and
+    The line's validation suite scores the candidate against its parent (a line's first
+    release: against the starting weights, which it must beat); a candidate that fails is
+    recorded (``fedcommons release rejected``) and
     :class:`~fedcommons.errors.CandidateRejectedError` is raised: nothing is published.
     """
     config = prepared.config
@@ -56,6 +57,7 @@ def publish(
         parent=parent_weights,
         parent_version=parent.version if parent else None,
         parent_validation=parent_manifest.validation if parent_manifest else None,
+        start=None if parent else prepared.start_weights or prepared.weights,  # must beat them
     )
     central = prepared.privacy is not None and prepared.privacy.central is not None
     if central:  # an un-noised count of who took part: not published on a DP line

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -29,7 +29,7 @@ from fedcommons.coordinator.intake import (
     push_round_messages,
 )
 from fedcommons.coordinator.prepare import PreparedRun
-from fedcommons.coordinator.sampling import sample_round
+from fedcommons.coordinator.sampling import grid_call, sample_round, transient_grid_error
 from fedcommons.errors import (
     RoundFailedError,
     UpdateRejectedError,
@@ -210,7 +210,8 @@ def run_round(
         )
         for node in sampled
     ]
-    pending = set(push_round_messages(grid, messages))
+    deadline = started + config.round_timeout
+    pending = set(push_round(grid, messages, deadline, round_no))
     del messages, content  # pushed: a serialized copy of θ0 no longer needs to stay here
     release_freed_memory()
     log.info("round.started", sampled=len(sampled), connected=len(nodes))
@@ -220,7 +221,6 @@ def run_round(
     upload: dict[str, int] = {}
     loss_sum = 0.0
     examples = 0
-    deadline = started + config.round_timeout
     # a reply's arrays: the update plus its optional Fisher codes and mask
     reply_cap = 2 * prepared.max_update_bytes
 
@@ -248,7 +248,7 @@ def run_round(
         # reply is pulled: the coordinator holds one reply, not one per site.
         accepted: list[ClientUpdate] = []
         held = 0
-        for reply in pull_replies(grid, list(pending), max_bytes=reply_cap):
+        for reply in pull_available(grid, pending, deadline, max_bytes=reply_cap):
             pulled += 1
             pending.discard(reply.metadata.reply_to_message_id)
             observe.reply_received(reply)
@@ -328,6 +328,45 @@ def apply_step(
     never both exist in full (when the strategy keeps no reference to its step).
     """
     return {k: weights[k] + step.pop(k) for k in weights}
+
+
+def push_round(grid: Grid, messages: list[Message], deadline: float, round_no: int) -> list[str]:
+    """Push the round's messages (transient SuperLink errors retried until ``deadline``).
+
+    Raises :class:`RoundFailedError` (the round's retry policy applies) when the
+    SuperLink keeps failing.
+    """
+    try:
+        return list(
+            grid_call(
+                lambda: push_round_messages(grid, messages), deadline=deadline, what="push_messages"
+            )
+        )
+    except Exception as exc:
+        if not transient_grid_error(exc):
+            raise
+        raise RoundFailedError(
+            f"round {round_no}: the SuperLink did not take the round's messages: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def pull_available(
+    grid: Grid, pending: set[str], deadline: float, *, max_bytes: int | None
+) -> Iterator[Message]:
+    """The replies to ``pending`` available now (:func:`~.intake.pull_replies`).
+
+    A pull that failed transiently marked nothing delivered (the SuperLink's transaction
+    rolled back), so it ends this poll early and the round loop, bounded by the deadline,
+    asks again at the next one.
+    """
+    try:
+        yield from pull_replies(grid, set(pending), max_bytes=max_bytes, deadline=deadline)
+    except Exception as exc:
+        if not transient_grid_error(exc):
+            raise
+        log.warning("grid.retry", call="pull_messages", error=f"{type(exc).__name__}")
+        time.sleep(1.0)
 
 
 def score_round(

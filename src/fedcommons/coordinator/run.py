@@ -16,6 +16,7 @@ from typing import Protocol
 import structlog
 import torch
 from flwr.serverapp import Grid
+from flwr.supercore.run import RunNotRunningException
 
 from fedcommons.coordinator import faults
 from fedcommons.coordinator.config import RunConfig
@@ -147,6 +148,15 @@ def run_federation(
             raise
         except faults.InjectedFault:
             raise  # a simulated crash: like SIGKILL, it records nothing
+        except (KeyboardInterrupt, SystemExit, RunNotRunningException) as exc:
+            # The process is being stopped (SIGINT/SIGTERM: Flower's ServerApp raises SIGINT
+            # on itself when its SuperExec, or the SuperLink's authentication, goes away), or
+            # the SuperLink ended the Flower run under it (its heartbeat expired). Like a
+            # crash it leaves the run resumable after its last committed round, so a
+            # scheduler submits it again; "failed" would keep it stopped for good.
+            observe.run_ended(durable.name, "interrupted", type(exc).__name__)
+            log.warning("run.interrupted", run_name=durable.name, signal=type(exc).__name__)
+            raise
         except BaseException as exc:
             durable.fail("failed", f"{type(exc).__name__}: {exc}")
             observe.run_ended(durable.name, "failed", f"{type(exc).__name__}: {exc}")

@@ -36,6 +36,8 @@ from fedcommons.coordinator.round import (
     RoundReport,
     apply_step,
     compression_seed,
+    pull_available,
+    push_round,
     report_summary,
     round_content,
     score_round,
@@ -276,11 +278,12 @@ class _Stages:
             )
             for i in order
         ]
-        pending = dict(zip(self.grid.push_messages(messages), order, strict=True))
-        del messages
         deadline = time.monotonic() + timeout
+        pushed = push_round(self.grid, messages, deadline, self.round_no)
+        pending = dict(zip(pushed, order, strict=True))
+        del messages
         while pending and time.monotonic() < deadline:
-            got = list(self.grid.pull_messages(list(pending)))
+            got = list(pull_available(self.grid, set(pending), deadline, max_bytes=None))
             if not got:
                 time.sleep(POLL_INTERVAL_S)
                 continue

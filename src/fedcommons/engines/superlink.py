@@ -265,6 +265,9 @@ def superlink_argv(settings: CoordinatorSettings) -> list[str]:
         "--port",
         str(settings.control_port),
         "--disable-runtime-dependency-installation",
+        # the coordinator service starts and supervises the SuperExec (engines/superexec.py)
+        "--isolation",
+        "process",
     ]
     if settings.database:
         argv += ["--database", str(settings.database)]
@@ -436,9 +439,11 @@ def run_coordinator(
     ``--enable-supernode-auth`` unless turned off), passes the metrics and audit-log
     settings on to the ServerApp processes through the environment, registers the
     allowlist once both listeners are open, forwards SIGTERM/SIGINT to the SuperLink and
-    waits for it.
+    waits for it, keeping the SuperExec that starts the ServerApps running next to it
+    (:mod:`fedcommons.engines.superexec`).
     """
     from fedcommons.engines.certs import allowlist_keys
+    from fedcommons.engines.superexec import superexec_argv, supervise
 
     flower_exe("flower-superlink")  # Flower is installed next to this Python
     argv = service_argv(settings)
@@ -463,7 +468,17 @@ def run_coordinator(
             on_ready(sync)
         stop_scheduler = _start_scheduler(settings)
         try:
-            return proc.wait()
+            return supervise(
+                proc,
+                superexec_argv(
+                    settings.local_address,
+                    insecure=settings.insecure,
+                    root_cert=None
+                    if settings.ssl_ca_certfile is None
+                    else str(settings.ssl_ca_certfile),
+                ),
+                service_env(settings),
+            )
         finally:
             if stop_scheduler is not None:
                 stop_scheduler.set()

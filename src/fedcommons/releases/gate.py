@@ -11,8 +11,15 @@ present, else CPU), and applies the policy:
   or only within its tolerance (``"tolerance"``);
 - a metric that is not finite fails.
 
-Without a parent there is nothing to regress against: every task is scored and recorded
-and only ``floor`` values (optional absolute minimums) apply.
+Without a parent (a line's first release) the candidate is compared with the line's
+starting weights, the model before round 1 (``start``): every target task must *beat*
+them by more than its tolerance. A run whose rounds did not move the model past its own
+initialisation (a chance-level classifier) publishes nothing. The other tasks are scored
+against the starting weights and recorded, not enforced: an untrained model is no
+release anyone depends on, and its near-uniform outputs give a loss (ln 10 for ten
+classes) that an early, still overconfident model often exceeds while far more accurate.
+Without a parent and without starting weights every task is only scored and recorded.
+``floor`` values (optional absolute minimums) apply in every case.
 
 Where does a suite come from? Run-config key ``validation-suite``: empty means the task's
 own ``validation_suite()`` method if it has one, else :func:`default_suite` over the
@@ -360,7 +367,12 @@ class GateReport:
 
     @property
     def degraded_tasks(self) -> list[str]:
-        """Tasks on which the candidate is worse than the parent (even within tolerance)."""
+        """Tasks on which the candidate is worse than the parent (even within tolerance).
+
+        Empty for a first release: the starting weights it was compared with are no parent.
+        """
+        if self.parent_source == "start":
+            return []
         return [t.name for t in self.tasks if t.worse_by is not None and t.worse_by > 0]
 
     @property
@@ -392,6 +404,7 @@ def run_gate(
     parent: Mapping[str, torch.Tensor] | None = None,
     parent_version: str | None = None,
     parent_validation: Mapping[str, Any] | None = None,
+    start: Mapping[str, torch.Tensor] | None = None,
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> GateReport:
@@ -401,7 +414,9 @@ def run_gate(
 
     The parent is re-scored when its weights load into the task's model; when they do not
     (the architecture changed), the values its manifest recorded on the same data set
-    (same fingerprint) are used; otherwise the task has no parent value.
+    (same fingerprint) are used; otherwise the task has no parent value. Without a
+    parent, ``start`` (the line's starting weights) is scored instead and the candidate
+    must beat it (``parent_source = "start"``).
     """
     device = device or task.device()
     started = time.perf_counter()
@@ -417,6 +432,10 @@ def run_gate(
     recorded = _parent_values_from_manifest(parent_validation or {})
     if parent_scores is None and recorded:
         parent_source = "manifest"
+    beat_start = parent is None and not recorded and start is not None
+    if beat_start:
+        parent_scores = score(task, start, suite, device)  # type: ignore[arg-type]
+        parent_source = "start"
     results: list[TaskResult] = []
     reasons: list[str] = []
     for t in suite.tasks:
@@ -438,7 +457,20 @@ def run_gate(
             change = value - parent_value
             worse_by = -change if direction == "max" else change
             allowed = 0.0 if (t.target and suite.target_policy == "no-worse") else t.tolerance
-            if worse_by > allowed + 1e-12:
+            if beat_start and t.target:
+                if -worse_by <= t.tolerance + 1e-12:
+                    passed = False
+                    reason = (
+                        f"{t.name}: does not beat the starting weights: {t.metric_name} "
+                        f"{parent_value:.4f} -> {value:.4f} (better by {-worse_by:.4f}, "
+                        f"needs more than {t.tolerance:.4f})"
+                    )
+                else:
+                    reason = f"beats the starting weights by {-worse_by:.4f}"
+            elif beat_start:
+                reason = f"{'worse' if worse_by > 0 else 'better'} than the starting weights by "
+                reason += f"{abs(worse_by):.4f} (recorded, not enforced on a first release)"
+            elif worse_by > allowed + 1e-12:
                 passed = False
                 what = "target task got worse" if t.target and allowed == 0 else "degraded"
                 reason = (

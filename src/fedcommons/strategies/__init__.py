@@ -4,9 +4,10 @@ An :class:`Aggregator` folds client updates one at a time into a state of size O
 and returns the server step Δ* at :meth:`Aggregator.finalize`; the same classes serve
 federated rounds and offline merges of released models. Built-ins: ``fedavg`` (FedAvgM
 via ``server_momentum``), ``fedadam``, ``fisher``, ``mask-aligned`` (TIES sign election),
-``lora-exact`` (LoRA pairs merged as products), ``median``, ``trimmed-mean``; every one
-takes ``clip_norm`` (norm bounding). Plugins register under the entry-point group
-``fedcommons.strategies``; authors test them with :mod:`fedcommons.strategies.testing`.
+``lora-exact`` (LoRA pairs merged as products), ``median``, ``trimmed-mean``,
+``multi-krum``; every one takes ``clip_norm`` (norm bounding). Plugins register under the
+entry-point group ``fedcommons.strategies``; authors test them with
+:mod:`fedcommons.strategies.testing`.
 """
 
 from fedcommons.strategies.base import (
@@ -35,7 +36,7 @@ from fedcommons.strategies.registry import (
     strategy_specs,
     unregister_strategy,
 )
-from fedcommons.strategies.robust import BufferedAggregator, Median, TrimmedMean
+from fedcommons.strategies.robust import BufferedAggregator, Median, MultiKrum, TrimmedMean
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -47,6 +48,7 @@ __all__ = [
     "LoraExact",
     "MaskAligned",
     "Median",
+    "MultiKrum",
     "StrategySpec",
     "TrimmedMean",
     "available_strategies",

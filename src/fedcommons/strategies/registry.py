@@ -30,7 +30,7 @@ from fedcommons.strategies.fedavg import FedAdam, FedAvg
 from fedcommons.strategies.fisher import FisherMerge
 from fedcommons.strategies.lora import LoraExact
 from fedcommons.strategies.mask_aligned import MaskAligned
-from fedcommons.strategies.robust import Median, TrimmedMean
+from fedcommons.strategies.robust import Median, MultiKrum, TrimmedMean
 
 ENTRY_POINT_GROUP = "fedcommons.strategies"
 
@@ -127,6 +127,7 @@ _BUILTIN_CLASSES: tuple[type[Aggregator], ...] = (
     MaskAligned,
     Median,
     TrimmedMean,
+    MultiKrum,
 )
 _LOCAL: dict[str, StrategySpec] = {
     c.name: StrategySpec(c.name, c, "built-in", param_specs(c)) for c in _BUILTIN_CLASSES

@@ -20,7 +20,8 @@ or failed, and raises one ``AssertionError`` listing every failure.
 instance (``lambda: my_fn.aggregator(f=2)`` for a function plugin with parameters). A
 ``reference`` is a plain batch function ``reference(updates, base) -> Δ*``; the
 built-ins' references live here too (:func:`reference_fedavg`, :func:`reference_fisher`,
-:func:`reference_mask_aligned`, :func:`reference_median`, :func:`reference_trimmed_mean`).
+:func:`reference_mask_aligned`, :func:`reference_median`, :func:`reference_trimmed_mean`,
+:func:`reference_multi_krum`).
 """
 
 from __future__ import annotations
@@ -548,3 +549,22 @@ def reference_trimmed_mean(
         s = _stack(updates, name).sort(0).values
         out[name] = s[cut : k - cut].mean(0).to(ref.dtype)
     return out
+
+
+def reference_multi_krum(
+    updates: Sequence[ClientUpdate], base: Mapping[str, torch.Tensor], f: int = 1, m: int = 0
+) -> Weights:
+    """Unweighted mean of the m lowest Krum scores (pairwise distances, computed directly)."""
+    k = len(updates)
+    flat = [torch.cat([u.delta[n].double().reshape(-1) for n in base]) for u in updates]
+    closest = min(max(1, k - f - 2), k - 1)
+    scores = []
+    for i in range(k):
+        d = sorted(float(((flat[i] - flat[j]) ** 2).sum()) for j in range(k) if j != i)
+        scores.append(sum(d[:closest]))
+    keep = min(k, max(1, m or k - f))
+    chosen = sorted(range(k), key=lambda i: (scores[i], updates[i].node_id))[:keep]
+    return {
+        name: _stack([updates[i] for i in chosen], name).mean(0).to(ref.dtype)
+        for name, ref in base.items()
+    }
