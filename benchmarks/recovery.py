@@ -41,6 +41,11 @@ RUN_NAME = "recovery"
 CHILD_TIMEOUT_S = 300.0
 
 
+def private_of(registry: Path) -> Path:
+    """The trial's private coordinator state (audit log, round log), next to its registry."""
+    return registry.parent / "private"
+
+
 def run_config(registry: Path, rounds: int) -> dict[str, Any]:
     """The benchmark's flat run config (small, deterministic, every stateful part on)."""
     return {
@@ -48,6 +53,8 @@ def run_config(registry: Path, rounds: int) -> dict[str, Any]:
         "local-epochs": 1,
         "batch-size": 32,
         "registry": str(registry),
+        # a DP line's audit log names nodes: it lives in the coordinator's private dir
+        "private-dir": str(private_of(registry)),
         "run-name": RUN_NAME,
         "compression": "topk:0.1+int8",
         "error-feedback": True,
@@ -151,7 +158,7 @@ def run_to_end(workdir: Path, rounds: int, clients: int) -> dict[str, Any]:
     result = json.loads(stdout.decode().strip().splitlines()[-1])
     from fedcommons.observability.audit_log import read
 
-    records = list(read(workdir / "registry" / "audit.jsonl"))
+    records = list(read(private_of(workdir / "registry") / "audit.jsonl"))
     commits = [r["details"]["seconds"] for r in records if r["action"] == "round.commit"]
     rounds = [r["details"]["seconds"] for r in records if r["action"] == "round.finish"]
     result["commit_ms"] = 1000 * sum(commits) / max(len(commits), 1)
@@ -227,7 +234,7 @@ def kill_and_restart(
     commits = store.rounds(RUN_NAME)
     resumes = [
         r["details"]["resume_after_round"]
-        for r in read(registry / "audit.jsonl")
+        for r in read(private_of(registry) / "audit.jsonl")
         if r["action"] == "run.resume"
     ]
     ledger = PrivacyLedger(ledger_path(registry, "digits")).entries()
