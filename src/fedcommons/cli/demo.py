@@ -157,6 +157,14 @@ def demo(
             "every institution signs its keys and checks its neighbours'."
         ),
     ] = None,
+    first_release: Annotated[
+        str,
+        typer.Option(
+            "--first-release",
+            help="beat-start: a line's first release must beat the starting weights (the "
+            "gate); record: score and record that comparison without enforcing it.",
+        ),
+    ] = "beat-start",
     log_level: LogLevelOpt = "WARNING",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
@@ -208,6 +216,7 @@ def demo(
         secagg=secagg,
         mlflow_tracking_uri=mlflow_tracking_uri,
         secagg_auth="roster" if secagg_consortium is not None else "none",
+        gate_first_release=first_release,
     )
     strategy, rounds = config.strategy, config.rounds
     partition = str(options.get("partition", "the task's default"))

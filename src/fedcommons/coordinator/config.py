@@ -52,6 +52,10 @@ class RunConfig:
     # -- releases (#5) --
     validation_suite: str = ""  # "package.module:function"; empty: the task's suite
     gate_target: str = ""  # "no-worse" | "tolerance"; empty: the suite's policy
+    #: A line's first release must beat its starting weights ("beat-start", #18); "record"
+    #: scores them and records the comparison without enforcing it (a scratch registry,
+    #: e.g. the canary audit's, or a DP line's first short run).
+    gate_first_release: str = "beat-start"
     patch_max_changed: float = 0.1  # max fraction of entries a PATCH release may change
     version_bump: str = ""  # operator override: "patch" | "minor" | "major"
     version_bump_reason: str = ""  # required with version-bump; recorded in the manifest
@@ -186,6 +190,10 @@ class RunConfig:
         if self.gate_target not in {"", "no-worse", "tolerance"}:
             raise ConfigError(
                 f"gate-target must be no-worse or tolerance, got {self.gate_target!r}"
+            )
+        if self.gate_first_release not in {"beat-start", "record"}:
+            raise ConfigError(
+                f"gate-first-release must be beat-start or record, got {self.gate_first_release!r}"
             )
         if not 0.0 <= self.patch_max_changed <= 1.0:
             raise ConfigError(f"patch-max-changed must lie in [0, 1], got {self.patch_max_changed}")

@@ -57,7 +57,10 @@ def publish(
         parent=parent_weights,
         parent_version=parent.version if parent else None,
         parent_validation=parent_manifest.validation if parent_manifest else None,
-        start=None if parent else prepared.start_weights or prepared.weights,  # must beat them
+        # a first release must beat the starting weights, unless the operator records only
+        start=None
+        if parent or config.gate_first_release == "record"
+        else prepared.start_weights or prepared.weights,
     )
     central = prepared.privacy is not None and prepared.privacy.central is not None
     if central:  # an un-noised count of who took part: not published on a DP line

@@ -285,6 +285,7 @@ def run_pipeline_audit(
         node_wait_timeout=0.5,  # half the canaries are out: go on with whoever is enrolled
         private_dir=str(root / "coordinator-private"),
         gate_target="tolerance",
+        gate_first_release="record",  # canaries hold no data: the release is no model
         dp_params={
             "noise-multiplier": cfg.noise_multiplier,
             "clip-norm": cfg.clip_norm,
