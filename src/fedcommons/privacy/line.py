@@ -515,6 +515,8 @@ class LinePrivacy:
         current, self._round = self._round, None
         if current is None:
             return None
+        if self.central is None and not current.client_spends:
+            return None  # no DP in this round: nothing for the private record
         stats = current.aggregator.stats if current.aggregator is not None else None
         self.private_round = {
             "line": self.line,
