@@ -39,6 +39,8 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunConfig
         registry=str(registry),
         compression="int8",
         error_feedback=False,
+        # one round of a tiny random BERT: the patch release's mechanics are tested here
+        gate_first_release="record",
     )
     run_in_process(config, [client_app] * 2)
     return registry, config
