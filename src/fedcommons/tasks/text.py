@@ -27,6 +27,7 @@ Training uses AdamW on the trainable parameters only, on CUDA when present.
 from __future__ import annotations
 
 import copy
+from abc import abstractmethod
 from collections import Counter
 from collections.abc import Mapping
 from functools import cache, cached_property
@@ -142,9 +143,9 @@ class TextClassificationTask(Task):
 
     # -- data ---------------------------------------------------------------------
     @classmethod
+    @abstractmethod
     def load_split(cls) -> TextSplit:
-        """The corpus's fixed train/validation/test split."""
-        raise NotImplementedError
+        """The corpus's fixed train/validation/test split (each corpus defines it)."""
 
     @cached_property
     def split(self) -> TextSplit:
