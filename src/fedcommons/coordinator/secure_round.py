@@ -67,7 +67,7 @@ from fedcommons.privacy.secagg.protocol import (
 from fedcommons.privacy.secagg.quantize import LEVELS, RingSpec, dequantize, ring_bits, support
 from fedcommons.strategies import guarded_begin, guarded_finalize, guarded_fold
 from fedcommons.wire import ClientUpdate, keys
-from fedcommons.wire.codec import CompressionSpec
+from fedcommons.wire.codec import CompressionSpec, dense_fp32_bytes
 
 log = get_logger("fedcommons.coordinator")
 
@@ -241,9 +241,14 @@ def _reply_bytes(reply: Message) -> int:
 class _Stages:
     """Pushes one stage's requests and pulls the replies until all came or time ran out."""
 
-    def __init__(self, grid: Grid, round_no: int, node_of: Mapping[int, int]) -> None:
+    def __init__(
+        self, grid: Grid, round_no: int, node_of: Mapping[int, int], max_reply_bytes: int
+    ) -> None:
         self.grid = grid
         self.round_no = round_no
+        # a stage's reply (at most a masked vector of <= 64-bit ring elements, 8 bytes a
+        # value, or the shares for every neighbour) is refused before its arrays are built
+        self.max_reply_bytes = max_reply_bytes
         self.node_of = dict(node_of)
         self.rejections = Rejections(round_no)
         self.timed_out: Counter[str] = Counter()
@@ -283,7 +288,9 @@ class _Stages:
         pending = dict(zip(pushed, order, strict=True))
         del messages
         while pending and time.monotonic() < deadline:
-            got = list(pull_available(self.grid, set(pending), deadline, max_bytes=None))
+            got = list(
+                pull_available(self.grid, set(pending), deadline, max_bytes=self.max_reply_bytes)
+            )
             if not got:
                 time.sleep(POLL_INTERVAL_S)
                 continue
@@ -375,7 +382,8 @@ def run_secure_round(
         distributed=calibration,
     )
     node_of = {i + 1: int(node) for i, node in enumerate(sampled)}
-    stages = _Stages(grid, round_no, node_of)
+    # 8 bytes a value (a ring of up to 64 bits), twice over, whatever max-update-bytes says
+    stages = _Stages(grid, round_no, node_of, 4 * dense_fp32_bytes(weights) + 65536)
     server = ServerSession(params, require_signatures=config.secagg_auth == "roster")
     log.info(
         "secagg.round_started",
