@@ -144,3 +144,28 @@ def test_peft_export_of_a_non_lora_patch_is_refused_with_the_alternative(tmp_pat
     task = load_task("bbc-news", {**OPTIONS, "adapter": "head"})
     with pytest.raises(ConfigError, match="--format hf"):
         export_peft(task, task.build_model().state_dict(), tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_the_text_demo_executable_publishes_a_patch_release_on_the_simulation_engine(
+    tmp_path: Path, flower_env: dict[str, str]
+) -> None:
+    """`fedcommons demo --task bbc-news -o model=tiny` as the installed executable (Ray)."""
+    registry = tmp_path / "reg"
+    options = [f"-o{key}={value}" for key, value in OPTIONS.items()]
+    done = subprocess.run(
+        [str(BIN / "fedcommons"), "demo", "--task", "bbc-news", *options, "--institutions", "2"]
+        + ["--rounds", "1", "--local-epochs", "1", "--first-release", "record", "-r"]
+        + [str(registry)],
+        capture_output=True,
+        text=True,
+        env={**flower_env, "HF_HUB_OFFLINE": "1", "FEDCOMMONS_STATE_DIR": str(tmp_path / "s")},
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "published bbc-news 1.0.0" in done.stdout
+    release = Registry(registry, create=False).get("latest", name="bbc-news")
+    assert release.manifest().base["adapter"] == "lora"
+    verify = _run_cli("release", "verify", "latest", "-r", str(registry))
+    assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -80,9 +80,11 @@ class TextClassificationTask(Task):
     partitions_supported: ClassVar[tuple[str, ...]] = ("dirichlet", "iid")
     #: Defaults ``fedcommons demo`` uses for this task (CPU-friendly).
     demo_defaults: ClassVar[dict[str, Any]] = {
+        # 100 reviews a site: 1 local epoch (7 AdamW steps a round) left 3 rounds at the
+        # majority class; 3 epochs reach 0.77 validation accuracy by round 2 (MiniLM)
         "rounds": 3,
-        "local_epochs": 1,
-        "lr": 0.002,
+        "local_epochs": 3,
+        "lr": 0.003,
         "batch_size": 16,
         "strategy": "lora-exact",
         "compression": "int8",
