@@ -153,10 +153,10 @@ def test_the_text_demo_executable_publishes_a_patch_release_on_the_simulation_en
     """`fedcommons demo --task bbc-news -o model=tiny` as the installed executable (Ray)."""
     registry = tmp_path / "reg"
     options = [f"-o{key}={value}" for key, value in OPTIONS.items()]
+    argv = ["demo", "--task", "bbc-news", *options, "--institutions", "2", "--rounds", "1"]
+    argv += ["--local-epochs", "1", "--first-release", "record", "-r", str(registry)]
     done = subprocess.run(
-        [str(BIN / "fedcommons"), "demo", "--task", "bbc-news", *options, "--institutions", "2"]
-        + ["--rounds", "1", "--local-epochs", "1", "--first-release", "record", "-r"]
-        + [str(registry)],
+        [str(BIN / "fedcommons"), *argv],
         capture_output=True,
         text=True,
         env={**flower_env, "HF_HUB_OFFLINE": "1", "FEDCOMMONS_STATE_DIR": str(tmp_path / "s")},
