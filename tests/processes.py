@@ -164,6 +164,40 @@ def start_insecure_supernodes(
     return nodes
 
 
+def start_warm_nodes(
+    group: ProcessGroup, bin_dir: Path, link_port: int, count: int
+) -> list[subprocess.Popen]:
+    """``count`` ``fedcommons client join`` institutions (warm worker, partitions 0..count-1).
+
+    Faster than :func:`start_insecure_supernodes` (no fresh ClientApp process per message);
+    use that one where Flower's own SuperNode is what is tested.
+    """
+    started = []
+    for pid in range(count):
+        node_port = free_port()
+        argv = [str(bin_dir / "fedcommons"), "client", "join", "--insecure"]
+        argv += ["--coordinator", f"127.0.0.1:{link_port}", "--port", str(node_port)]
+        argv += ["-n", f"partition-id={pid}", "-n", f"num-partitions={count}"]
+        started.append((node_port, *group.start(f"site{pid}", argv)))
+    for node_port, node, node_log in started:  # started together: imports overlap
+        wait_for_port(node_port, node, node_log, timeout=180)
+    return [node for _, node, _ in started]
+
+
+def schedule_run(
+    bin_dir: Path, env: dict[str, str], registry: Path, *options: str, rounds: int
+) -> None:
+    """``fedcommons round schedule`` of run ``e2e`` (2 institutions, 1 local epoch).
+
+    ``options``: more arguments of ``round schedule`` (``--deadline 90``, ``-c key=value``).
+    """
+    argv = [str(bin_dir / "fedcommons"), "round", "schedule", "--registry", str(registry)]
+    argv += ["--name", "e2e", "--rounds", str(rounds), "--min-clients", "2"]
+    argv += ["-c", "local-epochs=1", "-c", "task.num-partitions=2", *options]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+
+
 def submit_run(
     bin_dir: Path, env: dict[str, str], link_port: int, settings: list[str], log_dir: Path
 ) -> dict:

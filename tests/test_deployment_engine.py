@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from fedcommons.releases.registry import Registry
 from tests.conftest import BIN
-from tests.processes import (
-    ProcessGroup,
-    start_insecure_supernodes,
-    start_superlink,
-    tail,
-)
+from tests.processes import ProcessGroup, start_insecure_supernodes, start_superlink, submit_run
 
 pytestmark = pytest.mark.slow
 
@@ -30,38 +23,9 @@ def test_superlink_and_two_supernodes_publish_a_release(
         link_port = start_superlink(group, BIN, tmp_path / "link.db")
         start_insecure_supernodes(group, BIN, link_port, 2)
 
-        submit = subprocess.run(
-            [
-                str(BIN / "fedcommons"),
-                "coordinator",
-                "submit",
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{link_port}",
-                "--timeout",
-                "400",
-                "-c",
-                "rounds=2",
-                "-c",
-                "min-clients=2",
-                "-c",
-                "local-epochs=2",
-                "-c",
-                "task.num-partitions=2",
-                "-c",
-                f"registry={registry}",
-                "-c",
-                "node-wait-timeout=60",
-            ],
-            env=flower_env,
-            capture_output=True,
-            text=True,
-            timeout=480,
-            check=False,
-        )
-        logs = "\n".join(tail(p) for p in sorted(tmp_path.glob("*.log")))
-        assert submit.returncode == 0, f"{submit.stdout}\n{submit.stderr}\n{logs}"
-        status = json.loads(submit.stdout[submit.stdout.index("{") :])
+        settings = ["rounds=2", "min-clients=2", "local-epochs=2", "task.num-partitions=2"]
+        settings += [f"registry={registry}", "node-wait-timeout=60"]
+        status = submit_run(BIN, flower_env, link_port, settings, tmp_path)
         assert status["status"] == "finished:completed"
 
         releases = Registry(registry, create=False).releases()

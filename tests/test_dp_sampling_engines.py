@@ -15,7 +15,7 @@ import pytest
 from fedcommons.privacy.disclosure import PrivateRoundLog
 from fedcommons.releases.registry import Registry
 from tests.conftest import BIN
-from tests.processes import ProcessGroup, start_insecure_supernodes, start_superlink, submit_run
+from tests.processes import ProcessGroup, start_superlink, start_warm_nodes, submit_run
 
 pytestmark = pytest.mark.slow
 
@@ -83,12 +83,12 @@ def test_demo_samples_5_of_10_simulated_institutions_and_dp_lines_serve_no_node_
 def test_deployment_engine_samples_2_of_3_supernodes_with_and_without_dp(
     tmp_path: Path, flower_env: dict[str, str]
 ) -> None:
-    """flower-superlink + 3 flower-supernodes; clients-per-round 2; a plain run, a DP run."""
+    """flower-superlink + 3 `client join` institutions; clients-per-round 2; plain, then DP."""
     group = ProcessGroup(tmp_path, flower_env)
     registry = tmp_path / "registry"
     try:
         link_port = start_superlink(group, BIN, tmp_path / "link.db")
-        start_insecure_supernodes(group, BIN, link_port, 3)
+        start_warm_nodes(group, BIN, link_port, 3)
         base = ["rounds=2", "clients-per-round=2", "population=3", "local-epochs=1"]
         base += ["task.num-partitions=3", f"registry={registry}", "node-wait-timeout=90"]
         base += [f"private-dir={tmp_path / 'private'}"]

@@ -1,30 +1,25 @@
 """A scheduled run executed by `fedcommons coordinator start --registry` (deployment engine).
 
-Loopback only: the coordinator (SuperLink + scheduler) and two SuperNodes; every process
-is stopped by PID. The run's ServerApp SIGKILLs itself while collecting round 2
-(``FEDCOMMONS_FAULT``, once per marker file); Flower marks that run failed, the scheduler
-submits the run again, and the new ServerApp resumes after committed round 1.
+Loopback only: the coordinator (SuperLink + scheduler) and two `client join` institutions
+(the chaos soak's :class:`benchmarks.chaos.Cluster`); every process is stopped by PID.
+The run's ServerApp SIGKILLs itself while collecting round 2 (``FEDCOMMONS_FAULT``, once
+per marker file); Flower marks that run failed, the scheduler submits the run again, and
+the new ServerApp resumes after committed round 1.
 """
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from benchmarks.chaos import Cluster
 
 from fedcommons.coordinator.runs import RunStore
 from fedcommons.observability import audit_log
 from fedcommons.releases.registry import Registry
 from tests.conftest import BIN
-from tests.processes import (
-    ProcessGroup,
-    free_port,
-    start_insecure_supernodes,
-    tail,
-    wait_for_port,
-)
+from tests.processes import schedule_run, tail
 
 pytestmark = pytest.mark.slow
 
@@ -33,35 +28,9 @@ def test_scheduled_run_killed_mid_round_is_resubmitted_and_resumes_to_a_release(
     tmp_path: Path, flower_env: dict[str, str]
 ) -> None:
     registry = tmp_path / "registry"
-    scheduled = subprocess.run(
-        [
-            str(BIN / "fedcommons"),
-            "round",
-            "schedule",
-            "--registry",
-            str(registry),
-            "--name",
-            "e2e",
-            "--rounds",
-            "2",
-            "--min-clients",
-            "2",
-            "--deadline",
-            "120",
-            "-c",
-            "local-epochs=1",
-            "-c",
-            "task.num-partitions=2",
-            "-c",
-            "node-wait-timeout=90",
-        ],
-        env=flower_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    schedule_run(
+        BIN, flower_env, registry, "--deadline", "120", "-c", "node-wait-timeout=90", rounds=2
     )
-    assert scheduled.returncode == 0, scheduled.stderr
     marker = tmp_path / "fault-reached"
     env = {
         **flower_env,
@@ -70,30 +39,10 @@ def test_scheduled_run_killed_mid_round_is_resubmitted_and_resumes_to_a_release(
         "FEDCOMMONS_FAULT": "collecting:2:kill",  # the ServerApp process SIGKILLs itself
         "FEDCOMMONS_FAULT_MARKER": str(marker),
     }
-    group = ProcessGroup(tmp_path, env)
-    link_port = free_port()
+    cluster = Cluster(tmp_path, env, 2)
     try:
-        link, link_log = group.start(
-            "coordinator",
-            [
-                str(BIN / "fedcommons"),
-                "coordinator",
-                "start",
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link_port),
-                "--control-port",
-                str(free_port()),
-                "--database",
-                str(tmp_path / "link.db"),
-                "--registry",
-                str(registry),
-            ],
-        )
-        wait_for_port(link_port, link, link_log)
-        start_insecure_supernodes(group, BIN, link_port, 2)
+        cluster.start_coordinator()
+        cluster.start_nodes([0, 1])
         deadline = time.monotonic() + 400
         record = RunStore(registry).get("e2e")
         while record.state in ("scheduled", "running") and time.monotonic() < deadline:
@@ -112,5 +61,5 @@ def test_scheduled_run_killed_mid_round_is_resubmitted_and_resumes_to_a_release(
         ]
         assert [r["details"]["resume_after_round"] for r in resumed] == [1]
     finally:
-        group.stop_all()
-    assert group.alive() == []
+        cluster.stop_all()
+    assert cluster.group.alive() == []

@@ -10,7 +10,6 @@ the run must stay resumable rather than be recorded as failed.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from fedcommons.observability import audit_log
 from fedcommons.releases.registry import Registry
 from fedcommons.releases.verification import verify_release
 from tests.conftest import BIN
+from tests.processes import schedule_run
 
 pytestmark = pytest.mark.slow
 
@@ -30,37 +30,13 @@ def test_superlink_killed_mid_run_restarts_and_the_run_resumes_to_a_verified_rel
     tmp_path: Path, flower_env: dict[str, str]
 ) -> None:
     registry = tmp_path / "registry"
-    scheduled = subprocess.run(
-        [
-            str(BIN / "fedcommons"),
-            "round",
-            "schedule",
-            "--registry",
-            str(registry),
-            "--name",
-            "e2e",
-            "--rounds",
-            "3",
-            "--min-clients",
-            "2",
-            "--deadline",
-            "90",
-            "--on-round-failure",
-            "retry",
-            "-c",
-            "local-epochs=1",
-            "-c",
-            "task.num-partitions=2",
-            "-c",
-            "node-wait-timeout=180",
-        ],
-        env=flower_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    schedule_run(
+        BIN,
+        flower_env,
+        registry,
+        *("--deadline", "90", "--on-round-failure", "retry", "-c", "node-wait-timeout=180"),
+        rounds=3,
     )
-    assert scheduled.returncode == 0, scheduled.stderr
     env = {**flower_env, "FEDCOMMONS_SCHEDULE_POLL": "1", "FEDCOMMONS_METRICS_PORT": "0"}
     cluster = Cluster(tmp_path, env, 2)
     try:
