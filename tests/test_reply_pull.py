@@ -33,6 +33,7 @@ from fedcommons.coordinator.intake import (
     pull_replies,
     push_round_messages,
 )
+from fedcommons.coordinator.secure_round import stage_reply_cap
 from fedcommons.errors import UpdateRejectedError
 
 
@@ -262,3 +263,35 @@ def test_replies_pulled_through_the_http_grid_come_one_at_a_time_and_are_confirm
     got = [array_view(r.content["delta"]["w"]).numpy() for r in (first, *rest)]
     assert all(np.array_equal(a, b) for a, b in zip(got, values, strict=True))
     assert len(link.confirmed) == 3
+
+
+def test_a_secure_stage_reply_over_the_cap_is_refused_before_it_is_inflated() -> None:
+    """Input tried: a stage reply whose ConfigRecord carries a 2 MB "masked" vector
+    (secure-round payloads are config records, not arrays) against a 1 MB cap."""
+    masked = ConfigRecord({"stage": "masked-input", "masked": b"\x01" * (2 << 20)})
+    tree, contents = _contents(_message(RecordDict({"secagg": masked}), src=7))
+    with pytest.raises(UpdateRejectedError) as err:
+        inflate_reply(tree, _Store(contents), max_bytes=1 << 20)
+    assert err.value.reason == "too-large"
+    # the same reply is within the cap the secure round sets for a vector of 2^20 values
+    reply = inflate_reply(tree, _Store(contents), max_bytes=stage_reply_cap(1 << 20, 10))
+    assert len(reply.content["secagg"]["masked"]) == 2 << 20
+
+
+def test_the_stage_cap_admits_a_share_reply_to_two_thousand_neighbours() -> None:
+    """A share-keys reply on a complete graph of 2,000 (one sealed 102-byte share pair per
+    neighbour) for the 4,810-value demo model inflates within the secure round's cap."""
+    from fedcommons.privacy.secagg.primitives import seal
+
+    blob = seal(b"k" * 32, b"p" * 74, b"ad")  # 8 + 2 x 33 bytes of shares, sealed
+    record = ConfigRecord(
+        {
+            "stage": "share-keys",
+            "dst": list(range(2000)),
+            "ct": [blob] * 2000,
+            "b-commit": b"c" * 32,
+        }
+    )
+    tree, contents = _contents(_message(RecordDict({"secagg": record}), src=7))
+    reply = inflate_reply(tree, _Store(contents), max_bytes=stage_reply_cap(4810, 2000))
+    assert reply.content["secagg"]["ct"][0] == blob

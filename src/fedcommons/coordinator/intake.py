@@ -528,7 +528,9 @@ def inflate_reply(
     group's chunks. Flower's own
     inflation builds the rest of the message around those arrays. Raises
     :class:`UpdateRejectedError` (``too-large`` before the arrays past ``max_bytes`` are
-    allocated, ``malformed``) or Flower's ``ObjectPullError``.
+    allocated, ``malformed``) or Flower's ``ObjectPullError``. ``max_bytes`` counts the
+    config and metric records (pulled whole, before anything is built from them) and the
+    arrays.
     """
     children = {n.object_id: [c.object_id for c in n.children] for n in iterate_object_tree(tree)}
     contents = pull([o for o, kids in children.items() if kids])
@@ -540,9 +542,13 @@ def inflate_reply(
             if kind == "Array"
         }
         chunk_ids = {c for _, kids in layouts.values() for c in kids}
-        contents.update(pull([o for o, kids in children.items() if not (kids or o in chunk_ids)]))
+        leaves = pull([o for o, kids in children.items() if not (kids or o in chunk_ids)])
+        contents.update(leaves)
+        records = sum(len(c) for c in leaves.values())  # config/metric: a secure stage's
+        if max_bytes is not None and records > max_bytes:
+            raise UpdateRejectedError("too-large", f"{records} bytes of records exceed cap")
+        remaining = None if max_bytes is None else max_bytes - records
         objects: dict[str, InflatableObject] = {}
-        remaining = max_bytes
         for group in _array_groups(layouts):
             uses = Counter(  # a chunk two arrays of the group share is kept for both
                 layouts[oid][1][int(i)] for oid in group for i in layouts[oid][0]["arraychunk_ids"]

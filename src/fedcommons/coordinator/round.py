@@ -221,7 +221,7 @@ def run_round(
     upload: dict[str, int] = {}
     loss_sum = 0.0
     examples = 0
-    # a reply's arrays: the update plus its optional Fisher codes and mask
+    # a reply's arrays (the update, its optional Fisher codes and mask) and records
     reply_cap = 2 * prepared.max_update_bytes
 
     def fold(batch: list[ClientUpdate]) -> None:

@@ -67,7 +67,7 @@ from fedcommons.privacy.secagg.protocol import (
 from fedcommons.privacy.secagg.quantize import LEVELS, RingSpec, dequantize, ring_bits, support
 from fedcommons.strategies import guarded_begin, guarded_finalize, guarded_fold
 from fedcommons.wire import ClientUpdate, keys
-from fedcommons.wire.codec import CompressionSpec, dense_fp32_bytes
+from fedcommons.wire.codec import CompressionSpec
 
 log = get_logger("fedcommons.coordinator")
 
@@ -233,6 +233,16 @@ def plan_round(config: Any, clients: int, num_params: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # The round
 # ---------------------------------------------------------------------------------------
+def stage_reply_cap(length: int, shares: int) -> int:
+    """The most bytes one client's reply to any stage may hold, checked before allocation.
+
+    A reply holds at most the masked vector (``length`` ring elements of up to 64 bits:
+    8 bytes a value) or one sealed share pair per neighbour (102 bytes, plus record
+    framing); the cap allows twice the vector, 1 KiB per share and 64 KiB of framing.
+    """
+    return 16 * length + 1024 * shares + 65536
+
+
 def _reply_bytes(reply: Message) -> int:
     """Serialized size of a reply's content (Flower's protobuf encoding)."""
     return int(recorddict_to_proto(reply.content).ByteSize())
@@ -246,9 +256,7 @@ class _Stages:
     ) -> None:
         self.grid = grid
         self.round_no = round_no
-        # a stage's reply (at most a masked vector of <= 64-bit ring elements, 8 bytes a
-        # value, or the shares for every neighbour) is refused before its arrays are built
-        self.max_reply_bytes = max_reply_bytes
+        self.max_reply_bytes = max_reply_bytes  # see stage_reply_cap
         self.node_of = dict(node_of)
         self.rejections = Rejections(round_no)
         self.timed_out: Counter[str] = Counter()
@@ -382,8 +390,7 @@ def run_secure_round(
         distributed=calibration,
     )
     node_of = {i + 1: int(node) for i, node in enumerate(sampled)}
-    # 8 bytes a value (a ring of up to 64 bits), twice over, whatever max-update-bytes says
-    stages = _Stages(grid, round_no, node_of, 4 * dense_fp32_bytes(weights) + 65536)
+    stages = _Stages(grid, round_no, node_of, stage_reply_cap(length, shares))
     server = ServerSession(params, require_signatures=config.secagg_auth == "roster")
     log.info(
         "secagg.round_started",
