@@ -32,8 +32,8 @@ CPU economy (2 shared cores): the training split is subsampled (seeded) to
 ``--max-train`` examples and validation/test to ``--max-eval``, reviews are cut at 64
 tokens (each batch is trimmed to its longest review), batch 16. Each site holds about
 200 reviews (13 AdamW steps an epoch): with 1 local epoch a round the federation takes
-too few sequential steps to leave the majority class in a few rounds (MiniLM's LoRA
-needs about 40 from its [CLS] pooler), hence 2 local epochs a round.
+too few sequential steps to leave the majority class in a few rounds (on one site,
+MiniLM's LoRA needed 25–50 steps to leave it), hence 2 local epochs a round.
 """
 
 from __future__ import annotations
